@@ -1,0 +1,131 @@
+"""stashpoint: open, sharded, resharding checkpoints for PyTorch training.
+
+The public API is small:
+
+* :func:`save` / :func:`load`: every rank calls them; load fills the targets in
+  whatever layout they have now (any world size, FSDP2, TP, DDP, one process).
+* :func:`load_full` / :func:`iter_full`: whole CPU tensors for tools and evaluation.
+* :func:`read_index`: the checkpoint's JSON index as dataclasses.
+* :class:`PerRank`, :class:`OptimizerState`: wrappers that say how to treat a value.
+"""
+
+from __future__ import annotations
+
+import os
+
+from stashpoint import errors
+from stashpoint._state import OptimizerState, PerRank
+from stashpoint._version import __version__
+from stashpoint.engine.telemetry import LoadResult, SaveResult
+from stashpoint.format.index import Index
+
+PathLike = str | os.PathLike
+
+
+def save(
+    state: dict,
+    path: PathLike,
+    *,
+    step: int | None = None,
+    metadata: dict | None = None,
+    overwrite: bool = False,
+    process_group=None,
+    timeout_s: float = 600.0,
+) -> SaveResult:
+    """Save ``state`` to ``path``; a collective: every rank of the group calls it.
+
+    ``state`` maps names to modules, optimizers, objects with ``state_dict()`` /
+    ``load_state_dict()``, tensors, DTensors, nested dicts/lists and plain values.
+    Each rank writes only its own shards; replicated data is written once.  The
+    checkpoint appears atomically when every rank's data is durable.  Raises
+    :class:`~stashpoint.errors.CheckpointExistsError` unless ``overwrite``.
+    """
+    from stashpoint.engine.save import save_state
+
+    return save_state(
+        state,
+        os.fspath(path),
+        step=step,
+        metadata=metadata,
+        overwrite=overwrite,
+        process_group=process_group,
+        timeout_s=timeout_s,
+    )
+
+
+def load(
+    state: dict,
+    path: PathLike,
+    *,
+    strict: bool = True,
+    verify: bool = True,
+    allow_pickle: bool = False,
+    per_rank="error",
+    process_group=None,
+    timeout_s: float = 600.0,
+) -> LoadResult:
+    """Load ``path`` into ``state`` in place; a collective: every rank calls it.
+
+    Targets keep their current layout: each rank reads only the byte ranges that
+    overlap its shards.  Everything is validated and read before any target is
+    written, so a failed load changes nothing.  ``strict`` makes missing and
+    unexpected keys errors (keys under names not in ``state`` are ignored).
+    ``per_rank`` says what to do with per-rank items saved at another world size:
+    ``"error"``, ``"drop"`` (leave the target as is), ``"rank0"``, or a function
+    ``(name, values, rank, world_size) -> value``.
+    """
+    from stashpoint.engine.load import load_state
+
+    return load_state(
+        state,
+        os.fspath(path),
+        strict=strict,
+        verify=verify,
+        allow_pickle=allow_pickle,
+        per_rank=per_rank,
+        process_group=process_group,
+        timeout_s=timeout_s,
+    )
+
+
+def load_full(path: PathLike, keys: list[str] | None = None, **kwargs) -> dict[str, object]:
+    """Full, unsharded CPU tensors (and plain values) by fully-qualified name.
+
+    Options as for :func:`iter_full`.  Needs memory for all requested tensors; use
+    :func:`iter_full` to hold one at a time.
+    """
+    from stashpoint.engine.load import load_full as _load_full
+
+    return _load_full(os.fspath(path), keys, **kwargs)
+
+
+def iter_full(path: PathLike, keys: list[str] | None = None, **kwargs):
+    """Stream ``(name, value)`` pairs one at a time; see :func:`stashpoint.engine.load.iter_full`."""
+    from stashpoint.engine.load import iter_full as _iter_full
+
+    return _iter_full(os.fspath(path), keys, **kwargs)
+
+
+def read_index(path: PathLike) -> Index:
+    """The committed index of the checkpoint at ``path``."""
+    from stashpoint.engine.reader import read_index as _read_index
+    from stashpoint.storage import resolve
+
+    storage, p = resolve(path)
+    return _read_index(storage, p)
+
+
+__all__ = [
+    "Index",
+    "LoadResult",
+    "OptimizerState",
+    "PerRank",
+    "SaveResult",
+    "__version__",
+    "errors",
+    "iter_full",
+    "load",
+    "load_full",
+    "read_index",
+    "save",
+]

@@ -1,0 +1,114 @@
+"""All collectives stashpoint issues, in one place.
+
+Control traffic (plans, chunk records, success flags) goes over a dedicated gloo
+group created with the caller's timeout, never over NCCL, so a dead or hung peer
+turns into a :class:`CoordinationError` instead of a hang.  With no process group
+initialised every method works for a single process.
+
+Every method here is a collective: all ranks of the group call it, in the same order.
+"""
+
+from __future__ import annotations
+
+import datetime
+import traceback
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch.distributed as dist
+
+from stashpoint.errors import CoordinationError, RemoteRankError, StashpointError
+
+T = TypeVar("T")
+
+_GROUPS: dict[tuple[int, float], dist.ProcessGroup] = {}
+
+
+class Coordinator:
+    """The ranks taking part in one save or load, and the collectives among them."""
+
+    def __init__(self, process_group: dist.ProcessGroup | None = None, timeout_s: float = 600.0):
+        self.timeout_s = float(timeout_s)
+        self.active = dist.is_available() and dist.is_initialized()
+        if not self.active:
+            self.rank, self.world_size, self._group = 0, 1, None
+            return
+        base = process_group if process_group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(base)
+        self.world_size = dist.get_world_size(base)
+        self._group = self._control_group(base)
+
+    def _control_group(self, base: dist.ProcessGroup) -> dist.ProcessGroup:
+        key = (id(base), self.timeout_s)
+        group = _GROUPS.get(key)
+        if group is None:
+            ranks = dist.get_process_group_ranks(base)
+            group = dist.new_group(
+                ranks=ranks,
+                backend="gloo",
+                timeout=datetime.timedelta(seconds=self.timeout_s),
+                use_local_synchronization=True,
+            )
+            _GROUPS[key] = group
+        return group
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.rank == 0
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except StashpointError:
+            raise
+        except Exception as exc:  # gloo reports timeouts and dead peers as RuntimeError
+            raise CoordinationError(
+                f"{what} among {self.world_size} ranks failed or timed out "
+                f"(timeout {self.timeout_s:g}s; a rank may have died or hung): {exc}"
+            ) from exc
+
+    def all_gather(self, obj: T, what: str) -> list[T]:
+        if not self.active or self.world_size == 1:
+            return [obj]
+        out: list = [None] * self.world_size
+        self._call(what, lambda: dist.all_gather_object(out, obj, group=self._group))
+        return out
+
+    def broadcast(self, obj: T, what: str) -> T:
+        if not self.active or self.world_size == 1:
+            return obj
+        box = [obj]
+        src = dist.get_global_rank(self._group, 0)
+        self._call(what, lambda: dist.broadcast_object_list(box, src=src, group=self._group))
+        return box[0]
+
+    def run_everywhere(self, what: str, fn: Callable[[], T]) -> list[T]:
+        """Run ``fn`` on every rank and exchange results; if any rank failed, all raise.
+
+        The failing rank re-raises its own exception; the others raise
+        :class:`RemoteRankError` naming the rank and its message.
+        """
+        try:
+            mine: tuple = (True, fn())
+        except BaseException as exc:
+            if not self.active or self.world_size == 1:
+                raise
+            summary = f"{type(exc).__name__}: {exc}"
+            try:
+                self.all_gather((False, summary), what)
+            except CoordinationError:
+                pass
+            raise
+        results = self.all_gather(mine, what)
+        for rank, (ok, payload) in enumerate(results):
+            if not ok:
+                raise RemoteRankError(f"{what}: rank {rank} failed: {payload}")
+        return [payload for _, payload in results]
+
+    def agree(self, what: str, fn: Callable[[], T]) -> T:
+        """Like :meth:`run_everywhere` but returns only this rank's result."""
+        return self.run_everywhere(what, fn)[self.rank]
+
+
+def format_exception(exc: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()

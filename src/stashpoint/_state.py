@@ -1,0 +1,220 @@
+"""Turning the user's ``state`` dict into flat, named leaves, and back.
+
+``state`` maps names to modules, optimizers, stateful objects, tensors, DTensors,
+nested dicts/lists or plain values.  Modules and optimizers go through
+``torch.distributed.checkpoint.state_dict`` so FSDP2, TP, DDP and plain modules
+all produce the same fully-qualified names.  Each leaf knows how to take a loaded
+value back (in place for tensors, by assignment for plain values), and each
+top-level entry has a finisher that hands the filled state dict back to its owner.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from stashpoint.errors import InvalidStateError
+
+# how a leaf is shared among ranks
+SHARDED = "sharded"  # a DTensor: placements say who holds what
+REPLICATED = "replicated"  # plain tensor of a module/optimizer: identical on every rank (DDP)
+CHECKED = "checked"  # anything else: compared across ranks at save, per-rank if it differs
+PER_RANK = "per_rank"  # wrapped in PerRank: always stored once per rank
+
+JSON_TYPES = (type(None), bool, int, float, str)
+
+
+class PerRank:
+    """Marks a value whose content belongs to each rank (data-loader state, RNG).
+
+    Anything not marked is compared across ranks when saving and stored per rank
+    automatically when it differs; marking skips the comparison.
+    """
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+
+class OptimizerState:
+    """Pairs an optimizer with the module whose parameters it updates.
+
+    Only needed when ``state`` holds several modules; with a single module the
+    optimizer is paired with it automatically.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+        self.optimizer, self.model = optimizer, model
+
+
+@dataclass
+class Leaf:
+    fqn: str
+    value: object  # torch.Tensor (DTensor included) or a plain value
+    scope: str
+    container: dict | list | None = None
+    key: str | int | None = None
+
+    @property
+    def is_tensor(self) -> bool:
+        return isinstance(self.value, torch.Tensor)
+
+    def assign(self, new_value: object) -> None:
+        """Replace a plain value in its container (tensors are filled in place instead)."""
+        self.container[self.key] = new_value  # type: ignore[index]
+        self.value = new_value
+
+
+@dataclass
+class FlatState:
+    leaves: dict[str, Leaf] = field(default_factory=dict)
+    finishers: list[Callable[[], None]] = field(default_factory=list)
+    prefixes: list[str] = field(default_factory=list)
+
+
+def is_exact_json(value: object) -> bool:
+    """True when ``json.loads(json.dumps(value))`` gives back exactly ``value``."""
+    t = type(value)
+    if t in (type(None), bool, int, str):
+        return True
+    if t is float:
+        return math.isfinite(value)
+    if t is list:
+        return all(is_exact_json(v) for v in value)
+    if t is dict:
+        return all(type(k) is str and is_exact_json(v) for k, v in value.items())
+    return False
+
+
+def _holds_tensor(value: object) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_tensor(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensor(v) for v in value)
+    return False
+
+
+def _walk(value, fqn: str, scope: str, out: FlatState, container, key) -> None:
+    if isinstance(value, torch.Tensor):
+        if not isinstance(value, DTensor) and scope == SHARDED:
+            scope = REPLICATED
+        if isinstance(value, DTensor) and scope != PER_RANK:
+            scope = SHARDED
+        _add(out, Leaf(fqn, value, scope, container, key))
+        return
+    if isinstance(value, dict) and _holds_tensor(value):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise InvalidStateError(f"key {k!r} under {fqn!r} must be a str or int")
+            _walk(v, f"{fqn}.{k}", scope, out, value, k)
+        return
+    if isinstance(value, list) and _holds_tensor(value):
+        for i, v in enumerate(value):
+            _walk(v, f"{fqn}.{i}", scope, out, value, i)
+        return
+    if isinstance(value, tuple) and _holds_tensor(value):
+        for i, v in enumerate(value):
+            if not isinstance(v, torch.Tensor) and _holds_tensor(v):
+                raise InvalidStateError(f"{fqn!r}: nest dicts or lists, not tuples, around tensors")
+            _walk(v, f"{fqn}.{i}", scope, out, None, None)
+        return
+    _add(out, Leaf(fqn, value, CHECKED if scope in (SHARDED, REPLICATED) else scope, container, key))
+
+
+def _add(out: FlatState, leaf: Leaf) -> None:
+    if leaf.fqn in out.leaves:
+        raise InvalidStateError(f"two entries of the state map to the same name {leaf.fqn!r}")
+    out.leaves[leaf.fqn] = leaf
+
+
+def _module_entry(name: str, module: nn.Module, out: FlatState, scope: str) -> None:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        set_model_state_dict,
+    )
+
+    sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=False))
+    _walk(sd, name, scope, out, None, None)
+    out.finishers.append(
+        lambda: set_model_state_dict(module, sd, options=StateDictOptions(strict=True))
+    )
+
+
+def _optimizer_entry(name: str, optim, model: nn.Module, out: FlatState, scope: str) -> None:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    osd = get_optimizer_state_dict(model, optim, options=StateDictOptions(full_state_dict=False))
+    _walk(osd, name, scope, out, None, None)
+    out.finishers.append(lambda: set_optimizer_state_dict(model, optim, osd))
+
+
+def _stateful_entry(name: str, obj, out: FlatState, scope: str) -> None:
+    sd = obj.state_dict()
+    holder = {name: sd}
+    _walk(sd, name, scope, out, holder, name)
+    out.finishers.append(lambda: obj.load_state_dict(holder[name]))
+
+
+def flatten_state(state: dict) -> FlatState:
+    """Flatten ``state`` into leaves keyed by fully-qualified name.
+
+    Called on every rank, by save (to find what to write) and by load (to find the
+    targets and how to hand values back).
+    """
+    if not isinstance(state, dict):
+        raise InvalidStateError(f"state must be a dict of name -> object, got {type(state).__name__}")
+    modules = [v for v in state.values() if isinstance(v, nn.Module)]
+    out = FlatState()
+    for name, value in state.items():
+        if not isinstance(name, str) or not name:
+            raise InvalidStateError(f"top-level state names must be non-empty strings, got {name!r}")
+        out.prefixes.append(name)
+        scope = REPLICATED
+        if isinstance(value, PerRank):
+            value, scope = value.value, PER_RANK
+        if isinstance(value, nn.Module):
+            _module_entry(name, value, out, scope)
+        elif isinstance(value, OptimizerState):
+            _optimizer_entry(name, value.optimizer, value.model, out, scope)
+        elif isinstance(value, torch.optim.Optimizer):
+            if len(modules) != 1:
+                raise InvalidStateError(
+                    f"optimizer {name!r}: state holds {len(modules)} modules; wrap it as "
+                    "stashpoint.OptimizerState(optimizer, model) to say which it updates"
+                )
+            _optimizer_entry(name, value, modules[0], out, scope)
+        elif isinstance(value, torch.Tensor):
+            _walk(value, name, scope if scope == PER_RANK else CHECKED, out, state, name)
+        elif hasattr(value, "state_dict") and hasattr(value, "load_state_dict"):
+            _stateful_entry(name, value, out, scope if scope == PER_RANK else CHECKED)
+        else:
+            _walk(value, name, scope if scope == PER_RANK else CHECKED, out, state, name)
+    return out
+
+
+def encode_object(value: object) -> tuple[str, bytes]:
+    """("json", utf-8 text) when tagged JSON holds the value exactly, else ("pickle", bytes)."""
+    from stashpoint.format.values import NotRepresentable, to_json
+
+    try:
+        return "json", json.dumps(to_json(value), sort_keys=True, separators=(",", ":")).encode()
+    except NotRepresentable:
+        pass
+    import pickle
+
+    try:
+        return "pickle", pickle.dumps(value, protocol=4)
+    except Exception as exc:  # pickling arbitrary user objects can fail in many ways
+        raise InvalidStateError(f"value of type {type(value).__name__} cannot be stored: {exc}") from exc

@@ -1,0 +1,1 @@
+"""Executing plans: moving tensor bytes between memory and storage."""

@@ -1,0 +1,161 @@
+"""Where a rank's local tensor sits inside the global tensor.
+
+A sharded tensor is described by its global shape, the device mesh shape, the
+rank's coordinate in that mesh and one placement per mesh dimension.  Placements
+are applied left to right, exactly as DTensor does: ``Shard(d)`` splits the
+current index set of dim ``d`` into ``n`` pieces with ``torch.chunk`` rules
+(ceil-sized pieces, trailing pieces possibly empty) and keeps piece ``c``;
+``StridedShard(d, sf)`` splits into ``n * sf`` pieces and keeps pieces
+``c, c + n, ..., c + (sf - 1) n`` concatenated (FSDP2 over TP).
+
+Index sets are kept as lists of half-open runs ``(start, stop)`` so the cost does
+not grow with the tensor size.  The result is a list of :class:`Box` es: the global
+rectangles the local tensor is made of (one for plain sharding, several for
+strided sharding) and where each sits inside the local tensor.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+Runs = list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class PlacementSpec:
+    kind: str  # "shard" | "strided" | "replicate"
+    dim: int = -1
+    split_factor: int = 1
+
+
+REPLICATE = PlacementSpec("replicate")
+
+
+@dataclass(frozen=True)
+class Box:
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]
+    local_offsets: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def _length(runs: Runs) -> int:
+    return sum(b - a for a, b in runs)
+
+
+def _take(runs: Runs, start: int, stop: int) -> Runs:
+    """Positions [start, stop) of the sequence the runs enumerate."""
+    out: Runs = []
+    pos = 0
+    for a, b in runs:
+        n = b - a
+        lo, hi = max(start - pos, 0), min(stop - pos, n)
+        if lo < hi:
+            out.append((a + lo, a + hi))
+        pos += n
+        if pos >= stop:
+            break
+    return out
+
+
+def _chunk_bounds(length: int, pieces: int, index: int) -> tuple[int, int]:
+    size = -(-length // pieces) if length else 0
+    start = min(index * size, length)
+    return start, min(start + size, length)
+
+
+def _merge(runs: Runs) -> Runs:
+    out: Runs = []
+    for a, b in runs:
+        if a == b:
+            continue
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
+def apply_placement(runs: Runs, spec: PlacementSpec, mesh_size: int, coord: int) -> Runs:
+    length = _length(runs)
+    if spec.kind == "shard":
+        return _take(runs, *_chunk_bounds(length, mesh_size, coord))
+    if spec.kind == "strided":
+        total = mesh_size * spec.split_factor
+        picked: Runs = []
+        for j in range(spec.split_factor):
+            picked += _take(runs, *_chunk_bounds(length, total, coord + j * mesh_size))
+        return _merge(picked)
+    return runs
+
+
+def dim_runs(
+    global_shape: tuple[int, ...],
+    mesh_shape: tuple[int, ...],
+    coordinate: tuple[int, ...],
+    placements: tuple[PlacementSpec, ...],
+) -> list[Runs]:
+    runs: list[Runs] = [[(0, n)] if n else [] for n in global_shape]
+    for mesh_dim, spec in enumerate(placements):
+        if spec.kind == "replicate":
+            continue
+        runs[spec.dim] = apply_placement(
+            runs[spec.dim], spec, mesh_shape[mesh_dim], coordinate[mesh_dim]
+        )
+    return runs
+
+
+def local_boxes(
+    global_shape: tuple[int, ...],
+    mesh_shape: tuple[int, ...] = (),
+    coordinate: tuple[int, ...] = (),
+    placements: tuple[PlacementSpec, ...] = (),
+) -> list[Box]:
+    """The global rectangles a rank's local tensor covers, in local order.
+
+    Empty when the rank holds no elements (uneven sharding).  A 0-d tensor is one
+    box with empty offsets and shape.
+    """
+    per_dim = dim_runs(global_shape, mesh_shape, coordinate, placements)
+    if any(not r for r in per_dim):
+        return []
+    local_starts = []
+    for runs in per_dim:
+        starts, pos = [], 0
+        for a, b in runs:
+            starts.append(pos)
+            pos += b - a
+        local_starts.append(starts)
+    boxes = []
+    for combo in itertools.product(*[range(len(r)) for r in per_dim]):
+        boxes.append(
+            Box(
+                offsets=tuple(per_dim[d][i][0] for d, i in enumerate(combo)),
+                shape=tuple(per_dim[d][i][1] - per_dim[d][i][0] for d, i in enumerate(combo)),
+                local_offsets=tuple(local_starts[d][i] for d, i in enumerate(combo)),
+            )
+        )
+    return boxes
+
+
+def local_shape(global_shape, mesh_shape, coordinate, placements) -> tuple[int, ...]:
+    per_dim = dim_runs(tuple(global_shape), tuple(mesh_shape), tuple(coordinate), tuple(placements))
+    return tuple(_length(r) for r in per_dim)
+
+
+def intersect(
+    a_off: tuple[int, ...], a_shape: tuple[int, ...], b_off: tuple[int, ...], b_shape: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """Overlap of two boxes as (offsets, shape), or None when they do not overlap."""
+    lo = tuple(max(x, y) for x, y in zip(a_off, b_off))
+    hi = tuple(min(x + s, y + t) for x, s, y, t in zip(a_off, a_shape, b_off, b_shape))
+    if any(h <= low for low, h in zip(lo, hi)):
+        return None
+    return lo, tuple(h - low for low, h in zip(lo, hi))

@@ -1,0 +1,206 @@
+"""Deciding, from every rank's inventory, who writes what.
+
+Each rank describes what it holds (:class:`LocalItem`); all ranks exchange the
+inventories and run :func:`build_save_plan` on the same input, so they agree on
+the plan without a second round trip.  Replicated data (plain tensors under DDP,
+``Replicate`` placements, values identical on all ranks) is written exactly once,
+by the holder with the fewest bytes assigned so far; values that differ between
+ranks become per-rank items.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stashpoint.errors import InconsistentStateError
+from stashpoint.format.index import Layout
+from stashpoint.planning.layout import Box
+
+PER_RANK = "per_rank"
+GLOBAL = "global"
+
+
+@dataclass(frozen=True)
+class LocalItem:
+    """What one rank holds of one leaf."""
+
+    fqn: str
+    is_tensor: bool
+    scope: str  # see stashpoint._state: sharded | replicated | checked | per_rank
+    dtype: str = ""
+    shape: tuple[int, ...] = ()
+    itemsize: int = 0
+    boxes: tuple[Box, ...] = ()
+    digest: int | None = None  # content checksum, for "checked" leaves
+    encoding: str = ""  # objects: "json" | "pickle"
+    payload_bytes: int = 0  # objects: encoded size
+    layout: Layout | None = None
+
+
+@dataclass(frozen=True)
+class WriteItem:
+    """One chunk a rank writes: a box of a tensor, or an encoded object."""
+
+    fqn: str
+    file_key: str
+    box: Box | None  # None for objects
+    per_rank: bool
+
+
+@dataclass(frozen=True)
+class ItemPlan:
+    fqn: str
+    is_tensor: bool
+    scope: str  # GLOBAL | PER_RANK
+    dtype: str
+    shape: tuple[int, ...]
+    layout: Layout | None
+    encoding: str
+
+
+@dataclass(frozen=True)
+class SavePlan:
+    items: dict[str, ItemPlan]
+    writes: tuple[tuple[WriteItem, ...], ...]  # indexed by rank
+
+    def bytes_per_rank(self, inventories: list[list[LocalItem]]) -> list[int]:
+        sizes = {}
+        for rank_items in inventories:
+            for it in rank_items:
+                sizes[it.fqn] = it
+        out = []
+        for rank_writes in self.writes:
+            total = 0
+            for w in rank_writes:
+                it = sizes[w.fqn]
+                total += w.box.numel * it.itemsize if w.box is not None else it.payload_bytes
+            out.append(total)
+        return out
+
+
+def chunk_key(fqn: str, box: Box | None, global_shape: tuple[int, ...], encoding: str = "") -> str:
+    """Name of a chunk inside its data file.
+
+    A chunk that is the whole tensor keeps the tensor's name, so a checkpoint saved
+    by one process is an ordinary safetensors state dict.
+    """
+    if box is None:
+        return f"{fqn}#{encoding}"
+    if box.shape == tuple(global_shape):
+        return fqn
+    return f"{fqn}@{','.join(map(str, box.offsets))}"
+
+
+def _check_consistent(fqn: str, held: list[tuple[int, LocalItem]]) -> LocalItem:
+    first = held[0][1]
+    for rank, it in held[1:]:
+        if it.is_tensor != first.is_tensor:
+            raise InconsistentStateError(f"{fqn!r} is a tensor on some ranks and not on rank {rank}")
+        if it.is_tensor and (it.dtype, it.shape) != (first.dtype, first.shape):
+            raise InconsistentStateError(
+                f"{fqn!r}: rank {held[0][0]} has {first.dtype}{list(first.shape)}, "
+                f"rank {rank} has {it.dtype}{list(it.shape)}"
+            )
+        if it.scope != first.scope and PER_RANK not in (it.scope, first.scope):
+            if {it.scope, first.scope} != {"replicated", "checked"}:
+                raise InconsistentStateError(
+                    f"{fqn!r} is {first.scope} on rank {held[0][0]} but {it.scope} on rank {rank}"
+                )
+    return first
+
+
+def _check_tiling(fqn: str, shape: tuple[int, ...], boxes: list[Box]) -> None:
+    numel = 1
+    for n in shape:
+        numel *= n
+    covered = sum(b.numel for b in boxes)
+    if covered != numel:
+        raise InconsistentStateError(
+            f"{fqn!r}: the ranks' shards cover {covered} of {numel} elements of shape {list(shape)}"
+        )
+
+
+def build_save_plan(inventories: list[list[LocalItem]]) -> SavePlan:
+    """Pure and deterministic: every rank computes the same plan from the same input."""
+    world = len(inventories)
+    by_fqn: dict[str, list[tuple[int, LocalItem]]] = {}
+    for rank, items in enumerate(inventories):
+        for it in items:
+            by_fqn.setdefault(it.fqn, []).append((rank, it))
+
+    writes: list[list[WriteItem]] = [[] for _ in range(world)]
+    load = [0] * world
+    items: dict[str, ItemPlan] = {}
+    # (size, fqn, box or None, holders): replicated pieces, assigned after the loop
+    shared: list[tuple[int, str, Box | None, list[int]]] = []
+
+    for fqn in sorted(by_fqn):
+        held = by_fqn[fqn]
+        first = held[0][1]
+        ranks_holding = [r for r, _ in held]
+        per_rank = any(it.scope == PER_RANK for _, it in held)
+        if not per_rank and any(it.scope == "checked" for _, it in held):
+            # compared by content: identical everywhere -> stored once, else per rank
+            kinds = {(it.is_tensor, it.dtype, it.shape, it.digest) for _, it in held}
+            per_rank = len(held) != world or len(kinds) > 1
+        if not per_rank:
+            first = _check_consistent(fqn, held)
+        if per_rank and len(held) != world:
+            missing = sorted(set(range(world)) - set(ranks_holding))
+            raise InconsistentStateError(f"per-rank item {fqn!r} is missing on ranks {missing}")
+        encoding = "" if first.is_tensor else first.encoding
+        items[fqn] = ItemPlan(
+            fqn=fqn,
+            is_tensor=first.is_tensor,
+            scope=PER_RANK if per_rank else GLOBAL,
+            dtype=first.dtype,
+            shape=first.shape,
+            layout=first.layout,
+            encoding=encoding,
+        )
+        if per_rank:
+            for rank, it in held:
+                box = it.boxes[0] if it.is_tensor else None
+                if it.is_tensor and not it.boxes:  # an empty tensor
+                    box = Box((0,) * len(it.shape), it.shape, (0,) * len(it.shape))
+                writes[rank].append(
+                    WriteItem(fqn, chunk_key(fqn, box, it.shape, it.encoding), box, per_rank=True)
+                )
+                load[rank] += box.numel * it.itemsize if box is not None else it.payload_bytes
+            continue
+        if not first.is_tensor:
+            shared.append((first.payload_bytes, fqn, None, ranks_holding))
+            continue
+        unique: dict[tuple, tuple[Box, list[int]]] = {}
+        for rank, it in held:
+            for b in it.boxes:
+                key = (b.offsets, b.shape)
+                unique.setdefault(key, (b, []))[1].append(rank)
+        _check_tiling(fqn, first.shape, [b for b, _ in unique.values()])
+        for b, holders in unique.values():
+            shared.append((b.numel * first.itemsize, fqn, b, holders))
+
+    # largest first onto the least-loaded holder: balances bytes, deterministic
+    shared.sort(key=lambda s: (-s[0], s[1], s[2].offsets if s[2] is not None else ()))
+    for size, fqn, box, holders in shared:
+        rank = min(holders, key=lambda r: (load[r], r))
+        load[rank] += size
+        plan = items[fqn]
+        writer_box = box
+        if box is not None:
+            # the writer copies from its own local tensor: use its local offsets
+            mine = next(b for b in _boxes_of(by_fqn[fqn], rank) if b.offsets == box.offsets and b.shape == box.shape)
+            writer_box = mine
+        writes[rank].append(
+            WriteItem(fqn, chunk_key(fqn, box, plan.shape, plan.encoding), writer_box, per_rank=False)
+        )
+    for w in writes:
+        w.sort(key=lambda x: (x.fqn, x.box.offsets if x.box is not None else ()))
+    return SavePlan(items=items, writes=tuple(tuple(w) for w in writes))
+
+
+def _boxes_of(held: list[tuple[int, LocalItem]], rank: int) -> tuple[Box, ...]:
+    for r, it in held:
+        if r == rank:
+            return it.boxes
+    return ()

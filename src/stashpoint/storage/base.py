@@ -1,0 +1,103 @@
+"""The byte-oriented storage interface every backend implements.
+
+A backend is a flat namespace of objects named by ``/``-separated paths.  It knows
+nothing about tensors or checkpoints: planning decides *what* goes where, a backend
+only moves bytes.  Writes are durable when ``ObjectWriter.close`` returns.
+"""
+
+from __future__ import annotations
+
+import abc
+import posixpath
+
+
+class ObjectWriter(abc.ABC):
+    """A sequential writer for one object; ``close`` makes the bytes durable."""
+
+    @abc.abstractmethod
+    def write(self, data: memoryview | bytes) -> None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Flush and make durable (fsync on a filesystem)."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Drop what was written; the object does not appear."""
+
+    def __enter__(self) -> ObjectWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class Storage(abc.ABC):
+    """Where checkpoint bytes live.  Paths are strings in the backend's own namespace."""
+
+    #: True when ``rename`` of a directory-like prefix is atomic (POSIX rename).
+    atomic_rename: bool = False
+
+    @abc.abstractmethod
+    def open_writer(self, path: str) -> ObjectWriter: ...
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        with self.open_writer(path) as w:
+            w.write(data)
+
+    @abc.abstractmethod
+    def read_into(self, path: str, offset: int, out: memoryview) -> int:
+        """Read ``len(out)`` bytes at ``offset`` into ``out``; return how many were read."""
+
+    def read_range(self, path: str, start: int, end: int) -> bytes:
+        buf = bytearray(end - start)
+        n = self.read_into(path, start, memoryview(buf))
+        return bytes(buf[:n])
+
+    def read_bytes(self, path: str) -> bytes:
+        return self.read_range(path, 0, self.size(path))
+
+    @abc.abstractmethod
+    def size(self, path: str) -> int:
+        """Size in bytes; raises ``FileNotFoundError`` if the object does not exist."""
+
+    @abc.abstractmethod
+    def exists(self, path: str) -> bool: ...
+
+    @abc.abstractmethod
+    def is_prefix(self, path: str) -> bool:
+        """True when ``path`` is a directory (or a non-empty prefix)."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str) -> list[str]:
+        """Names directly under ``prefix`` (files and sub-prefixes), sorted."""
+
+    @abc.abstractmethod
+    def delete(self, path: str) -> None:
+        """Remove an object or, recursively, a prefix.  Missing paths are ignored."""
+
+    def rename(self, src: str, dst: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot rename")
+
+    def make_prefix(self, path: str) -> None:
+        """Create a directory-like prefix (a no-op for flat object stores)."""
+
+    def sync_prefix(self, path: str) -> None:
+        """Make the entries of a directory durable (fsync of the directory)."""
+
+    # path helpers: backends with other separators override these
+    def join(self, *parts: str) -> str:
+        return posixpath.join(*parts)
+
+    def parent(self, path: str) -> str:
+        return posixpath.dirname(path.rstrip("/"))
+
+    def basename(self, path: str) -> str:
+        return posixpath.basename(path.rstrip("/"))
+
+    def describe(self, path: str) -> str:
+        """How to show ``path`` to a person (e.g. with a URL scheme)."""
+        return path
