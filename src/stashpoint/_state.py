@@ -156,7 +156,11 @@ def _optimizer_entry(name: str, optim, model: nn.Module, out: FlatState, scope: 
     )
 
     osd = get_optimizer_state_dict(model, optim, options=StateDictOptions(full_state_dict=False))
-    _walk(osd, name, scope, out, None, None)
+    # fixed top level, whatever the contents: an optimizer that has not stepped yet
+    # must still name its items like one that has
+    for param_fqn, param_state in osd.get("state", {}).items():
+        _walk(param_state, f"{name}.state.{param_fqn}", scope, out, osd["state"], param_fqn)
+    _walk(osd["param_groups"], f"{name}.param_groups", scope, out, osd, "param_groups")
     out.finishers.append(lambda: set_optimizer_state_dict(model, optim, osd))
 
 

@@ -2,11 +2,13 @@
 
 A sharded tensor is described by its global shape, the device mesh shape, the
 rank's coordinate in that mesh and one placement per mesh dimension.  Placements
-are applied left to right, exactly as DTensor does: ``Shard(d)`` splits the
-current index set of dim ``d`` into ``n`` pieces with ``torch.chunk`` rules
-(ceil-sized pieces, trailing pieces possibly empty) and keeps piece ``c``;
-``StridedShard(d, sf)`` splits into ``n * sf`` pieces and keeps pieces
-``c, c + n, ..., c + (sf - 1) n`` concatenated (FSDP2 over TP).
+are applied left to right, as DTensor does: ``Shard(d)`` splits the current
+index set of dim ``d`` into ``n`` pieces with ``torch.chunk`` rules (ceil-sized
+pieces, trailing pieces possibly empty) and keeps piece ``c``.  A dim that carries
+a ``_StridedShard`` (FSDP2 applied over TP) was physically sharded right to left:
+first by the later mesh dims, then by the strided one, so its placements are
+applied in reverse order.  For even sizes this equals DTensor's strided
+left-to-right reading; for uneven sizes it is what FSDP2 actually stores.
 
 Index sets are kept as lists of half-open runs ``(start, stop)`` so the cost does
 not grow with the tensor size.  The result is a list of :class:`Box` es: the global
@@ -83,17 +85,8 @@ def _merge(runs: Runs) -> Runs:
     return out
 
 
-def apply_placement(runs: Runs, spec: PlacementSpec, mesh_size: int, coord: int) -> Runs:
-    length = _length(runs)
-    if spec.kind == "shard":
-        return _take(runs, *_chunk_bounds(length, mesh_size, coord))
-    if spec.kind == "strided":
-        total = mesh_size * spec.split_factor
-        picked: Runs = []
-        for j in range(spec.split_factor):
-            picked += _take(runs, *_chunk_bounds(length, total, coord + j * mesh_size))
-        return _merge(picked)
-    return runs
+def _chunk(runs: Runs, mesh_size: int, coord: int) -> Runs:
+    return _take(runs, *_chunk_bounds(_length(runs), mesh_size, coord))
 
 
 def dim_runs(
@@ -103,12 +96,14 @@ def dim_runs(
     placements: tuple[PlacementSpec, ...],
 ) -> list[Runs]:
     runs: list[Runs] = [[(0, n)] if n else [] for n in global_shape]
-    for mesh_dim, spec in enumerate(placements):
-        if spec.kind == "replicate":
-            continue
-        runs[spec.dim] = apply_placement(
-            runs[spec.dim], spec, mesh_shape[mesh_dim], coordinate[mesh_dim]
-        )
+    for d in range(len(global_shape)):
+        shards = [(m, p) for m, p in enumerate(placements) if p.kind != "replicate" and p.dim == d]
+        if any(p.kind == "strided" for _, p in shards):
+            # FSDP2 over TP: the tensor was sharded by the later mesh dims first
+            # (right to left); a strided placement's split factor counts those shards
+            shards = shards[::-1]
+        for m, _ in shards:
+            runs[d] = _chunk(runs[d], mesh_shape[m], coordinate[m])
     return runs
 
 
