@@ -82,3 +82,17 @@ def load_case(rank: int, world: int, case: dict, path: str) -> dict:
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bytes of a tensor, so that comparison is bit-exact (NaNs, -0.0)."""
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def byte_range_case(rank: int, world: int, path: str, shape: tuple[int, ...], dim: int, verify: bool) -> dict:
+    """Load 1/world of a tensor saved whole; report how many bytes this rank read."""
+    mesh = mesh_of((world,))
+    full = make_global(shape, "float32", 7)
+    target = {"w": distribute_tensor(torch.zeros(shape), mesh, [Shard(dim)], src_data_rank=None)}
+    result = stashpoint.load(target, path, verify=verify, timeout_s=60)
+    want = distribute_tensor(full, mesh, [Shard(dim)], src_data_rank=None).to_local()
+    return {
+        "exact": torch.equal(_bits(target["w"].to_local()), _bits(want)),
+        "bytes_read": result.bytes_read,
+        "local_bytes": want.numel() * 4,
+    }

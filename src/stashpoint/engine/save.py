@@ -102,7 +102,21 @@ def _describe(leaf: _state.Leaf) -> tuple[LocalItem, object]:
         encoding=encoding,
         payload_bytes=len(payload),
     )
-    return item, payload
+    return item, (encoding, payload)
+
+
+def _unique_keys(entries: list[tuple[WriteItem, FileEntry]]) -> list[tuple[WriteItem, FileEntry]]:
+    """Chunk keys must be unique in a file; names are free-form, so rare clashes get a suffix."""
+    seen: set[str] = set()
+    out = []
+    for w, e in entries:
+        key, n = e.key, 0
+        while key in seen:
+            n += 1
+            key = f"{e.key}~{n}"
+        seen.add(key)
+        out.append((w, FileEntry(key, e.dtype, e.shape, e.nbytes)))
+    return out
 
 
 def _write_file(
@@ -118,23 +132,24 @@ def _write_file(
     out: list[_Written] = []
     entries: list[tuple[WriteItem, FileEntry]] = []
     for w in writes:
-        item = plan.items[w.fqn]
         src = sources[w.fqn]
-        if not item.is_tensor and item.encoding == "json":
-            out.append(_Written(w.fqn, w.per_rank, json_text=src.decode()))
-            continue
-        if item.is_tensor:
-            dtype = src.dtype
+        if isinstance(src, torch.Tensor):
             nbytes = w.box.numel * src.element_size()
-            entries.append((w, FileEntry(w.file_key, dtype, w.box.shape, nbytes)))
+            entries.append((w, FileEntry(w.file_key, src.dtype, w.box.shape, nbytes)))
+            continue
+        encoding, payload = src
+        if encoding == "json":
+            out.append(_Written(w.fqn, w.per_rank, json_text=payload.decode()))
         else:
-            entries.append((w, FileEntry(w.file_key, torch.uint8, (len(src),), len(src))))
+            entries.append((w, FileEntry(w.file_key, torch.uint8, (len(payload),), len(payload))))
     if not entries:
         return out, 0
-    layout = layout_file([e for _, e in entries], metadata={"format": "stashpoint"})
+    entries = _unique_keys(entries)
+    # "pt" lets tools that check the safetensors metadata (e.g. transformers) open the files
+    layout = layout_file([e for _, e in entries], metadata={"format": "pt", "writer": "stashpoint"})
     with storage.open_writer(storage.join(path, file_name)) as writer:
         writer.write(layout.header)
-        for (w, entry), (start, end) in zip(entries, layout.ranges):
+        for (w, entry), (start, end) in zip(entries, layout.ranges, strict=True):
             src = sources[w.fqn]
             with timer.phase("device_to_host"):
                 if isinstance(src, torch.Tensor):
@@ -142,23 +157,23 @@ def _write_file(
                     data = piece.to("cpu").contiguous()
                     raw = as_bytes(data)
                 else:
-                    raw = memoryview(src)
+                    raw = memoryview(src[1])
             with timer.phase("checksum"):
                 crcs = block_crcs(raw, crc_block)
             with timer.phase("write"):
                 writer.write(raw)
-            plan_item = plan.items[w.fqn]
+            is_tensor = isinstance(src, torch.Tensor)
             out.append(
                 _Written(
                     fqn=w.fqn,
                     per_rank=w.per_rank,
-                    dtype=plan_item.dtype if plan_item.is_tensor else "",
-                    shape=tuple(w.box.shape) if w.box is not None else (),
+                    dtype=dtype_name(src.dtype) if is_tensor else "",
+                    shape=tuple(w.box.shape) if is_tensor else (),
                     chunk=ChunkRecord(
-                        offsets=tuple(w.box.offsets) if w.box is not None else (0,),
-                        shape=tuple(w.box.shape) if w.box is not None else (len(src),),
+                        offsets=tuple(w.box.offsets) if is_tensor else (0,),
+                        shape=tuple(w.box.shape) if is_tensor else (len(src[1]),),
                         file=file_name,
-                        key=w.file_key,
+                        key=entry.key,
                         byte_range=(start, end),
                         crc32c=tuple(crcs),
                     ),
@@ -189,8 +204,8 @@ def _build_index(
         else:
             ranks = [w for _, w in sorted(got, key=lambda x: x[0])]
             records = []
-            for w in ranks:
-                if ip.is_tensor:
+            for w in ranks:  # each rank's own dtype, shape and encoding
+                if w.dtype:
                     records.append(TensorRecord(w.dtype, w.shape, (w.chunk,)))
                 else:
                     records.append(_object_record(w))

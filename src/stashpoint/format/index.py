@@ -171,7 +171,10 @@ class Index:
         )
         items = {name: p.item(raw, name) for name, raw in p.obj(doc, "items").items()}
         block = p.int(doc, "crc_block_bytes")
-        p.expect(block > 0, "crc_block_bytes", "a positive integer")
+        p.expect(block > 0 and block % 64 == 0, "crc_block_bytes", "a positive multiple of 64")
+        for name, item in items.items():
+            for i, rec in enumerate(item.ranks if isinstance(item, PerRankRecord) else (item,)):
+                p.check_sizes(rec, block, f"items[{name!r}]" + (f".ranks[{i}]" if isinstance(item, PerRankRecord) else ""))
         return cls(metadata=metadata, items=items, crc_block_bytes=block, format_version=version)
 
 
@@ -287,6 +290,25 @@ class _Parser:
         ok = ok and (length is None or len(v) == length)
         self.expect(ok, f"{ctx}.{key}", "a list of non-negative integers")
         return tuple(v)
+
+    def check_sizes(self, rec: Record, block: int, ctx: str) -> None:
+        """Byte ranges match shapes and dtypes; one checksum per block."""
+        from stashpoint.format.dtypes import dtype_from_name, itemsize
+
+        if isinstance(rec, TensorRecord):
+            try:
+                size = itemsize(dtype_from_name(rec.dtype))
+            except ValueError:
+                self.fail(f"{ctx}.dtype", "a known dtype name")
+        else:
+            size = 1
+        for i, c in enumerate(_chunks_of(rec)):
+            numel = 1
+            for n in c.shape:
+                numel *= n
+            self.expect(c.nbytes == numel * size, f"{ctx}.chunks[{i}].byte_range", "shape x itemsize long")
+            want = max(1, -(-c.nbytes // block))
+            self.expect(len(c.crc32c) == want, f"{ctx}.chunks[{i}].crc32c", f"{want} checksums")
 
     def chunk(self, raw: dict, ctx: str) -> ChunkRecord:
         byte_range = self.ints(raw, "byte_range", ctx, 2)

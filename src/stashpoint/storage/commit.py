@@ -40,6 +40,12 @@ class AtomicRenameCommit(CommitStrategy):
     def commit(self, storage: Storage, staging: str, final: str, overwrite: bool) -> None:
         parent = storage.parent(final)
         old = None
+        exchange = getattr(storage, "exchange", None)
+        if storage.exists(final) and exchange is not None and exchange(staging, final):
+            # swapped in one step: the old checkpoint now sits at the staging name
+            storage.sync_prefix(parent)
+            storage.delete(staging)
+            return
         if storage.exists(final):
             # the previous checkpoint stays whole until the new one is in place
             old = storage.join(parent, f".{storage.basename(final)}.old-{uuid.uuid4().hex[:8]}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import shutil
 
@@ -86,6 +88,15 @@ class LocalStorage(Storage):
     def rename(self, src: str, dst: str) -> None:
         os.rename(src, dst)
 
+    def exchange(self, a: str, b: str) -> bool:
+        """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+        fn = _renameat2()
+        if fn is None:
+            return False
+        at_fdcwd, rename_exchange = -100, 2
+        rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+        return rc == 0
+
     def make_prefix(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)
 
@@ -104,3 +115,21 @@ class LocalStorage(Storage):
 
     def basename(self, path: str) -> str:
         return os.path.basename(os.path.abspath(path))
+
+
+_RENAMEAT2: list = []
+
+
+def _renameat2():
+    if not _RENAMEAT2:
+        fn = None
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            fn = getattr(libc, "renameat2", None)
+            if fn is not None:
+                fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+        except OSError:
+            fn = None
+        _RENAMEAT2.append(fn)
+    return _RENAMEAT2[0]

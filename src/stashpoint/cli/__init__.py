@@ -1,0 +1,1 @@
+"""The ``stashpoint`` command line."""

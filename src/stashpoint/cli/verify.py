@@ -1,0 +1,16 @@
+"""``stashpoint verify PATH``: read every byte back and check it; exit 1 on any problem."""
+
+from __future__ import annotations
+
+from stashpoint.cli.format import human_bytes
+
+
+def run(path: str) -> int:
+    from stashpoint.engine.verify import verify_checkpoint
+
+    report = verify_checkpoint(path)
+    for problem in report.problems:
+        print(f"FAIL  {problem}")
+    status = "OK" if report.ok else f"{len(report.problems)} problem(s)"
+    print(f"{report.path}: {status}; {report.chunks} chunks, {human_bytes(report.bytes_checked)} checked")
+    return 0 if report.ok else 1
