@@ -59,6 +59,9 @@ class Leaf:
     scope: str
     container: dict | list | None = None
     key: str | int | None = None
+    #: values owned by a module or optimizer must keep the template's structure,
+    #: because torch's set_state_dict fails half-way through otherwise
+    keep_structure: bool = False
 
     @property
     def is_tensor(self) -> bool:
@@ -99,6 +102,27 @@ def _holds_tensor(value: object) -> bool:
     if isinstance(value, (list, tuple)):
         return any(_holds_tensor(v) for v in value)
     return False
+
+
+def same_structure(template: object, value: object) -> bool:
+    """Types match, lists have the same length, common dict keys match recursively."""
+    if isinstance(template, bool) or isinstance(value, bool):
+        return type(template) is type(value)
+    if isinstance(template, (int, float)) and isinstance(value, (int, float)):
+        return True
+    if isinstance(template, (list, tuple)):
+        return (
+            isinstance(value, (list, tuple))
+            and len(value) == len(template)
+            and all(same_structure(a, b) for a, b in zip(template, value))
+        )
+    if isinstance(template, dict):
+        return isinstance(value, dict) and all(
+            same_structure(template[k], value[k]) for k in template.keys() & value.keys()
+        )
+    if template is None or value is None:
+        return True
+    return type(template) is type(value)
 
 
 def _walk(value, fqn: str, scope: str, out: FlatState, container, key) -> None:
@@ -142,7 +166,10 @@ def _module_entry(name: str, module: nn.Module, out: FlatState, scope: str) -> N
     )
 
     sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=False))
+    first = len(out.leaves)
     _walk(sd, name, scope, out, None, None)
+    for leaf in list(out.leaves.values())[first:]:
+        leaf.keep_structure = True
     out.finishers.append(
         lambda: set_model_state_dict(module, sd, options=StateDictOptions(strict=True))
     )
@@ -156,11 +183,14 @@ def _optimizer_entry(name: str, optim, model: nn.Module, out: FlatState, scope: 
     )
 
     osd = get_optimizer_state_dict(model, optim, options=StateDictOptions(full_state_dict=False))
+    first = len(out.leaves)
     # fixed top level, whatever the contents: an optimizer that has not stepped yet
     # must still name its items like one that has
     for param_fqn, param_state in osd.get("state", {}).items():
         _walk(param_state, f"{name}.state.{param_fqn}", scope, out, osd["state"], param_fqn)
     _walk(osd["param_groups"], f"{name}.param_groups", scope, out, osd, "param_groups")
+    for leaf in list(out.leaves.values())[first:]:
+        leaf.keep_structure = True
     out.finishers.append(lambda: set_optimizer_state_dict(model, optim, osd))
 
 
@@ -208,7 +238,7 @@ def flatten_state(state: dict) -> FlatState:
     return out
 
 
-def encode_object(value: object) -> tuple[str, bytes]:
+def encode_object(value: object, fqn: str) -> tuple[str, bytes]:
     """("json", utf-8 text) when tagged JSON holds the value exactly, else ("pickle", bytes)."""
     from stashpoint.format.values import NotRepresentable, to_json
 
@@ -221,4 +251,6 @@ def encode_object(value: object) -> tuple[str, bytes]:
     try:
         return "pickle", pickle.dumps(value, protocol=4)
     except Exception as exc:  # pickling arbitrary user objects can fail in many ways
-        raise InvalidStateError(f"value of type {type(value).__name__} cannot be stored: {exc}") from exc
+        raise InvalidStateError(
+            f"{fqn!r}: value of type {type(value).__name__} cannot be stored: {exc}"
+        ) from exc

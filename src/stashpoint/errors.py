@@ -36,6 +36,10 @@ class UnsupportedFormatVersionError(StashpointError):
     """The index was written by a format version this release cannot read."""
 
 
+class UnsupportedStorageError(StashpointError, ValueError):
+    """No storage backend handles the given URL scheme."""
+
+
 # --- data files ------------------------------------------------------------------------
 
 
@@ -86,6 +90,10 @@ class TypeMismatchError(StateMismatchError):
 
 class WorldSizeMismatchError(StateMismatchError):
     """A per-rank item was saved at another world size and no policy says what to do."""
+
+
+class LoadApplyError(StashpointError):
+    """A module, optimizer or stateful object refused the loaded values (after validation)."""
 
 
 class PickleNotAllowedError(StashpointError):

@@ -23,7 +23,13 @@ from stashpoint._dist import Coordinator
 from stashpoint.engine.reader import check_files, execute_reads, read_index
 from stashpoint.engine.telemetry import LoadResult, PhaseTimer
 from stashpoint.engine.tensors import dtensor_boxes, full_box, local_tensor
-from stashpoint.errors import MissingKeyError, PickleNotAllowedError, ShapeMismatchError
+from stashpoint.errors import (
+    LoadApplyError,
+    MissingKeyError,
+    PickleNotAllowedError,
+    ShapeMismatchError,
+    TypeMismatchError,
+)
 from stashpoint.format.dtypes import dtype_from_name, dtype_name, itemsize
 from stashpoint.format.index import Index, ObjectRecord, PerRankRecord, Record, TensorRecord
 from stashpoint.format.values import from_json
@@ -137,7 +143,15 @@ def load_state(
             staged = {t.fqn: torch.empty(t.local_shape, dtype=dtype_from_name(t.dtype)) for t in plan.tensors}
             jobs = [(t.fqn, r, staged[t.fqn]) for t in plan.tensors for r in t.reads]
             n = execute_reads(storage, ckpt, jobs, index.crc_block_bytes if verify else None)
-            values = {o.fqn: _decode_object(storage, ckpt, o.record, o.fqn, verify, index) for o in plan.objects}
+            values = {}
+            for o in plan.objects:
+                values[o.fqn] = _decode_object(storage, ckpt, o.record, o.fqn, verify, index)
+                leaf = flat.leaves[o.fqn]
+                if leaf.keep_structure and not _state.same_structure(leaf.value, values[o.fqn]):
+                    raise TypeMismatchError(
+                        f"{where}: {o.fqn!r} in the checkpoint does not have the structure the "
+                        "target module or optimizer expects"
+                    )
             for c in plan.combines:
                 saved = [_read_record(storage, ckpt, c.fqn, r, verify, index) for r in c.records]
                 values[c.fqn] = per_rank(c.fqn, saved, coord.rank, coord.world_size)
@@ -164,7 +178,13 @@ def load_state(
         for fqn, value in values.items():
             flat.leaves[fqn].assign(value)
         for finish in flat.finishers:
-            finish()
+            try:
+                finish()
+            except Exception as exc:  # torch's set_state_dict can still refuse the values
+                raise LoadApplyError(
+                    f"{where}: handing the loaded state to its owner failed; the target may be "
+                    f"partly updated: {type(exc).__name__}: {exc}"
+                ) from exc
     return LoadResult(
         path=where,
         rank=coord.rank,

@@ -30,7 +30,7 @@ from stashpoint._version import __version__
 from stashpoint.engine.checksum import block_crcs, crc32c
 from stashpoint.engine.telemetry import PhaseTimer, SaveResult
 from stashpoint.engine.tensors import as_bytes, dtensor_boxes, dtensor_layout, full_box, local_tensor, region
-from stashpoint.errors import CheckpointExistsError, InvalidStateError
+from stashpoint.errors import CheckpointExistsError, InvalidStateError, StashpointError
 from stashpoint.format.dtypes import dtype_name, is_supported, itemsize
 from stashpoint.format.index import (
     DEFAULT_CRC_BLOCK_BYTES,
@@ -93,7 +93,7 @@ def _describe(leaf: _state.Leaf) -> tuple[LocalItem, object]:
             layout=layout,
         )
         return item, local
-    encoding, payload = _state.encode_object(v)
+    encoding, payload = _state.encode_object(v, leaf.fqn)
     item = LocalItem(
         fqn=leaf.fqn,
         is_tensor=False,
@@ -234,6 +234,7 @@ def save_state(
     timer = PhaseTimer()
     coord = Coordinator(process_group, timeout_s)
     storage, final = resolve(path)
+    where = storage.describe(final)
     commit = commit or default_commit(storage)
     user_meta = dict(metadata or {})
     if not _state.is_exact_json(user_meta):
@@ -261,7 +262,12 @@ def save_state(
         local = {}
 
         def _inv():
-            items, sources = inventory()
+            try:
+                items, sources = inventory()
+            except StashpointError as exc:
+                if where not in str(exc):  # every message names the checkpoint
+                    raise type(exc)(f"{where}: {exc}") from exc
+                raise
             local["sources"] = sources
             return items, token
 

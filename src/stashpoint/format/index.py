@@ -152,7 +152,7 @@ class Index:
         p.expect(isinstance(doc, dict), "index", "a JSON object")
         p.expect(doc.get("format") == FORMAT_NAME, "format", f'"{FORMAT_NAME}"')
         version = doc.get("format_version")
-        p.expect(isinstance(version, int), "format_version", "an integer")
+        p.expect(isinstance(version, int) and not isinstance(version, bool), "format_version", "an integer")
         if version != FORMAT_VERSION:
             raise UnsupportedFormatVersionError(
                 f"{where}: format_version {version} is not supported "
@@ -160,7 +160,8 @@ class Index:
             )
         meta = p.obj(doc, "metadata")
         step = meta.get("step")
-        p.expect(step is None or isinstance(step, int), "metadata.step", "an integer or null")
+        ok_step = step is None or (isinstance(step, int) and not isinstance(step, bool))
+        p.expect(ok_step, "metadata.step", "an integer or null")
         metadata = SaveMetadata(
             world_size=p.int(meta, "world_size", "metadata"),
             created_unix=float(p.num(meta, "created_unix", "metadata")),
@@ -310,8 +311,34 @@ class _Parser:
             want = max(1, -(-c.nbytes // block))
             self.expect(len(c.crc32c) == want, f"{ctx}.chunks[{i}].crc32c", f"{want} checksums")
 
+    def check_tiling(self, shape: tuple[int, ...], chunks: tuple[ChunkRecord, ...], ctx: str) -> None:
+        """The chunks cover every element of the tensor exactly once."""
+        numel = 1
+        for n in shape:
+            numel *= n
+        covered = 0
+        for c in chunks:
+            k = 1
+            for n in c.shape:
+                k *= n
+            covered += k
+        self.expect(covered == numel, f"{ctx}.chunks", f"covering all {numel} elements exactly once")
+        if len(chunks) <= 256:  # pairwise is cheap here; beyond, volume + unique offsets
+            for i, a in enumerate(chunks):
+                for b in chunks[i + 1 :]:
+                    overlap = all(
+                        max(x, y) < min(x + s, y + t)
+                        for x, s, y, t in zip(a.offsets, a.shape, b.offsets, b.shape)
+                    )
+                    self.expect(not overlap, f"{ctx}.chunks", "non-overlapping")
+        else:
+            self.expect(len({c.offsets for c in chunks}) == len(chunks), f"{ctx}.chunks", "non-overlapping")
+
     def chunk(self, raw: dict, ctx: str) -> ChunkRecord:
         byte_range = self.ints(raw, "byte_range", ctx, 2)
+        name = self.str(raw, "file", ctx)
+        plain = name not in ("", ".", "..") and not any(ch in name for ch in "/\\\0")
+        self.expect(plain, f"{ctx}.file", "a plain file name inside the checkpoint")
         self.expect(byte_range[0] <= byte_range[1], f"{ctx}.byte_range", "ordered")
         return ChunkRecord(
             offsets=self.ints(raw, "offsets", ctx),
@@ -335,14 +362,20 @@ class _Parser:
                     o + s <= g for o, s, g in zip(c.offsets, c.shape, shape)
                 )
                 self.expect(ok, f"{ctx}.chunks[{i}]", "inside the tensor's shape")
+            self.check_tiling(shape, chunks, ctx)
             layout = None
             if raw.get("layout") is not None:
                 lr = self.obj(raw, "layout", ctx)
                 names = lr.get("mesh_dim_names")
+                ok = names is None or (isinstance(names, list) and all(isinstance(n, str) for n in names))
+                self.expect(ok, f"{ctx}.layout.mesh_dim_names", "a list of strings or null")
+                placements = self._get(lr, "placements", f"{ctx}.layout")
+                ok = isinstance(placements, list) and all(isinstance(x, str) for x in placements)
+                self.expect(ok, f"{ctx}.layout.placements", "a list of strings")
                 layout = Layout(
                     mesh_shape=self.ints(lr, "mesh_shape", f"{ctx}.layout"),
                     mesh_dim_names=tuple(names) if names else None,
-                    placements=tuple(str(p) for p in lr.get("placements", [])),
+                    placements=tuple(placements),
                 )
             return TensorRecord(
                 dtype=self.str(raw, "dtype", ctx), shape=shape, chunks=chunks, layout=layout

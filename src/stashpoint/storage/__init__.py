@@ -23,7 +23,9 @@ def resolve(location: str | os.PathLike) -> tuple[Storage, str]:
         text = text[len("file://") :]
     elif "://" in text:
         scheme = text.split("://", 1)[0]
-        raise ValueError(f"no storage backend for URL scheme {scheme!r} in {text!r}")
+        from stashpoint.errors import UnsupportedStorageError
+
+        raise UnsupportedStorageError(f"no storage backend for URL scheme {scheme!r} in {text!r}")
     return LocalStorage(), os.path.abspath(text)
 
 

@@ -1,0 +1,147 @@
+"""One conformance suite that every storage backend inherits, plus save/load through each."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+import torch
+
+import stashpoint
+from stashpoint.storage import LocalStorage, MemoryStorage, Storage
+
+
+class StorageConformance:
+    """Subclasses provide ``storage`` and ``root`` fixtures; every test runs on each backend."""
+
+    def test_write_read_and_ranges(self, storage: Storage, root: str):
+        p = storage.join(root, "a.bin")
+        storage.write_bytes(p, bytes(range(256)))
+        assert storage.size(p) == 256
+        assert storage.read_bytes(p) == bytes(range(256))
+        assert storage.read_range(p, 10, 20) == bytes(range(10, 20))
+        assert storage.read_range(p, 250, 300) == bytes(range(250, 256))  # short read at the end
+        buf = bytearray(4)
+        assert storage.read_into(p, 100, memoryview(buf)) == 4 and bytes(buf) == bytes(range(100, 104))
+
+    def test_streamed_writer_and_abort(self, storage: Storage, root: str):
+        p = storage.join(root, "s.bin")
+        with storage.open_writer(p) as w:
+            for i in range(10):
+                w.write(bytes([i]) * 1000)
+        assert storage.size(p) == 10_000 and storage.read_range(p, 9000, 9001) == b"\x09"
+        q = storage.join(root, "aborted.bin")
+        w = storage.open_writer(q)
+        w.write(b"xyz")
+        w.abort()
+        assert not storage.exists(q)
+
+    def test_empty_object_and_overwrite(self, storage: Storage, root: str):
+        p = storage.join(root, "e")
+        storage.write_bytes(p, b"")
+        assert storage.exists(p) and storage.size(p) == 0 and storage.read_bytes(p) == b""
+        storage.write_bytes(p, b"new")
+        assert storage.read_bytes(p) == b"new"
+
+    def test_missing_objects(self, storage: Storage, root: str):
+        p = storage.join(root, "nope")
+        assert not storage.exists(p)
+        with pytest.raises(FileNotFoundError):
+            storage.size(p)
+        with pytest.raises(FileNotFoundError):
+            storage.read_bytes(p)
+        storage.delete(p)  # no error
+
+    def test_listing_and_delete_prefix(self, storage: Storage, root: str):
+        d = storage.join(root, "dir")
+        storage.make_prefix(d)
+        storage.make_prefix(storage.join(d, "sub"))
+        for name in ("b", "a", "ünïcødé ✓"):
+            storage.write_bytes(storage.join(d, name), name.encode())
+        storage.write_bytes(storage.join(d, "sub", "x"), b"x")
+        assert storage.list(d) == sorted(["a", "b", "sub", "ünïcødé ✓"])
+        assert storage.read_bytes(storage.join(d, "ünïcødé ✓")) == "ünïcødé ✓".encode()
+        assert storage.is_prefix(d) and not storage.is_prefix(storage.join(d, "a"))
+        storage.delete(d)
+        assert not storage.exists(storage.join(d, "a")) and storage.list(d) == []
+
+    def test_rename_prefix_is_all_or_nothing(self, storage: Storage, root: str):
+        if not storage.atomic_rename:
+            pytest.skip("backend commits with a marker")
+        src, dst = storage.join(root, "src"), storage.join(root, "dst")
+        storage.make_prefix(src)
+        storage.write_bytes(storage.join(src, "f"), b"1")
+        storage.rename(src, dst)
+        assert storage.read_bytes(storage.join(dst, "f")) == b"1"
+        assert not storage.exists(storage.join(src, "f"))
+
+    def test_concurrent_writers_to_distinct_objects(self, storage: Storage, root: str):
+        def write(i: int) -> None:
+            storage.write_bytes(storage.join(root, f"c{i}"), bytes([i]) * 100_000)
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i in range(8):
+            assert storage.read_bytes(storage.join(root, f"c{i}")) == bytes([i]) * 100_000
+
+    def test_large_object(self, storage: Storage, root: str):
+        p = storage.join(root, "big")
+        data = torch.randint(0, 256, (24 << 20,), dtype=torch.uint8).numpy().tobytes()
+        with storage.open_writer(p) as w:
+            w.write(memoryview(data))
+        assert storage.size(p) == len(data)
+        assert storage.read_range(p, (16 << 20) + 3, (16 << 20) + 1003) == data[(16 << 20) + 3 : (16 << 20) + 1003]
+
+    def test_checkpoint_round_trip(self, url: str):
+        model = torch.nn.Linear(5, 3)
+        opt = torch.optim.Adam(model.parameters())
+        model(torch.randn(2, 5)).sum().backward()
+        opt.step()
+        stashpoint.save({"model": model, "optim": opt, "note": "hi"}, url)
+        model2 = torch.nn.Linear(5, 3)
+        opt2 = torch.optim.Adam(model2.parameters())
+        state = {"model": model2, "optim": opt2, "note": ""}
+        stashpoint.load(state, url)
+        assert state["note"] == "hi"
+        for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+            assert torch.equal(a, b)
+        assert torch.equal(stashpoint.load_full(url, ["model.weight"])["model.weight"], model.weight.detach())
+
+
+class TestLocalStorage(StorageConformance):
+    @pytest.fixture
+    def storage(self) -> Storage:
+        return LocalStorage()
+
+    @pytest.fixture
+    def root(self, tmp_path) -> str:
+        return str(tmp_path)
+
+    @pytest.fixture
+    def url(self, tmp_path) -> str:
+        return str(tmp_path / "ckpt")
+
+
+class TestMemoryStorage(StorageConformance):
+    @pytest.fixture
+    def storage(self) -> Storage:
+        return MemoryStorage()
+
+    @pytest.fixture
+    def root(self) -> str:
+        return f"/t-{uuid.uuid4().hex}"
+
+    @pytest.fixture
+    def url(self) -> str:
+        return f"memory://t-{uuid.uuid4().hex}/ckpt"
+
+
+def test_file_url_and_unknown_scheme(tmp_path):
+    stashpoint.save({"x": torch.ones(2)}, f"file://{tmp_path}/c")
+    assert torch.equal(stashpoint.load_full(tmp_path / "c")["x"], torch.ones(2))
+    with pytest.raises(stashpoint.errors.UnsupportedStorageError, match="gopher"):
+        stashpoint.save({"x": torch.ones(2)}, "gopher://x/y")
