@@ -5,7 +5,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from rankpool import RankPool  # noqa: E402
+from rankpool import RankPool
 
 _POOLS: dict[int, RankPool] = {}
 

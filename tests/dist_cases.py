@@ -53,7 +53,9 @@ def build(case: dict, which: str, empty: bool) -> dict:
             state[f"t{i}"] = full
         else:
             mesh = mesh_of(tuple(layout["mesh"]))
-            state[f"t{i}"] = distribute_tensor(full, mesh, placements_of(layout["placements"]), src_data_rank=None)
+            state[f"t{i}"] = distribute_tensor(
+                full, mesh, placements_of(layout["placements"]), src_data_rank=None
+            )
     return state
 
 

@@ -38,22 +38,33 @@ def load_plain(rank, world, path: str, policy) -> dict:
     opt = torch.optim.Adam(model.parameters())
     model(torch.randn(4, 16)).sum().backward()
     opt.step()
-    state = {"model": model, "optim": opt, "loader": {}, "rng": torch.zeros(5056, dtype=torch.uint8), "seed": 0}
+    state = {
+        "model": model,
+        "optim": opt,
+        "loader": {},
+        "rng": torch.zeros(5056, dtype=torch.uint8),
+        "seed": 0,
+    }
     before = model[0].weight.detach().clone()
     try:
         stashpoint.load(state, path, per_rank=_policy(policy), timeout_s=60)
     except stashpoint.errors.StashpointError as exc:
         unchanged = torch.equal(model[0].weight, before) and state["loader"] == {} and state["seed"] == 0
         return {"error": type(exc).__name__, "message": str(exc), "unchanged": unchanged}
-    return {"loader": state["loader"], "seed": state["seed"], "weight": model[0].weight.detach().clone(),
-            "rng_set": bool(state["rng"].any())}
+    return {
+        "loader": state["loader"],
+        "seed": state["seed"],
+        "weight": model[0].weight.detach().clone(),
+        "rng_set": bool(state["rng"].any()),
+    }
 
 
 def _policy(name):
     if name == "sum_offsets":
         return lambda fqn, values, rank, world: (
             {"epoch": values[0]["epoch"], "offset": sum(v["offset"] for v in values)}
-            if fqn == "loader" else values[0]
+            if fqn == "loader"
+            else values[0]
         )
     return name
 
@@ -62,9 +73,20 @@ def mismatched_save(rank, world, path: str) -> str:
     """Ranks disagree on a tensor's dtype: every rank gets a named error, none hangs."""
     x = torch.zeros(4, dtype=torch.float32 if rank == 0 else torch.bfloat16)
     try:
-        stashpoint.save({"x": torch.distributed.tensor.DTensor.from_local(
-            x, torch.distributed.device_mesh.init_device_mesh("cpu", (world,)),
-            [torch.distributed.tensor.Shard(0)], run_check=False, shape=(8,), stride=(1,))}, path, timeout_s=30)
+        stashpoint.save(
+            {
+                "x": torch.distributed.tensor.DTensor.from_local(
+                    x,
+                    torch.distributed.device_mesh.init_device_mesh("cpu", (world,)),
+                    [torch.distributed.tensor.Shard(0)],
+                    run_check=False,
+                    shape=(8,),
+                    stride=(1,),
+                )
+            },
+            path,
+            timeout_s=30,
+        )
     except stashpoint.errors.StashpointError as exc:
         return type(exc).__name__
     return "saved"

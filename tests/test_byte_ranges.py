@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import dist_cases
 import pytest
 
 import stashpoint
+
+import dist_cases
 
 MiB = 1 << 20
 

@@ -6,13 +6,14 @@ import os
 import queue
 import tempfile
 
-import crash_cases
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 import stashpoint
 from stashpoint.errors import CheckpointNotFoundError, IncompleteCheckpointError
+
+import crash_cases
 
 
 @pytest.mark.parametrize("victim", [1, 0], ids=["worker-killed", "coordinator-killed"])
@@ -22,7 +23,9 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path, victim):
     init_file = tempfile.mktemp(prefix="stashpoint-crash-")
     results = ctx.Queue()
     procs = [
-        ctx.Process(target=crash_cases.crash_worker, args=(r, world, init_file, str(tmp_path), victim, results))
+        ctx.Process(
+            target=crash_cases.crash_worker, args=(r, world, init_file, str(tmp_path), victim, results)
+        )
         for r in range(world)
     ]
     for p in procs:

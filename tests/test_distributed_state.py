@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 
-import state_cases
 import torch
 
 import stashpoint
+
+import state_cases
 
 
 def test_ddp_saved_once_and_per_rank_state(pools, tmp_path):
@@ -24,7 +25,9 @@ def test_ddp_saved_once_and_per_rank_state(pools, tmp_path):
     assert type(index.items["rng"]).__name__ == "PerRankRecord"
     assert type(index.items["seed"]).__name__ == "ObjectRecord"
     assert stashpoint.load_full(path, ["loader"], per_rank="all")["loader"] == [
-        {"epoch": 2, "offset": 0}, {"epoch": 2, "offset": 100}]
+        {"epoch": 2, "offset": 0},
+        {"epoch": 2, "offset": 100},
+    ]
 
     # same world size: each rank gets its own values back
     same = pools(2).run(state_cases.load_plain, path, "error")

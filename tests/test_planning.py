@@ -34,11 +34,16 @@ def test_even_and_uneven_shards_follow_torch_chunk():
 def test_strided_shard_is_fsdp_over_tp():
     # 8 rows, dp x tp = 2 x 2, FSDP over TP: tp shards first, then dp
     specs = (PlacementSpec("strided", 0, 2), S(0))
-    rows = {c: local_boxes((8, 3), (2, 2), c, specs)[0].offsets[0] for c in itertools.product(range(2), range(2))}
+    rows = {
+        c: local_boxes((8, 3), (2, 2), c, specs)[0].offsets[0] for c in itertools.product(range(2), range(2))
+    }
     assert rows == {(0, 0): 0, (0, 1): 4, (1, 0): 2, (1, 1): 6}
     # uneven: 5 rows, tp -> [0..2], [3..4]; dp within -> {0,1},{2} and {3},{4}
-    got = {c: (b.offsets[0], b.shape[0]) for c in itertools.product(range(2), range(2))
-           for b in local_boxes((5,), (2, 2), c, specs)}
+    got = {
+        c: (b.offsets[0], b.shape[0])
+        for c in itertools.product(range(2), range(2))
+        for b in local_boxes((5,), (2, 2), c, specs)
+    }
     assert got == {(0, 0): (0, 2), (1, 0): (2, 1), (0, 1): (3, 1), (1, 1): (4, 1)}
 
 
@@ -124,8 +129,20 @@ def test_read_plan_copies_cover_the_overlap_exactly(data):
 
 @pytest.mark.parametrize(
     "value",
-    [None, 1, -2.5, "x", [1, [2]], {"a": 1}, (1, 2), {1: "a", (2, 3): [4]}, float("inf"), b"\x00\xff",
-     {"$tuple": 1}, [(1,), {"k": (2,)}]],
+    [
+        None,
+        1,
+        -2.5,
+        "x",
+        [1, [2]],
+        {"a": 1},
+        (1, 2),
+        {1: "a", (2, 3): [4]},
+        float("inf"),
+        b"\x00\xff",
+        {"$tuple": 1},
+        [(1,), {"k": (2,)}],
+    ],
 )
 def test_tagged_json_round_trips_exactly(value):
     back = from_json(to_json(value))

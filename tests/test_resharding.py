@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import dist_cases
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+import dist_cases
 
 MESHES = {1: [(1,)], 2: [(2,), (1, 2), (2, 1)], 3: [(3,)], 4: [(4,), (2, 2)]}
 
@@ -40,7 +41,12 @@ def cases(draw):
                 "load": draw(layouts(load_world, ndim)),
             }
         )
-    return {"save_world": save_world, "load_world": load_world, "tensors": tensors, "step": draw(st.integers(0, 99))}
+    return {
+        "save_world": save_world,
+        "load_world": load_world,
+        "tensors": tensors,
+        "step": draw(st.integers(0, 99)),
+    }
 
 
 @settings(

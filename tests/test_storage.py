@@ -94,7 +94,10 @@ class StorageConformance:
         with storage.open_writer(p) as w:
             w.write(memoryview(data))
         assert storage.size(p) == len(data)
-        assert storage.read_range(p, (16 << 20) + 3, (16 << 20) + 1003) == data[(16 << 20) + 3 : (16 << 20) + 1003]
+        assert (
+            storage.read_range(p, (16 << 20) + 3, (16 << 20) + 1003)
+            == data[(16 << 20) + 3 : (16 << 20) + 1003]
+        )
 
     def test_checkpoint_round_trip(self, url: str):
         model = torch.nn.Linear(5, 3)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
-import train_cases
 
 import stashpoint
 from stashpoint.demo.model import make_model
+
+import train_cases
 
 STEPS, SAVE_AT = 8, 4
 

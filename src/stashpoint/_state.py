@@ -170,9 +170,7 @@ def _module_entry(name: str, module: nn.Module, out: FlatState, scope: str) -> N
     _walk(sd, name, scope, out, None, None)
     for leaf in list(out.leaves.values())[first:]:
         leaf.keep_structure = True
-    out.finishers.append(
-        lambda: set_model_state_dict(module, sd, options=StateDictOptions(strict=True))
-    )
+    out.finishers.append(lambda: set_model_state_dict(module, sd, options=StateDictOptions(strict=True)))
 
 
 def _optimizer_entry(name: str, optim, model: nn.Module, out: FlatState, scope: str) -> None:

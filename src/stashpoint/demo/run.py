@@ -55,7 +55,9 @@ def _train_and_save(rank: int, world: int, steps: int, save_at: int, path: str) 
     for step in range(steps):
         losses.append(train_step(model, optim, cfg, step, GLOBAL_BATCH, rank, world))
         if step + 1 == save_at:
-            saved = stashpoint.save(_state(model, optim, save_at), path, step=save_at, metadata={"demo": True})
+            saved = stashpoint.save(
+                _state(model, optim, save_at), path, step=save_at, metadata={"demo": True}
+            )
     return {"losses": losses, "saved": saved}
 
 
@@ -80,7 +82,9 @@ def run(out_dir: str, steps: int, save_at: int, save_world: int, resume_world: i
         shutil.rmtree(path)
     os.makedirs(out_dir, exist_ok=True)
 
-    print(f"[1/2] training {steps} steps on {save_world} ranks (FSDP2, gloo), checkpoint after step {save_at}")
+    print(
+        f"[1/2] training {steps} steps on {save_world} ranks (FSDP2, gloo), checkpoint after step {save_at}"
+    )
     t0 = time.perf_counter()
     first = run_ranks(save_world, _train_and_save, steps, save_at, path)
     t1 = time.perf_counter()
@@ -97,14 +101,19 @@ def run(out_dir: str, steps: int, save_at: int, save_world: int, resume_world: i
         worst = max(worst, diff)
         rows.append([str(step + 1), f"{reference[step]:.6f}", f"{resumed[i]:.6f}", f"{diff:.1e}"])
     print()
-    print(table(["step", f"loss @{save_world} ranks", f"resumed @{resume_world}", "|diff|"], rows, {0, 1, 2, 3}))
+    print(
+        table(["step", f"loss @{save_world} ranks", f"resumed @{resume_world}", "|diff|"], rows, {0, 1, 2, 3})
+    )
 
     saves = [r["saved"] for r in first]
     loads = [r["loaded"] for r in second]
     total = saves[0].total_bytes
     summary = [
         ["checkpoint", path],
-        ["size", f"{human_bytes(total)} in {sum(1 for s in saves if s.bytes_written)} data files + index.json"],
+        [
+            "size",
+            f"{human_bytes(total)} in {sum(1 for s in saves if s.bytes_written)} data files + index.json",
+        ],
         ["save (per rank)", ", ".join(f"r{s.rank}: {s.seconds * 1e3:.0f} ms" for s in saves)],
         ["written (per rank)", ", ".join(f"r{s.rank}: {human_bytes(s.bytes_written)}" for s in saves)],
         ["load (per rank)", ", ".join(f"r{x.rank}: {x.seconds * 1e3:.0f} ms" for x in loads)],

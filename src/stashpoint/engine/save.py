@@ -184,9 +184,7 @@ def _write_file(
     return out, layout.size
 
 
-def _build_index(
-    plan: SavePlan, written: list[list[_Written]], meta: SaveMetadata, crc_block: int
-) -> Index:
+def _build_index(plan: SavePlan, written: list[list[_Written]], meta: SaveMetadata, crc_block: int) -> Index:
     by_fqn: dict[str, list[tuple[int, _Written]]] = {}
     for rank, ws in enumerate(written):
         for w in ws:
@@ -199,7 +197,7 @@ def _build_index(
                 chunks = sorted((w.chunk for _, w in got), key=lambda c: c.offsets)
                 items[fqn] = TensorRecord(ip.dtype, ip.shape, tuple(chunks), ip.layout)
             else:
-                (_, w), = got
+                ((_, w),) = got
                 items[fqn] = _object_record(w)
         else:
             ranks = [w for _, w in sorted(got, key=lambda x: x[0])]

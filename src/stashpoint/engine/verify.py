@@ -66,8 +66,11 @@ def verify_checkpoint(path: str) -> VerifyReport:
             start, header = read_header(head)
             if start > len(head):
                 start, header = read_header(storage.read_range(storage.join(ckpt, name), 0, start))
-            headers[name] = {k: (start + v["data_offsets"][0], start + v["data_offsets"][1])
-                             for k, v in header.items() if k != "__metadata__"}
+            headers[name] = {
+                k: (start + v["data_offsets"][0], start + v["data_offsets"][1])
+                for k, v in header.items()
+                if k != "__metadata__"
+            }
         except FileNotFoundError:
             report.problems.append(f"data file {name!r} is missing")
             headers[name] = None

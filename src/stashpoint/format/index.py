@@ -175,7 +175,11 @@ class Index:
         p.expect(block > 0 and block % 64 == 0, "crc_block_bytes", "a positive multiple of 64")
         for name, item in items.items():
             for i, rec in enumerate(item.ranks if isinstance(item, PerRankRecord) else (item,)):
-                p.check_sizes(rec, block, f"items[{name!r}]" + (f".ranks[{i}]" if isinstance(item, PerRankRecord) else ""))
+                p.check_sizes(
+                    rec,
+                    block,
+                    f"items[{name!r}]" + (f".ranks[{i}]" if isinstance(item, PerRankRecord) else ""),
+                )
         return cls(metadata=metadata, items=items, crc_block_bytes=block, format_version=version)
 
 
@@ -223,9 +227,7 @@ def _record_to_json(rec: Record) -> dict:
         if rec.layout is not None:
             out["layout"] = {
                 "mesh_shape": list(rec.layout.mesh_shape),
-                "mesh_dim_names": (
-                    list(rec.layout.mesh_dim_names) if rec.layout.mesh_dim_names else None
-                ),
+                "mesh_dim_names": (list(rec.layout.mesh_dim_names) if rec.layout.mesh_dim_names else None),
                 "placements": list(rec.layout.placements),
             }
         return out
@@ -285,9 +287,7 @@ class _Parser:
 
     def ints(self, d: dict, key: str, ctx: str, length: int | None = None) -> tuple[int, ...]:
         v = self._get(d, key, ctx)
-        ok = isinstance(v, list) and all(
-            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v
-        )
+        ok = isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
         ok = ok and (length is None or len(v) == length)
         self.expect(ok, f"{ctx}.{key}", "a list of non-negative integers")
         return tuple(v)
@@ -377,18 +377,14 @@ class _Parser:
                     mesh_dim_names=tuple(names) if names else None,
                     placements=tuple(placements),
                 )
-            return TensorRecord(
-                dtype=self.str(raw, "dtype", ctx), shape=shape, chunks=chunks, layout=layout
-            )
+            return TensorRecord(dtype=self.str(raw, "dtype", ctx), shape=shape, chunks=chunks, layout=layout)
         if kind == "object":
             enc = raw.get("encoding")
             if enc == "json":
                 self.expect("value" in raw, f"{ctx}.value", "present")
                 return ObjectRecord(encoding="json", value=raw["value"])
             if enc == "pickle":
-                return ObjectRecord(
-                    encoding="pickle", chunk=self.chunk(self.obj(raw, "chunk", ctx), ctx)
-                )
+                return ObjectRecord(encoding="pickle", chunk=self.chunk(self.obj(raw, "chunk", ctx), ctx))
             self.fail(f"{ctx}.encoding", '"json" or "pickle"')
         self.fail(f"{ctx}.kind", '"tensor", "object" or "per_rank"')
 

@@ -55,7 +55,7 @@ def from_json(value: JSONValue) -> object:
     if not isinstance(value, dict):
         return value
     if len(value) == 1:
-        (key, inner), = value.items()
+        ((key, inner),) = value.items()
         if key == "$tuple":
             return tuple(from_json(v) for v in inner)
         if key == "$dict":

@@ -189,7 +189,9 @@ def build_save_plan(inventories: list[list[LocalItem]]) -> SavePlan:
         writer_box = box
         if box is not None:
             # the writer copies from its own local tensor: use its local offsets
-            mine = next(b for b in _boxes_of(by_fqn[fqn], rank) if b.offsets == box.offsets and b.shape == box.shape)
+            mine = next(
+                b for b in _boxes_of(by_fqn[fqn], rank) if b.offsets == box.offsets and b.shape == box.shape
+            )
             writer_box = mine
         writes[rank].append(
             WriteItem(fqn, chunk_key(fqn, box, plan.shape, plan.encoding), writer_box, per_rank=False)
