@@ -22,7 +22,7 @@ test: $(STAMP) lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests $(wildcard benchmarks)
 
 bench-cpu: $(STAMP)
 	$(PY) benchmarks/cpu_save_load.py
