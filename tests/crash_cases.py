@@ -24,14 +24,16 @@ def crash_worker(rank: int, world: int, init_file: str, root: str, victim: int, 
     stashpoint.save(state, os.path.join(root, "good"), timeout_s=20)
 
     if rank == victim:
-        real_write = local._FileWriter.write
+        real_write_at = local._FileWriter.write_at
 
-        def dying_write(self, data):
+        def dying_write_at(self, offset, data):
             view = memoryview(data).cast("B")
-            real_write(self, view[: len(view) // 2])
-            os.kill(os.getpid(), signal.SIGKILL)
+            if offset > 0:  # past the header: half of a chunk reaches the disk, then death
+                real_write_at(self, offset, view[: len(view) // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_write_at(self, offset, view)
 
-        local._FileWriter.write = dying_write
+        local._FileWriter.write_at = dying_write_at
     state["w"].add_(1)
     try:
         stashpoint.save(state, os.path.join(root, "doomed"), timeout_s=20)

@@ -12,10 +12,20 @@ import posixpath
 
 
 class ObjectWriter(abc.ABC):
-    """A sequential writer for one object; ``close`` makes the bytes durable."""
+    """A writer for one object; ``close`` makes the bytes durable.
+
+    ``write`` appends.  Backends whose objects allow positional writes also offer
+    ``write_at`` (``positional`` is True), which lets several threads fill one
+    object whose size was given to ``open_writer``.
+    """
+
+    positional: bool = False
 
     @abc.abstractmethod
     def write(self, data: memoryview | bytes) -> None: ...
+
+    def write_at(self, offset: int, data: memoryview | bytes) -> None:
+        raise NotImplementedError(f"{type(self).__name__} writes sequentially only")
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -42,7 +52,8 @@ class Storage(abc.ABC):
     atomic_rename: bool = False
 
     @abc.abstractmethod
-    def open_writer(self, path: str) -> ObjectWriter: ...
+    def open_writer(self, path: str, size: int | None = None) -> ObjectWriter:
+        """Start writing ``path``; ``size``, when known, allows positional writes."""
 
     def write_bytes(self, path: str, data: bytes) -> None:
         with self.open_writer(path) as w:

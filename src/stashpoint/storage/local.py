@@ -11,10 +11,20 @@ from stashpoint.storage.base import ObjectWriter, Storage
 
 
 class _FileWriter(ObjectWriter):
-    def __init__(self, path: str) -> None:
+    positional = True
+
+    def __init__(self, path: str, size: int | None) -> None:
         self._path = path
         # unbuffered: callers hand us large buffers, an extra copy would only cost
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        if size:
+            os.ftruncate(self._fd, size)
+
+    def write_at(self, offset: int, data: memoryview | bytes) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.pwrite(self._fd, view, offset)
+            view, offset = view[n:], offset + n
 
     def write(self, data: memoryview | bytes) -> None:
         view = memoryview(data).cast("B")
@@ -44,8 +54,8 @@ class _FileWriter(ObjectWriter):
 class LocalStorage(Storage):
     atomic_rename = True
 
-    def open_writer(self, path: str) -> ObjectWriter:
-        return _FileWriter(path)
+    def open_writer(self, path: str, size: int | None = None) -> ObjectWriter:
+        return _FileWriter(path, size)
 
     def read_into(self, path: str, offset: int, out: memoryview) -> int:
         fd = os.open(path, os.O_RDONLY)

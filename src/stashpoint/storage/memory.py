@@ -11,16 +11,26 @@ _LOCK = threading.Lock()
 
 
 class _MemWriter(ObjectWriter):
-    def __init__(self, store: dict[str, bytes], path: str) -> None:
+    def __init__(self, store: dict[str, bytes], path: str, size: int | None) -> None:
         self._store, self._path, self._parts = store, path, []
+        self._buf = bytearray(size) if size else None
+        self.positional = self._buf is not None
 
     def write(self, data: memoryview | bytes) -> None:
         self._parts.append(bytes(data))
 
+    def write_at(self, offset: int, data: memoryview | bytes) -> None:
+        view = memoryview(data).cast("B")
+        self._buf[offset : offset + len(view)] = view
+
     def close(self) -> None:
         if self._parts is not None:
+            body = b"".join(self._parts)
+            if self._buf is not None:
+                self._buf[: len(body)] = body
+                body = bytes(self._buf)
             with _LOCK:
-                self._store[self._path] = b"".join(self._parts)
+                self._store[self._path] = body
             self._parts = None
 
     def abort(self) -> None:
@@ -36,8 +46,8 @@ class MemoryStorage(Storage):
         with _LOCK:
             self._objects = _STORES.setdefault(namespace, {})
 
-    def open_writer(self, path: str) -> ObjectWriter:
-        return _MemWriter(self._objects, path)
+    def open_writer(self, path: str, size: int | None = None) -> ObjectWriter:
+        return _MemWriter(self._objects, path, size)
 
     def read_into(self, path: str, offset: int, out: memoryview) -> int:
         data = self._get(path)
