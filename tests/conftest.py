@@ -4,6 +4,11 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+# fault-injecting storage for every process, the background writer included
+os.environ["STASHPOINT_STORAGE_PLUGINS"] = "faulty_storage"
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")) if p
+)
 
 from rankpool import RankPool
 

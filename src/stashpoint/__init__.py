@@ -53,6 +53,47 @@ def save(
     )
 
 
+def async_save(
+    state: dict,
+    path: PathLike,
+    *,
+    mode: str = "eager",
+    step: int | None = None,
+    metadata: dict | None = None,
+    overwrite: bool = False,
+    if_busy: str = "wait",
+    process_group=None,
+    timeout_s: float = 600.0,
+    copy_engine=None,
+):
+    """Start a save and return a :class:`~stashpoint.engine.async_save.SaveHandle` at once.
+
+    A collective like :func:`save`.  Tensors are copied into a host staging pool that
+    is allocated once and reused; a background writer process persists and commits.
+    ``mode="eager"`` returns once this rank's data is on the host; ``mode="lazy"``
+    returns at once and the copies overlap the next forward/backward: the next
+    ``optimizer.step()`` of an optimizer in ``state`` waits for them (tensors changed
+    by other means before ``handle.wait_staged()`` may be saved changed).  With a save
+    still persisting, ``if_busy="wait"`` waits for its buffer and ``"skip"`` returns a
+    handle whose ``skipped`` is True.  The checkpoint is committed even if the
+    training process dies after staging.
+    """
+    from stashpoint.engine.async_save import async_save_state
+
+    return async_save_state(
+        state,
+        os.fspath(path),
+        mode=mode,
+        step=step,
+        metadata=metadata,
+        overwrite=overwrite,
+        if_busy=if_busy,
+        process_group=process_group,
+        timeout_s=timeout_s,
+        copy_engine=copy_engine,
+    )
+
+
 def load(
     state: dict,
     path: PathLike,
@@ -122,6 +163,7 @@ __all__ = [
     "PerRank",
     "SaveResult",
     "__version__",
+    "async_save",
     "errors",
     "iter_full",
     "load",

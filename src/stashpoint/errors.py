@@ -118,5 +118,13 @@ class CoordinationError(StashpointError):
     """A collective among ranks failed or timed out (a peer died or hung)."""
 
 
+class WriterError(StashpointError):
+    """The background writer process failed or is gone."""
+
+
+class StorageWriteError(StashpointError, OSError):
+    """Storage refused a write (disk full, permission, I/O error)."""
+
+
 class RemoteRankError(StashpointError):
     """Another rank failed; this rank stops too so that all ranks agree."""

@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 from stashpoint import _state
 from stashpoint._dist import Coordinator
 from stashpoint.engine.reader import check_files, execute_reads, read_index
-from stashpoint.engine.telemetry import LoadResult, PhaseTimer
+from stashpoint.engine.telemetry import LoadResult, PhaseTimer, env_telemetry
 from stashpoint.engine.tensors import dtensor_boxes, full_box, local_tensor
 from stashpoint.errors import (
     LoadApplyError,
@@ -185,7 +185,7 @@ def load_state(
                     f"{where}: handing the loaded state to its owner failed; the target may be "
                     f"partly updated: {type(exc).__name__}: {exc}"
                 ) from exc
-    return LoadResult(
+    result = LoadResult(
         path=where,
         rank=coord.rank,
         world_size=coord.world_size,
@@ -194,6 +194,8 @@ def load_state(
         keys=tuple(sorted(list(staged) + list(values))),
         phase_seconds=dict(timer.seconds),
     )
+    env_telemetry("load", result, step=index.metadata.step)
+    return result
 
 
 def iter_full(

@@ -128,9 +128,10 @@ def write_data_file(
     items = unique_keys(items)
     # "pt" lets tools that check the safetensors metadata (e.g. transformers) open the files
     layout = layout_file([it.entry for it in items], metadata={"format": "pt", "writer": "stashpoint"})
-    writer = storage.open_writer(storage.join(directory, file_name), size=layout.size)
     crcs: list[list[int]] = [[] for _ in items]
+    writer = None
     try:
+        writer = storage.open_writer(storage.join(directory, file_name), size=layout.size)
         if writer.positional and threads > 1 and len(items) > 0:
             writer.write_at(0, layout.header)
             _parallel_write(writer, items, layout.ranges, crcs, crc_block, timer, threads)
@@ -145,8 +146,15 @@ def write_data_file(
                     writer.write(data)
         with timer.phase("fsync"):
             writer.close()
+    except OSError as exc:  # disk full, permissions, I/O errors: name the file
+        if writer is not None:
+            writer.abort()
+        from stashpoint.errors import StorageWriteError
+
+        raise StorageWriteError(f"{storage.describe(directory)}: writing {file_name} failed: {exc}") from exc
     except BaseException:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         raise
     out = [
         Written(

@@ -33,6 +33,7 @@ Source = torch.Tensor | tuple[str, bytes]
 @dataclass
 class PreparedSave:
     plan: SavePlan
+    token: str  # agreed by all ranks: names the staging location and the save
     staging: str
     sources: dict[str, Source]
     flat: _state.FlatState
@@ -113,8 +114,9 @@ def prepare_save(
 
     gathered = coord.run_everywhere("save: exchange inventories", inventory)
     plan = build_save_plan([g[0] for g in gathered])
-    staging = commit.staging_path(storage, final, gathered[0][1])
-    return PreparedSave(plan=plan, staging=staging, sources=local["sources"], flat=local["flat"])
+    token = gathered[0][1]
+    staging = commit.staging_path(storage, final, token)
+    return PreparedSave(plan=plan, token=token, staging=staging, sources=local["sources"], flat=local["flat"])
 
 
 def file_items(plan: SavePlan, writes: tuple[WriteItem, ...], sources: dict[str, Source]) -> list[FileItem]:

@@ -24,15 +24,16 @@ from stashpoint._dist import Coordinator
 from stashpoint._version import __version__
 from stashpoint.engine.persist import build_index, commit_index, data_file_name, write_data_file
 from stashpoint.engine.prepare import file_items, inline_values, prepare_save
-from stashpoint.engine.telemetry import PhaseTimer, SaveResult
+from stashpoint.engine.telemetry import PhaseTimer, SaveResult, env_telemetry
 from stashpoint.errors import InvalidStateError
 from stashpoint.format.index import DEFAULT_CRC_BLOCK_BYTES, SaveMetadata
 from stashpoint.storage import resolve
 from stashpoint.storage.commit import CommitStrategy, default_commit
 
 
-def save_metadata(world_size: int, step: int | None, user: dict) -> SaveMetadata:
+def save_metadata(world_size: int, step: int | None, user: dict, save_id: str = "") -> SaveMetadata:
     return SaveMetadata(
+        save_id=save_id,
         world_size=world_size,
         created_unix=time.time(),
         torch_version=torch.__version__,
@@ -94,7 +95,7 @@ def save_state(
     def finish():
         if not coord.is_coordinator:
             return None
-        meta = save_metadata(coord.world_size, step, user)
+        meta = save_metadata(coord.world_size, step, user, prepared.token)
         index = build_index(plan.items, [r[0] for r in results], meta, crc_block_bytes)
         commit_index(storage, staging, final, commit, index, overwrite, timer)
         return index.total_bytes
@@ -105,7 +106,7 @@ def save_state(
         if coord.is_coordinator:
             commit.abort(storage, staging, final)
         raise
-    return SaveResult(
+    result = SaveResult(
         path=storage.describe(final),
         rank=coord.rank,
         world_size=coord.world_size,
@@ -113,3 +114,5 @@ def save_state(
         total_bytes=total,
         phase_seconds=dict(timer.seconds),
     )
+    env_telemetry("save", result, mode="sync", step=step)
+    return result

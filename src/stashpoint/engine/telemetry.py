@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -51,3 +54,34 @@ class LoadResult:
     @property
     def seconds(self) -> float:
         return sum(self.phase_seconds.values())
+
+
+_APPEND_LOCK = threading.Lock()
+
+
+def to_record(kind: str, result: SaveResult | LoadResult, **extra) -> dict:
+    """One telemetry record: the result's fields plus when and what."""
+    rec = {"event": kind, "time_unix": time.time(), **asdict(result), **extra}
+    nbytes = rec.get("bytes_written", rec.get("bytes_read", 0))
+    seconds = sum(result.phase_seconds.values())
+    rec["seconds"] = seconds
+    rec["gb_per_s"] = nbytes / seconds / 1e9 if seconds > 0 else None
+    if "keys" in rec:
+        rec["keys"] = len(rec["keys"])
+    return rec
+
+
+def append_record(path: str, kind: str, result: SaveResult | LoadResult, **extra) -> None:
+    """Append one JSON line to ``path`` (a local file)."""
+    line = json.dumps(to_record(kind, result, **extra), sort_keys=True)
+    with _APPEND_LOCK:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+def env_telemetry(kind: str, result: SaveResult | LoadResult, **extra) -> None:
+    """Record to ``$STASHPOINT_TELEMETRY`` when set (every save and load calls this)."""
+    path = os.environ.get("STASHPOINT_TELEMETRY")
+    if path:
+        append_record(path, kind, result, **extra)

@@ -103,6 +103,8 @@ class SaveMetadata:
     stashpoint_version: str
     step: int | None = None
     user: dict[str, JSONValue] = field(default_factory=dict)
+    #: unique per save; lets every rank recognise the index its own save committed
+    save_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,7 @@ class Index:
                 "torch_version": self.metadata.torch_version,
                 "stashpoint_version": self.metadata.stashpoint_version,
                 "user": self.metadata.user,
+                "save_id": self.metadata.save_id,
             },
             "items": {name: _item_to_json(item) for name, item in sorted(self.items.items())},
         }
@@ -169,6 +172,7 @@ class Index:
             stashpoint_version=p.str(meta, "stashpoint_version", "metadata"),
             step=step,
             user=p.obj(meta, "user", "metadata"),
+            save_id=str(meta.get("save_id", "")),
         )
         items = {name: p.item(raw, name) for name, raw in p.obj(doc, "items").items()}
         block = p.int(doc, "crc_block_bytes")

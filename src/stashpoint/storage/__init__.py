@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+from collections.abc import Callable
 
 from stashpoint.storage.base import ObjectWriter, Storage
 from stashpoint.storage.commit import AtomicRenameCommit, CommitStrategy, MarkerCommit
@@ -10,11 +12,34 @@ from stashpoint.storage.local import LocalStorage
 from stashpoint.storage.memory import MemoryStorage
 
 
+Factory = Callable[[str], tuple[Storage, str]]
+_BACKENDS: dict[str, Factory] = {}
+_PLUGINS_LOADED = False
+
+
+def register_backend(scheme: str, factory: Factory) -> None:
+    """Make ``scheme://...`` URLs resolve through ``factory(url) -> (storage, path)``.
+
+    Modules named in ``$STASHPOINT_STORAGE_PLUGINS`` (comma-separated) are imported on
+    first use in every process, the background writer included, so they can register.
+    """
+    _BACKENDS[scheme] = factory
+
+
+def _load_plugins() -> None:
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    for name in filter(None, os.environ.get("STASHPOINT_STORAGE_PLUGINS", "").split(",")):
+        importlib.import_module(name.strip())
+
+
 def resolve(location: str | os.PathLike) -> tuple[Storage, str]:
     """Pick the backend for a path or URL and return it with the backend-local path.
 
     ``/some/dir`` and ``file:///some/dir`` -> local filesystem; ``memory://name/dir``
-    -> the in-process memory backend (for tests).
+    -> the in-process memory backend (for tests); other schemes -> registered backends.
     """
     text = os.fspath(location)
     if text.startswith("memory://"):
@@ -23,6 +48,9 @@ def resolve(location: str | os.PathLike) -> tuple[Storage, str]:
         text = text[len("file://") :]
     elif "://" in text:
         scheme = text.split("://", 1)[0]
+        _load_plugins()
+        if scheme in _BACKENDS:
+            return _BACKENDS[scheme](text)
         from stashpoint.errors import UnsupportedStorageError
 
         raise UnsupportedStorageError(f"no storage backend for URL scheme {scheme!r} in {text!r}")
@@ -37,5 +65,6 @@ __all__ = [
     "MemoryStorage",
     "ObjectWriter",
     "Storage",
+    "register_backend",
     "resolve",
 ]

@@ -1,0 +1,193 @@
+"""Host staging memory shared with the background writer, and the copy engines.
+
+A :class:`SharedBuffer` is a file in ``/dev/shm`` mapped by both the trainer and
+its writer process: the trainer copies tensors in, the writer writes them out,
+and no byte crosses a pipe.  The writer creates and owns the file, so a trainer
+that dies after staging leaves the data with the writer.  On a machine with CUDA
+the trainer also page-locks the mapping (``cudaHostRegister``) once, so
+device-to-host copies run at full speed and asynchronously; the buffers are
+reused across saves.
+
+A copy engine moves tensors into staging:
+
+* :class:`CudaCopyEngine`: copies on a side stream, ordered after the work
+  already queued on the current stream; ``Ticket.order_before_compute`` makes the
+  current stream wait for the copies without blocking the host.
+* :class:`ThreadCopyEngine`: the same interface on the CPU, copies in a thread
+  (used to test the ordering guarantees on machines without a GPU).
+* :class:`InlineCopyEngine`: copies at once (CPU tensors by default).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import queue
+import threading
+
+import torch
+
+SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
+ALIGN = 4096
+
+
+def align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+class SharedBuffer:
+    """A named, file-backed shared mapping; ``create`` in the owner, ``attach`` elsewhere."""
+
+    def __init__(self, path: str, size: int, create: bool) -> None:
+        self.path, self.size = path, size
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, size)
+            self._mmap = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
+        self.pinned = False
+
+    def pin(self) -> bool:
+        """Page-lock the mapping for fast, asynchronous device-to-host copies (CUDA only)."""
+        if self.pinned or not torch.cuda.is_available():
+            return self.pinned
+        rc = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.size, 0)
+        self.pinned = int(rc) == 0
+        return self.pinned
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        return memoryview(self._mmap)[offset : offset + nbytes]
+
+    def close(self, unlink: bool = False) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            self.pinned = False
+        self.tensor = None
+        try:
+            self._mmap.close()
+        except BufferError:  # a view is still alive somewhere; the OS frees it at exit
+            pass
+        if unlink:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def shm_path(tag: str) -> str:
+    base = SHM_DIR or os.environ.get("TMPDIR", "/tmp")
+    return os.path.join(base, f"stashpoint-{os.getpid()}-{tag}")
+
+
+class Ticket:
+    """Completion of one batch of staging copies."""
+
+    def wait(self) -> None:
+        """Block the host until every copy of the batch is done."""
+
+    def done(self) -> bool:
+        return True
+
+    def order_before_compute(self) -> None:
+        """Make later work on the compute side wait for the copies (host may not block)."""
+        self.wait()
+
+
+class CopyEngine:
+    """Copies tensors into staging memory; ``finish`` returns a :class:`Ticket`."""
+
+    def begin(self) -> None:
+        """Order the copies after the work queued so far (the state is final there)."""
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src)
+
+    def finish(self) -> Ticket:
+        return Ticket()
+
+
+class InlineCopyEngine(CopyEngine):
+    """Synchronous copies: the data is staged when ``copy`` returns."""
+
+
+class _CudaTicket(Ticket):
+    def __init__(self, event: torch.cuda.Event, device: torch.device) -> None:
+        self.event, self.device = event, device
+
+    def wait(self) -> None:
+        self.event.synchronize()
+
+    def done(self) -> bool:
+        return self.event.query()
+
+    def order_before_compute(self) -> None:
+        torch.cuda.current_stream(self.device).wait_event(self.event)
+
+
+class CudaCopyEngine(CopyEngine):
+    """Device-to-host copies on a side stream, overlapping the next forward/backward."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device or torch.device("cuda", torch.cuda.current_device())
+        self.stream = torch.cuda.Stream(self.device)
+
+    def begin(self) -> None:
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        with torch.cuda.stream(self.stream):
+            dst.copy_(src, non_blocking=True)
+
+    def finish(self) -> Ticket:
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return _CudaTicket(event, self.device)
+
+
+class _ThreadTicket(Ticket):
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self.error: BaseException | None = None
+
+    def wait(self) -> None:
+        self._done.wait()
+        if self.error is not None:
+            raise self.error
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+
+class ThreadCopyEngine(CopyEngine):
+    """CPU copies in a background thread, behind the same interface as the CUDA engine."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._batch: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._delay = delay_s  # tests widen the race window with it
+        threading.Thread(target=self._run, daemon=True, name="stashpoint-copy").start()
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        self._batch.append((dst, src))
+
+    def finish(self) -> Ticket:
+        ticket = _ThreadTicket()
+        self._queue.put((self._batch, ticket))
+        self._batch = []
+        return ticket
+
+    def _run(self) -> None:
+        while True:
+            batch, ticket = self._queue.get()
+            try:
+                for dst, src in batch:
+                    if self._delay:
+                        threading.Event().wait(self._delay)
+                    dst.copy_(src)
+            except BaseException as exc:  # handed to whoever waits on the ticket
+                ticket.error = exc
+            ticket._done.set()
