@@ -8,10 +8,10 @@ import sys
 import textwrap
 import time
 
-import async_cases
 import pytest
 import torch
 
+import async_cases
 import stashpoint
 from stashpoint.engine.async_save import staging_pool
 from stashpoint.engine.staging import ThreadCopyEngine

@@ -11,7 +11,6 @@ from stashpoint.storage.commit import AtomicRenameCommit, CommitStrategy, Marker
 from stashpoint.storage.local import LocalStorage
 from stashpoint.storage.memory import MemoryStorage
 
-
 Factory = Callable[[str], tuple[Storage, str]]
 _BACKENDS: dict[str, Factory] = {}
 _PLUGINS_LOADED = False
