@@ -109,7 +109,7 @@ class CheckpointManager:
         return found[-1] if found else None
 
     def _describe(self, path: str) -> str:
-        return self.storage.describe(path)
+        return self.storage.url(path)
 
     # ------------------------------------------------------------------ saving
 
@@ -130,7 +130,7 @@ class CheckpointManager:
         """Save now (a collective).  Returns a SaveHandle (async modes) or a SaveResult."""
         import stashpoint
 
-        path = self.storage.join(self._root, checkpoint_name(step))
+        path = self.storage.url(self.storage.join(self._root, checkpoint_name(step)))
         meta = {"metrics": dict(metrics or {})}
         self._last_step, self._last_time = step, time.monotonic()
         kwargs = dict(step=step, metadata=meta, overwrite=True, process_group=self.process_group)
@@ -144,14 +144,17 @@ class CheckpointManager:
         )
         if handle.skipped:
             return handle
+        settled = threading.Event()  # set once the bookkeeping after the commit is done
         with self._lock:
-            self._handles = [h for h in self._handles if not h.done()] + [handle]
+            self._handles = [(h, e) for h, e in self._handles if not e.is_set()] + [(handle, settled)]
 
         def committed(_fut) -> None:
-            exc = handle.exception()
-            if exc is None:
-                self._record("save", step, handle.wait(), stall_s=handle.stall_s, mode=self.mode)
-                self._retain_in_background()
+            try:
+                if handle.exception() is None:
+                    self._record("save", step, handle.wait(), stall_s=handle.stall_s, mode=self.mode)
+                    self._retain_in_background()
+            finally:
+                settled.set()
 
         handle._committed.add_done_callback(committed)
         return handle
@@ -174,8 +177,11 @@ class CheckpointManager:
         """Wait for every save in flight to commit, then for deletions to finish."""
         with self._lock:
             handles = list(self._handles)
-        for h in handles:
-            h.wait()
+        for h, settled in handles:
+            try:
+                h.wait()
+            finally:
+                settled.wait()
         janitor = self._janitor
         if janitor is not None:
             janitor.join()

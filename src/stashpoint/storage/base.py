@@ -112,3 +112,7 @@ class Storage(abc.ABC):
     def describe(self, path: str) -> str:
         """How to show ``path`` to a person (e.g. with a URL scheme)."""
         return path
+
+    def url(self, path: str) -> str:
+        """A location that :func:`stashpoint.storage.resolve` maps back to this backend and path."""
+        return self.describe(path)
