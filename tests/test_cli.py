@@ -75,3 +75,21 @@ def test_demo_job_resumes_on_another_world_size(tmp_path):
     proc = run("demo", "--dir", str(tmp_path), "--steps", "4", "--save-at", "2")
     assert "resumed run matches the uninterrupted run" in proc.stdout
     assert "bytes read (per rank)" in proc.stdout and "r2:" in proc.stdout
+
+
+def test_report_table_and_timeline(tmp_path):
+    from stashpoint.manager import CheckpointManager, SavePolicy
+
+    telemetry = tmp_path / "t.jsonl"
+    manager = CheckpointManager(
+        tmp_path / "ck", save_policy=SavePolicy(every_steps=1), mode="eager", telemetry_path=str(telemetry)
+    )
+    for step in (1, 2, 3):
+        manager.maybe_save(step, {"w": torch.randn(256, 256), "step": step})
+    manager.close()
+    manager.load_latest({"w": torch.zeros(256, 256), "step": 0})
+    out = run("report", str(telemetry), "--plot", str(tmp_path / "t.png")).stdout
+    assert out.count("save ") == 3 and "load " in out and "eager" in out
+    assert "training stall median" in out
+    png = (tmp_path / "t.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

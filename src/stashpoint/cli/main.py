@@ -18,6 +18,12 @@ def _verify(args: argparse.Namespace) -> int:
     return run(args.path)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from stashpoint.cli.report import run
+
+    return run(args.files, plot=args.plot)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from stashpoint.demo.run import run
 
@@ -42,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every chunk's checksum and the index")
     p.add_argument("path")
     p.set_defaults(func=_verify)
+
+    p = sub.add_parser("report", help="table and timeline plot of save/load telemetry (JSON lines)")
+    p.add_argument("files", nargs="+", help="telemetry .jsonl files")
+    p.add_argument("--plot", metavar="OUT.png", help="also draw a timeline")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("demo", help="train on 2 ranks, checkpoint, resume on 3, compare")
     p.add_argument("--dir", default="demo-output", help="where checkpoints go (default: %(default)s)")

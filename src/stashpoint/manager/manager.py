@@ -73,6 +73,10 @@ class CheckpointManager:
         self._last_time: float = time.monotonic()  # the seconds clock starts with the manager
         self._lock = threading.Lock()
         self._janitor: threading.Thread | None = None
+        if mode != "sync":
+            from stashpoint.engine.async_save import BackgroundWriter
+
+            BackgroundWriter.get()  # start the writer process now, not at the first save
         if self._coord.is_coordinator:
             self.storage.make_prefix(self._root)
             self._clean_stale(stale_after_s if stale_after_s is not None else timeout_s)
