@@ -65,6 +65,7 @@ def async_save(
     process_group=None,
     timeout_s: float = 600.0,
     copy_engine=None,
+    device_buffer: bool = False,
 ):
     """Start a save and return a :class:`~stashpoint.engine.async_save.SaveHandle` at once.
 
@@ -76,7 +77,9 @@ def async_save(
     by other means before ``handle.wait_staged()`` may be saved changed).  With a save
     still persisting, ``if_busy="wait"`` waits for its buffer and ``"skip"`` returns a
     handle whose ``skipped`` is True.  The checkpoint is committed even if the
-    training process dies after staging.
+    training process dies after staging.  ``device_buffer=True`` first snapshots
+    CUDA tensors into a reused device buffer (fast), so the next optimizer step waits
+    only for that snapshot while the copy to the host overlaps later steps.
     """
     from stashpoint.engine.async_save import async_save_state
 
@@ -91,6 +94,7 @@ def async_save(
         process_group=process_group,
         timeout_s=timeout_s,
         copy_engine=copy_engine,
+        device_buffer=device_buffer,
     )
 
 

@@ -304,6 +304,7 @@ def async_save_state(
     crc_block_bytes: int = DEFAULT_CRC_BLOCK_BYTES,
     if_busy: str = "wait",
     copy_engine: CopyEngine | None = None,
+    device_buffer: bool = False,
 ) -> SaveHandle:
     if mode not in ("eager", "lazy"):
         raise ValueError(f"mode must be 'eager' or 'lazy', not {mode!r}")
@@ -357,15 +358,21 @@ def async_save_state(
     handle.pinned_bytes = pool.pinned_bytes
 
     engines: dict[torch.device, CopyEngine] = {}
+    device_bytes: dict[torch.device, int] = {}
+    for _w, src, _off, nbytes in layout:
+        if isinstance(src, torch.Tensor) and src.is_cuda:
+            device_bytes[src.device] = align(device_bytes.get(src.device, 0) + nbytes)
     items: list[StagedItem] = []
     with handle.timer.phase("device_to_host"):
         for w, src, off, nbytes in layout:
             if isinstance(src, torch.Tensor):
                 dst = slot.buffer.tensor[off : off + nbytes].view(src.dtype).view(w.box.shape)
                 piece = region(src, w.box.local_offsets, w.box.shape)
-                engine = copy_engine or _engine_for(src.device, engines)
+                engine = copy_engine or _engine_for(src.device, engines, device_buffer)
                 if engine not in engines.values():
                     engines[src.device] = engine
+                    if isinstance(engine, CudaCopyEngine):
+                        engine.reserve(device_bytes.get(src.device, 0))
                     engine.begin()
                 engine.copy(dst, piece)
                 items.append(
@@ -450,11 +457,18 @@ def async_save_state(
     return handle
 
 
-def _engine_for(device: torch.device, engines: dict) -> CopyEngine:
+_CUDA_ENGINES: dict[tuple[torch.device, bool], CudaCopyEngine] = {}
+
+
+def _engine_for(device: torch.device, engines: dict, device_buffer: bool) -> CopyEngine:
     if device in engines:
         return engines[device]
     if device.type == "cuda":
-        return CudaCopyEngine(device)
+        # one engine per device for the life of the process: its stream and buffer are reused
+        key = (device, device_buffer)
+        if key not in _CUDA_ENGINES:
+            _CUDA_ENGINES[key] = CudaCopyEngine(device, device_buffer=device_buffer)
+        return _CUDA_ENGINES[key]
     return InlineCopyEngine()
 
 

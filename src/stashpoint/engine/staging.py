@@ -115,37 +115,77 @@ class InlineCopyEngine(CopyEngine):
 
 
 class _CudaTicket(Ticket):
-    def __init__(self, event: torch.cuda.Event, device: torch.device) -> None:
-        self.event, self.device = event, device
+    """``safe``: the sources may change from here on; ``staged``: the bytes are on the host."""
+
+    def __init__(self, safe: torch.cuda.Event, staged: torch.cuda.Event, device: torch.device) -> None:
+        self.safe, self.staged, self.device = safe, staged, device
 
     def wait(self) -> None:
-        self.event.synchronize()
+        self.staged.synchronize()
 
     def done(self) -> bool:
-        return self.event.query()
+        return self.staged.query()
 
     def order_before_compute(self) -> None:
-        torch.cuda.current_stream(self.device).wait_event(self.event)
+        torch.cuda.current_stream(self.device).wait_event(self.safe)
 
 
 class CudaCopyEngine(CopyEngine):
-    """Device-to-host copies on a side stream, overlapping the next forward/backward."""
+    """Device-to-host copies on a side stream, overlapping the next forward/backward.
 
-    def __init__(self, device: torch.device | None = None) -> None:
+    With ``device_buffer=True`` the tensors are first copied into a device-side
+    snapshot buffer (HBM to HBM, tens of milliseconds for tens of GB) and the
+    device-to-host copies run from there: the next optimizer step only waits for
+    the fast snapshot, and the slow copy to the host overlaps several steps.  The
+    buffer is allocated once and reused; it costs one more copy of the rank's
+    state in device memory.
+    """
+
+    def __init__(self, device: torch.device | None = None, device_buffer: bool = False) -> None:
         self.device = device or torch.device("cuda", torch.cuda.current_device())
         self.stream = torch.cuda.Stream(self.device)
+        self.device_buffer = device_buffer
+        self._buffer: torch.Tensor | None = None
+        self._offset = 0
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def device_bytes(self) -> int:
+        return 0 if self._buffer is None else self._buffer.numel()
+
+    def reserve(self, nbytes: int) -> None:
+        """Size the device snapshot buffer for a save of ``nbytes`` (grows, never shrinks)."""
+        if self.device_buffer and (self._buffer is None or self._buffer.numel() < nbytes):
+            self.stream.synchronize()  # the old buffer may still feed copies
+            self._buffer = None
+            self._buffer = torch.empty(align(nbytes), dtype=torch.uint8, device=self.device)
 
     def begin(self) -> None:
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._offset = 0
+        self._pending = []
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         with torch.cuda.stream(self.stream):
-            dst.copy_(src, non_blocking=True)
+            if not self.device_buffer:
+                dst.copy_(src, non_blocking=True)
+                return
+            n = dst.numel() * dst.element_size()
+            snap = self._buffer[self._offset : self._offset + n].view(dst.dtype).view(dst.shape)
+            self._offset = align(self._offset + n)
+            snap.copy_(src, non_blocking=True)
+            self._pending.append((dst, snap))
 
     def finish(self) -> Ticket:
-        event = torch.cuda.Event()
-        event.record(self.stream)
-        return _CudaTicket(event, self.device)
+        safe = torch.cuda.Event()
+        safe.record(self.stream)
+        with torch.cuda.stream(self.stream):
+            for dst, snap in self._pending:
+                dst.copy_(snap, non_blocking=True)
+        self._pending = []
+        staged = torch.cuda.Event()
+        staged.record(self.stream)
+        return _CudaTicket(safe, staged, self.device)
 
 
 class _ThreadTicket(Ticket):

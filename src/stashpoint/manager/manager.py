@@ -49,6 +49,7 @@ class CheckpointManager:
         retention: RetentionPolicy | None = None,
         mode: str = "lazy",
         if_busy: str = "wait",
+        device_buffer: bool = False,
         process_group=None,
         timeout_s: float = 600.0,
         telemetry_path: str | None = None,
@@ -62,7 +63,7 @@ class CheckpointManager:
         self.storage, self._root = resolve(root)
         self.save_policy = save_policy or SavePolicy(every_steps=1000)
         self.retention = retention or RetentionPolicy()
-        self.mode, self.if_busy = mode, if_busy
+        self.mode, self.if_busy, self.device_buffer = mode, if_busy, device_buffer
         self.process_group, self.timeout_s = process_group, timeout_s
         self._coord = Coordinator(process_group, timeout_s)
         local_root = not self.storage.describe(self._root).startswith("memory://")
@@ -144,7 +145,13 @@ class CheckpointManager:
             self._retain_in_background()
             return result
         handle = stashpoint.async_save(
-            state, path, mode=self.mode, if_busy=self.if_busy, timeout_s=self.timeout_s, **kwargs
+            state,
+            path,
+            mode=self.mode,
+            if_busy=self.if_busy,
+            timeout_s=self.timeout_s,
+            device_buffer=self.device_buffer,
+            **kwargs,
         )
         if handle.skipped:
             return handle
