@@ -343,7 +343,9 @@ def part_single(args) -> dict:
         stalls = [f"{r.get('stall_s', float('nan')):.3f}" for r in res["saves"]]
         print(f"{tool}: stalls {stalls} load {res.get('load')} ({time.perf_counter() - t:.0f}s)", flush=True)
         gc.collect()
-    out["pinned_bytes_final"] = stashpoint.engine.async_save.staging_pool().pinned_bytes
+    from stashpoint.engine.async_save import staging_pool
+
+    out["pinned_bytes_final"] = staging_pool().pinned_bytes
     return out
 
 
@@ -443,7 +445,7 @@ def part_e2e(args) -> dict:
         torch.cuda.synchronize()
         seconds = time.perf_counter() - t
         for p in pending:  # stashpoint handles have wait(), DCP futures result()
-            (p.wait if isinstance(p, stashpoint.engine.async_save.SaveHandle) else p.result)()
+            (p.wait if hasattr(p, "wait_staged") else p.result)()
         out["runs"][tool] = {
             "steps": args.steps,
             "saves": saves,

@@ -6,21 +6,26 @@ Call order of :func:`load_state` (every rank calls it with the same path):
    (keys, types, dtypes, shapes, per-rank items, data files); any mismatch on any
    rank makes every rank raise before anything is read;
 2. every rank reads only the byte ranges that overlap its target shards into
-   host staging buffers, verifying checksums;
+   host staging buffers, verifying checksums; for CUDA targets, when the device
+   has room, each tensor's staging buffer is copied to a new device buffer as soon
+   as its reads are verified (see :func:`_early_copy_devices`);
 3. only when every rank has everything does any rank write into its targets.
 """
 
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch.distributed.tensor import DTensor
 
 from stashpoint import _state
 from stashpoint._dist import Coordinator
-from stashpoint.engine.reader import check_files, execute_reads, read_index
+from stashpoint.engine import reader as _reader
+from stashpoint.engine.reader import check_files, execute_read, execute_reads, read_index
 from stashpoint.engine.telemetry import LoadResult, PhaseTimer, env_telemetry
 from stashpoint.engine.tensors import dtensor_boxes, full_box, local_tensor
 from stashpoint.errors import (
@@ -41,7 +46,7 @@ from stashpoint.planning.load_plan import (
     TargetTensor,
     plan_load,
 )
-from stashpoint.planning.read_plan import plan_chunk_reads
+from stashpoint.planning.read_plan import ChunkRead, plan_chunk_reads
 from stashpoint.storage import Storage, resolve
 
 
@@ -89,6 +94,115 @@ def _read_record(storage, path, fqn, rec: Record, verify, index):
     if isinstance(rec, TensorRecord):
         return read_whole(storage, path, fqn, rec, verify, index)
     return _decode_object(storage, path, rec, fqn, verify, index)
+
+
+#: Early device copies are made only when the device has this much free memory
+#: beyond 1.2x the bytes of all CUDA targets of the load: the staging buffers live
+#: next to the targets until the apply phase, and the rest of the process (and any
+#: other process on the device) must not be starved by a load.
+_EARLY_COPY_HEADROOM = 1 << 30
+
+
+def _early_copy_devices(plan: LoadPlan, flat: _state.FlatState) -> dict[str, torch.device]:
+    """``fqn -> device`` for the tensors whose staging buffers go to the device early.
+
+    Only tensors whose target (local shard) is on CUDA qualify, and only when every
+    CUDA device involved has more free memory than ``1.2 * (bytes of all CUDA targets
+    of this load) + 1 GiB``; otherwise (no CUDA targets, memory short, or the query
+    fails) the answer is empty and the load works exactly as without this step.
+    Decided once per load, so all tensors of a load follow one path.
+    """
+    devices: dict[str, torch.device] = {}
+    total = 0
+    for t in plan.tensors:
+        local = local_tensor(flat.leaves[t.fqn].value)
+        if local.is_cuda:
+            devices[t.fqn] = local.device
+            total += local.numel() * local.element_size()
+    if not devices:
+        return {}
+    try:
+        for dev in set(devices.values()):
+            free, _ = torch.cuda.mem_get_info(dev)
+            if free <= 1.2 * total + _EARLY_COPY_HEADROOM:
+                return {}
+    except Exception:  # an odd CUDA setup must not fail a load that works without this
+        return {}
+    return devices
+
+
+def _copy_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of ``host`` on ``device``; ``host`` itself when the device is out of memory.
+
+    The copy is blocking (from pageable memory it would be staged synchronously
+    anyway), so it is complete when the reading thread moves on, and nothing needs
+    to be synchronized before the apply phase.  Free memory was checked up front,
+    but another process may have taken it since: keeping the host buffer then only
+    costs the overlap (the apply phase copies it from the host, as without this step).
+    """
+    try:
+        out = torch.empty_like(host, device=device)
+        out.copy_(host)
+    except torch.OutOfMemoryError:
+        return host
+    return out
+
+
+def _read_per_tensor(
+    storage: Storage,
+    path: str,
+    reads: dict[str, Sequence[ChunkRead]],
+    staged: dict[str, torch.Tensor],
+    crc_block: int | None,
+    finish: Callable[[str, torch.Tensor], torch.Tensor],
+    threads: int | None = None,
+) -> int:
+    """Read every tensor's chunks into ``staged[fqn]``; returns bytes read.
+
+    The same reads as :func:`execute_reads` over all tensors, with the same
+    parallelism (one pool of ``READ_THREADS`` over all chunk reads, so one large
+    tensor of many chunks is still read by several threads), except that as soon
+    as the last read of a tensor has completed and been verified, the thread that
+    did it calls ``finish(fqn, staged[fqn])`` and stores what it returns in
+    ``staged[fqn]``.  The reads look their destination up in ``staged`` when they
+    run instead of holding it, so once ``finish`` has replaced a buffer nothing
+    refers to the old one and it is freed right away (host memory then peaks
+    below the sum of all staging buffers).  ``finish`` is never called for a tensor
+    with a failed read; on the first failure the reads not yet started are
+    cancelled and the error is raised once the running ones have stopped.
+    """
+    threads = _reader.READ_THREADS if threads is None else threads
+    remaining = {fqn: len(rs) for fqn, rs in reads.items()}
+    lock = threading.Lock()
+
+    def finish_one(fqn: str) -> None:
+        staged[fqn] = finish(fqn, staged[fqn])
+
+    def one(fqn: str, read: ChunkRead) -> int:
+        n = execute_read(storage, path, fqn, read, staged[fqn], crc_block)
+        with lock:  # exactly one thread sees a tensor's count reach zero
+            remaining[fqn] -= 1
+            last = remaining[fqn] == 0
+        if last:
+            finish_one(fqn)
+        return n
+
+    for fqn, rs in reads.items():
+        if not rs:  # nothing to read (an empty tensor, say): finished already
+            finish_one(fqn)
+    jobs = [(fqn, r) for fqn, rs in reads.items() for r in rs]
+    if not jobs:
+        return 0
+    if len(jobs) == 1 or threads <= 1:
+        return sum(one(fqn, r) for fqn, r in jobs)
+    with ThreadPoolExecutor(min(threads, len(jobs))) as pool:
+        futures = [pool.submit(one, fqn, r) for fqn, r in jobs]
+        try:
+            return sum(f.result() for f in futures)
+        except BaseException:
+            for f in futures:  # no point in reading (and copying) the rest
+                f.cancel()
+            raise
 
 
 def load_state(
@@ -139,10 +253,27 @@ def load_state(
     flat: _state.FlatState = ctx["flat"]
 
     def fetch() -> int:
+        # early device copies happen inside the reads, so their time counts as "read"
+        # (they overlap with it); "host_to_device" below is the apply phase only
         with timer.phase("read"):
+            crc_block = index.crc_block_bytes if verify else None
             staged = {t.fqn: torch.empty(t.local_shape, dtype=dtype_from_name(t.dtype)) for t in plan.tensors}
-            jobs = [(t.fqn, r, staged[t.fqn]) for t in plan.tensors for r in t.reads]
-            n = execute_reads(storage, ckpt, jobs, index.crc_block_bytes if verify else None)
+            early = _early_copy_devices(plan, flat)
+            if early:
+                # Copy each tensor to its device as soon as its own reads are verified,
+                # while other tensors are still being read, instead of one serial
+                # host-to-device copy of everything in the apply phase.  The copies go
+                # into new device buffers, never into the targets: those are written
+                # only after every rank has read everything (below).
+                def finish(fqn: str, host: torch.Tensor) -> torch.Tensor:
+                    dev = early.get(fqn)
+                    return host if dev is None else _copy_to_device(host, dev)
+
+                reads = {t.fqn: t.reads for t in plan.tensors}
+                n = _read_per_tensor(storage, ckpt, reads, staged, crc_block, finish)
+            else:
+                jobs = [(t.fqn, r, staged[t.fqn]) for t in plan.tensors for r in t.reads]
+                n = execute_reads(storage, ckpt, jobs, crc_block)
             values = {}
             for o in plan.objects:
                 values[o.fqn] = _decode_object(storage, ckpt, o.record, o.fqn, verify, index)
@@ -166,15 +297,21 @@ def load_state(
                         )
                     staged[c.fqn] = v.to(dtype_from_name(tgt.dtype))
                     del values[c.fqn]
-        ctx.update(staged=staged, values=values)
+        ctx.update(staged=staged, values=values, early=early)
         return n
 
     read_counts = coord.run_everywhere("load: read", fetch)
     staged, values = ctx["staged"], ctx["values"]
 
     with timer.phase("host_to_device"):
+        # with early device copies, most of these are device-to-device copies
         for fqn, data in staged.items():
             local_tensor(flat.leaves[fqn].value).detach().copy_(data)
+        # device-to-device copies are asynchronous: wait for them, so that the targets
+        # hold the data when load returns (as with the blocking host copies) and this
+        # phase's time includes them
+        for dev in {d for d in ctx["early"].values() if d.type == "cuda"}:
+            torch.cuda.synchronize(dev)
         for fqn, value in values.items():
             flat.leaves[fqn].assign(value)
         for finish in flat.finishers:
