@@ -335,11 +335,16 @@ def part_single(args) -> dict:
     print(f"state {tr.state_bytes / GiB:.2f} GiB, step {baseline * 1e3:.1f} ms", flush=True)
     for tool in args.tools.split(","):
         t = time.perf_counter()
+        if tool.startswith("stashpoint") and args.warmup:
+            stashpoint.async_warmup(tr.stashpoint_state(), device_buffer=tool.endswith("devbuf"))
         res = run_tool(tr, tool, args.dir, args.saves, baseline)
         if not any("error" in r for r in res["saves"]):
             res["load"] = load_tool(tr, tool, res["last_path"])
         shutil.rmtree(res["last_path"], ignore_errors=True)
         out["tools"][tool] = res
+        if args.out:  # partial results survive a run that is cut short
+            with open(args.out + ".partial", "w") as f:
+                json.dump(out, f, indent=1)
         stalls = [f"{r.get('stall_s', float('nan')):.3f}" for r in res["saves"]]
         print(f"{tool}: stalls {stalls} load {res.get('load')} ({time.perf_counter() - t:.0f}s)", flush=True)
         gc.collect()
@@ -404,6 +409,8 @@ def part_e2e(args) -> dict:
         os.makedirs(args.dir, exist_ok=True)
         pending = []
         saves = 0
+        if tool.startswith("stashpoint"):  # once per job, like building the optimizer
+            stashpoint.async_warmup({"model": model, "optim": optim}, device_buffer=tool == "stashpoint_lazy")
         torch.cuda.synchronize()
         t = time.perf_counter()
         for i in range(1, args.steps + 1):
@@ -453,6 +460,8 @@ def part_e2e(args) -> dict:
             "tokens_per_s": args.steps * batch * cfg.seq / seconds,
         }
         print(f"  {tool}: {out['runs'][tool]['tokens_per_s']:.0f} tokens/s, {saves} saves", flush=True)
+        with open(args.out + ".partial", "w") as f:
+            json.dump(out, f, indent=1)
         shutil.rmtree(args.dir, ignore_errors=True)
     base = out["runs"].get("none", {}).get("tokens_per_s")
     if base:
@@ -479,6 +488,7 @@ def main() -> None:
         "e2e: none,stashpoint_lazy,stashpoint_eager,dcp_save,dcp_async",
     )
     ap.add_argument("--limits-json", help="take --write-gbps from this limits result")
+    ap.add_argument("--warmup", action="store_true", help="single: call stashpoint.async_warmup first")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--write-gbps", type=float, default=2.5)
