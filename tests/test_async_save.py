@@ -167,3 +167,27 @@ def test_async_fsdp2_save_at_2_loads_at_3(pools, tmp_path, mode):
     for name, want in snapshot.items():
         assert torch.equal(full[f"model.{name}"], want), name
     assert full["loader"] == {"step": 1}
+
+
+def test_too_small_staging_memory_is_a_named_error(tmp_path):
+    from stashpoint.engine.staging import SharedBuffer
+
+    small = tmp_path / "tiny-shm"
+    small.mkdir()
+    # a tmpfs cannot be mounted here; a path on a full device stands in: reserve more than exists
+    huge = 1 << 62
+    with pytest.raises(stashpoint.errors.StagingMemoryError, match="staging memory"):
+        SharedBuffer(str(small / "buf"), huge, create=True)
+    assert not (small / "buf").exists()
+
+
+def test_writer_survives_a_failed_allocation(tmp_path, monkeypatch):
+    from stashpoint.engine.async_save import BackgroundWriter
+
+    writer = BackgroundWriter.get()
+    with pytest.raises(stashpoint.errors.StagingMemoryError):
+        writer.allocate("too-big", 1 << 62, timeout_s=30)
+    assert writer.alive
+    handle = stashpoint.async_save(_state(), tmp_path / "after")  # still serves saves
+    handle.wait(60)
+    assert stashpoint.read_index(tmp_path / "after").metadata.world_size == 1

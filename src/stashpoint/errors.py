@@ -122,6 +122,10 @@ class WriterError(StashpointError):
     """The background writer process failed or is gone."""
 
 
+class StagingMemoryError(StashpointError, MemoryError):
+    """Host staging memory for an asynchronous save cannot be reserved."""
+
+
 class StorageWriteError(StashpointError, OSError):
     """Storage refused a write (disk full, permission, I/O error)."""
 

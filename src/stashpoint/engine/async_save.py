@@ -113,6 +113,8 @@ class BackgroundWriter:
             kind = msg[0]
             if kind == "allocated":
                 self._future(("allocated", msg[1])).set_result(msg[2])
+            elif kind == "alloc_failed":
+                self._future(("allocated", msg[1])).set_exception(_rebuild_error(msg[2], msg[3]))
             elif kind in ("persisted", "committed"):
                 self._future((kind, msg[1])).set_result(msg[2])
             elif kind == "failed":
@@ -491,3 +493,32 @@ def _finish(handle: SaveHandle, fut: Future, coord: Coordinator, t_submit: float
     )
     env_telemetry("save", result, mode=handle.mode, stall_s=handle.stall_s)
     handle._committed.set_result(result)
+
+
+def warmup(state: dict, *, device_buffer: bool = False, timeout_s: float = 600.0) -> int:
+    """Start the writer and allocate (and page-lock) staging for ``state`` ahead of time.
+
+    Not a collective.  Sizes the buffer for every tensor this rank holds (an upper
+    bound of what it writes), so the first :func:`async_save_state` pays no
+    allocation; returns the staging bytes now held.
+    """
+    from stashpoint._state import flatten_state
+    from stashpoint.engine.tensors import local_tensor
+
+    writer = BackgroundWriter.get()
+    total, per_device = 0, {}
+    for leaf in flatten_state(state).leaves.values():
+        if isinstance(leaf.value, torch.Tensor):
+            t = local_tensor(leaf.value)
+            n = align(t.numel() * t.element_size())
+            total += n
+            if t.is_cuda:
+                per_device[t.device] = per_device.get(t.device, 0) + n
+    pool = staging_pool()
+    slot = pool.acquire(writer, total, "wait", timeout_s)
+    pool.release(slot)
+    if device_buffer:
+        for device, n in per_device.items():
+            engine = _engine_for(device, {}, True)
+            engine.reserve(n)
+    return pool.staged_bytes

@@ -44,10 +44,25 @@ class SharedBuffer:
         fd = os.open(path, flags, 0o600)
         try:
             if create:
-                os.ftruncate(fd, size)
+                # reserve the pages now: a sparse file on a small /dev/shm would turn the
+                # first copy past the limit into SIGBUS instead of a clear error here
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                except OSError as exc:
+                    os.close(fd)
+                    fd = -1
+                    os.unlink(path)
+                    from stashpoint.errors import StagingMemoryError
+
+                    raise StagingMemoryError(
+                        f"cannot reserve {size} bytes of staging memory in {os.path.dirname(path)} "
+                        f"({exc}); enlarge it (containers: --shm-size) or point "
+                        "STASHPOINT_SHM_DIR at a larger tmpfs"
+                    ) from exc
             self._mmap = mmap.mmap(fd, size)
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
         self.pinned = False
 
@@ -79,7 +94,7 @@ class SharedBuffer:
 
 
 def shm_path(tag: str) -> str:
-    base = SHM_DIR or os.environ.get("TMPDIR", "/tmp")
+    base = os.environ.get("STASHPOINT_SHM_DIR") or SHM_DIR or os.environ.get("TMPDIR", "/tmp")
     return os.path.join(base, f"stashpoint-{os.getpid()}-{tag}")
 
 

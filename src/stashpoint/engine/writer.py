@@ -17,7 +17,8 @@ finishes the jobs it holds and exits.
 
 Messages (pickled tuples) trainer -> writer: ``("alloc", tag, size)``,
 ``("free", tag)``, ``("job", Job)``, ``("shutdown",)``.  Writer -> trainer:
-``("allocated", tag, path)``, ``("persisted", job_id, info)``,
+``("allocated", tag, path)``, ``("alloc_failed", tag, error_name, message)``,
+``("persisted", job_id, info)``,
 ``("committed", job_id, info)``, ``("failed", job_id, error_name, message)``.
 """
 
@@ -112,7 +113,11 @@ class _Writer:
                     break  # trainer gone: finish what we hold
                 if msg[0] == "alloc":
                     _, tag, size = msg
-                    buf = SharedBuffer(shm_path(tag), size, create=True)
+                    try:
+                        buf = SharedBuffer(shm_path(tag), size, create=True)
+                    except Exception as exc:  # reported; the writer keeps serving
+                        self.send("alloc_failed", tag, type(exc).__name__, str(exc))
+                        continue
                     self.buffers[tag] = buf
                     self.send("allocated", tag, buf.path)
                 elif msg[0] == "free":
