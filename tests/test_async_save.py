@@ -191,3 +191,16 @@ def test_writer_survives_a_failed_allocation(tmp_path, monkeypatch):
     handle = stashpoint.async_save(_state(), tmp_path / "after")  # still serves saves
     handle.wait(60)
     assert stashpoint.read_index(tmp_path / "after").metadata.world_size == 1
+
+
+def test_a_dead_writer_is_replaced(tmp_path):
+    from stashpoint.engine.async_save import BackgroundWriter
+
+    stashpoint.async_save(_state(), tmp_path / "a").wait(60)
+    old = BackgroundWriter.get()
+    old.proc.kill()
+    old.proc.wait()
+    handle = stashpoint.async_save(_state(), tmp_path / "b")  # a new writer, new staging
+    handle.wait(60)
+    assert BackgroundWriter.get() is not old
+    assert stashpoint.load_full(tmp_path / "b", ["loader"])["loader"] == {"step": 3}

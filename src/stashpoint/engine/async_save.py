@@ -174,6 +174,7 @@ def _rebuild_error(name: str, message: str) -> BaseException:
 class _Slot:
     tag: str
     buffer: SharedBuffer
+    writer: BackgroundWriter  # the process that owns the buffer
     busy: bool = False
 
 
@@ -196,6 +197,10 @@ class StagingPool:
 
     def acquire(self, writer: BackgroundWriter, size: int, policy: str, timeout_s: float) -> _Slot | None:
         with self.cond:
+            # buffers of a writer process that died went with it
+            for dead in [s for s in self.slots if s.writer is not writer and not s.busy]:
+                self.slots.remove(dead)
+                dead.buffer.close()
             while True:
                 free = [s for s in self.slots if not s.busy]
                 if free or len(self.slots) < self.max_in_flight:
@@ -214,7 +219,7 @@ class StagingPool:
                 tag = f"slot{next(self.counter)}"
                 buf = writer.allocate(tag, align(size + SLACK_BYTES), timeout_s)
                 buf.pin()
-                slot = _Slot(tag, buf)
+                slot = _Slot(tag, buf, writer)
                 self.slots.append(slot)
             slot.busy = True
             return slot
