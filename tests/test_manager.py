@@ -28,6 +28,7 @@ def test_retention_keeps_last_best_and_every(tmp_path, mode):
     with CheckpointManager(
         tmp_path, save_policy=SavePolicy(every_steps=10), retention=retention, mode=mode
     ) as manager:
+        manager.warmup(_state(0))
         for step in range(1, 71):
             manager.maybe_save(step, _state(step), metrics={"loss": losses.get(step, 0.0)})
     # last two (60, 70), best loss (20), every 40th (40)

@@ -170,6 +170,13 @@ class CheckpointManager:
         handle._committed.add_done_callback(committed)
         return handle
 
+    def warmup(self, state: dict) -> None:
+        """Allocate and page-lock staging for ``state`` now, so the first save does not stall."""
+        if self.mode != "sync":
+            import stashpoint
+
+            stashpoint.async_warmup(state, device_buffer=self.device_buffer)
+
     def load_latest(self, state: dict, **load_kwargs) -> CheckpointInfo | None:
         """Load the newest good checkpoint into ``state`` (a collective); None if there is none."""
         import stashpoint
