@@ -14,10 +14,10 @@ from __future__ import annotations
 import os
 
 from stashpoint import errors
-from stashpoint._state import OptimizerState, PerRank
 from stashpoint._version import __version__
 from stashpoint.engine.telemetry import LoadResult, SaveResult
 from stashpoint.format.index import Index
+from stashpoint.wrappers import OptimizerState, PerRank
 
 PathLike = str | os.PathLike
 

@@ -20,6 +20,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from stashpoint.errors import InvalidStateError
+from stashpoint.wrappers import OptimizerState, PerRank
 
 # how a leaf is shared among ranks
 SHARDED = "sharded"  # a DTensor: placements say who holds what
@@ -28,28 +29,6 @@ CHECKED = "checked"  # anything else: compared across ranks at save, per-rank if
 PER_RANK = "per_rank"  # wrapped in PerRank: always stored once per rank
 
 JSON_TYPES = (type(None), bool, int, float, str)
-
-
-class PerRank:
-    """Marks a value whose content belongs to each rank (data-loader state, RNG).
-
-    Anything not marked is compared across ranks when saving and stored per rank
-    automatically when it differs; marking skips the comparison.
-    """
-
-    def __init__(self, value: object) -> None:
-        self.value = value
-
-
-class OptimizerState:
-    """Pairs an optimizer with the module whose parameters it updates.
-
-    Only needed when ``state`` holds several modules; with a single module the
-    optimizer is paired with it automatically.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
-        self.optimizer, self.model = optimizer, model
 
 
 @dataclass

@@ -286,7 +286,7 @@ _JOB_IDS = itertools.count()
 
 
 def _optimizers(state: dict) -> list[torch.optim.Optimizer]:
-    from stashpoint._state import OptimizerState
+    from stashpoint.wrappers import OptimizerState
 
     out = []
     for v in state.values():
