@@ -103,3 +103,16 @@ def one_rank_fails_to_flatten(rank, world, path: str) -> str:
         dist.barrier()
         return type(exc).__name__
     return "saved"
+
+
+def reinit_group(rank, world, path: str) -> bool:
+    """Save, tear the process group down, build a new one, save again: no stale control group."""
+    import os
+
+    stashpoint.save({"x": torch.ones(4)}, path + "-a", timeout_s=30)
+    store_file = path + "-rdzv2"
+    dist.destroy_process_group()
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
+    stashpoint.save({"x": torch.ones(4) * 2}, path + "-b", timeout_s=30)
+    ok = os.path.exists(path + "-b/index.json")
+    return ok

@@ -52,3 +52,14 @@ def test_errors_on_some_ranks_reach_all_ranks(pools, tmp_path):
     got = pools(3).run(state_cases.one_rank_fails_to_flatten, str(tmp_path / "b"))
     assert got == ["RemoteRankError", "InvalidStateError", "RemoteRankError"]
     assert not os.path.exists(tmp_path / "b")
+
+
+def test_a_new_process_group_gets_a_new_control_group(tmp_path):
+    from rankpool import RankPool
+
+    pool = RankPool(2)  # its own pool: the group is torn down and rebuilt inside
+    try:
+        assert pool.run(state_cases.reinit_group, str(tmp_path / "c")) == [True, True]
+    finally:
+        pool.close()
+    assert torch.equal(stashpoint.load_full(tmp_path / "c-b")["x"], torch.full((4,), 2.0))

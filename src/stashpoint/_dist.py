@@ -21,7 +21,9 @@ from stashpoint.errors import CoordinationError, RemoteRankError, StashpointErro
 
 T = TypeVar("T")
 
-_GROUPS: dict[tuple[int, float], dist.ProcessGroup] = {}
+# (id of the base group, timeout) -> (base group, control group).  The base group is kept
+# so its id cannot be reused by a later process group while the entry exists.
+_GROUPS: dict[tuple[int, float], tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
 
 
 class Coordinator:
@@ -40,16 +42,17 @@ class Coordinator:
 
     def _control_group(self, base: dist.ProcessGroup) -> dist.ProcessGroup:
         key = (id(base), self.timeout_s)
-        group = _GROUPS.get(key)
-        if group is None:
-            ranks = dist.get_process_group_ranks(base)
-            group = dist.new_group(
-                ranks=ranks,
-                backend="gloo",
-                timeout=datetime.timedelta(seconds=self.timeout_s),
-                use_local_synchronization=True,
-            )
-            _GROUPS[key] = group
+        cached = _GROUPS.get(key)
+        if cached is not None and cached[0] is base:
+            return cached[1]
+        ranks = dist.get_process_group_ranks(base)
+        group = dist.new_group(
+            ranks=ranks,
+            backend="gloo",
+            timeout=datetime.timedelta(seconds=self.timeout_s),
+            use_local_synchronization=True,
+        )
+        _GROUPS[key] = (base, group)
         return group
 
     @property
