@@ -18,6 +18,12 @@ def _verify(args: argparse.Namespace) -> int:
     return run(args.path)
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from stashpoint.cli.convert import run
+
+    return run(args)
+
+
 def _report(args: argparse.Namespace) -> int:
     from stashpoint.cli.report import run
 
@@ -48,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every chunk's checksum and the index")
     p.add_argument("path")
     p.set_defaults(func=_verify)
+
+    p = sub.add_parser("convert", help="to and from HuggingFace safetensors directories")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--to", choices=["hf", "stashpoint"], required=True)
+    p.add_argument("--max-shard-size", default="5GB", help="hf: largest shard, e.g. 2GB, 500MB")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="hf: cast floating tensors")
+    p.add_argument("--prefix", default="model.", help="names under this prefix are the model's")
+    p.add_argument("--copy", nargs="*", default=[], help="hf: files to copy along (config.json, ...)")
+    p.set_defaults(func=_convert)
 
     p = sub.add_parser("report", help="table and timeline plot of save/load telemetry (JSON lines)")
     p.add_argument("files", nargs="+", help="telemetry .jsonl files")

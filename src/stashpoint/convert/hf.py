@@ -1,0 +1,260 @@
+"""HuggingFace safetensors directories in and out, streaming one tensor at a time.
+
+Export writes ``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` plus
+``model.safetensors.index.json`` (``metadata.total_size`` and ``weight_map``) when the
+tensors do not fit in one shard.  Shards are planned from the index alone, then each
+file is written tensor by tensor, so memory holds one tensor at a time.  Import reads
+an HF directory (single or sharded) tensor by tensor into a stashpoint checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from stashpoint.errors import InvalidStateError, MissingKeyError
+from stashpoint.format.dtypes import dtype_from_name, dtype_name, itemsize
+
+HF_INDEX = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 5 * 10**9
+
+NameMap = Callable[[str], str | None] | Mapping[str, str] | None
+
+
+@dataclass(frozen=True)
+class ConvertSummary:
+    tensors: int
+    bytes: int
+    files: int
+    seconds: float
+    skipped: tuple[str, ...]
+
+
+def strip_prefix(prefix: str) -> Callable[[str], str | None]:
+    """A name map keeping only names under ``prefix`` and dropping the prefix (e.g. ``model.``)."""
+
+    def mapping(name: str) -> str | None:
+        return name[len(prefix) :] if name.startswith(prefix) else None
+
+    return mapping
+
+
+def _mapper(name_map: NameMap) -> Callable[[str], str | None]:
+    if name_map is None:
+        return strip_prefix("model.")
+    if callable(name_map):
+        return name_map
+    table = dict(name_map)
+    return lambda name: table.get(name)
+
+
+def _plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, n in sizes:
+        if shards[-1] and used + n > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += n
+    return [s for s in shards if s]
+
+
+def export_hf(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    name_map: NameMap = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    dtype: torch.dtype | None = None,
+    copy_files: tuple[str | os.PathLike, ...] = (),
+    verify: bool = True,
+) -> ConvertSummary:
+    """Write the tensors of a stashpoint checkpoint as an HF safetensors directory.
+
+    ``name_map`` turns checkpoint names into HF names (a function returning None to
+    skip a tensor, or a dict); the default keeps ``model.*`` and strips the prefix, so
+    optimizer state is left out.  ``dtype`` casts floating-point tensors; integer and
+    bool tensors are copied as they are.  ``copy_files`` (e.g. ``config.json``) are
+    copied into ``dst``.
+    """
+    from safetensors.torch import save_file  # noqa: F401  (fails early if safetensors is missing)
+
+    from stashpoint import iter_full, read_index
+    from stashpoint.format.index import TensorRecord
+
+    t0 = time.perf_counter()
+    mapper = _mapper(name_map)
+    index = read_index(src)
+    chosen: list[tuple[str, str, TensorRecord]] = []
+    skipped = []
+    seen: dict[str, str] = {}
+    for name, item in sorted(index.items.items()):
+        hf_name = mapper(name)
+        if hf_name is None or not isinstance(item, TensorRecord):
+            skipped.append(name)
+            continue
+        if hf_name in seen:
+            raise InvalidStateError(f"name map sends both {seen[hf_name]!r} and {name!r} to {hf_name!r}")
+        seen[hf_name] = name
+        chosen.append((name, hf_name, item))
+    if not chosen:
+        raise MissingKeyError(f"{src}: no tensor is selected by the name map")
+
+    def out_dtype(rec: TensorRecord) -> torch.dtype:
+        t = dtype_from_name(rec.dtype)
+        return dtype if dtype is not None and t.is_floating_point else t
+
+    sizes = []
+    for _, hf_name, rec in chosen:
+        numel = 1
+        for n in rec.shape:
+            numel *= n
+        sizes.append((hf_name, numel * itemsize(out_dtype(rec))))
+    shards = _plan_shards(sizes, max_shard_bytes)
+    os.makedirs(dst, exist_ok=True)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    by_hf = {hf: (name, rec) for name, hf, rec in chosen}
+    weight_map = {}
+    total = 0
+    for file_name, members in zip(names, shards, strict=True):
+        total += _write_shard(
+            os.path.join(dst, file_name),
+            [(hf, by_hf[hf][0], by_hf[hf][1]) for hf in members],
+            out_dtype,
+            lambda keys: iter_full(src, keys, verify=verify),
+        )
+        weight_map.update({hf: file_name for hf in members})
+    if len(shards) > 1:
+        doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        with open(os.path.join(dst, HF_INDEX), "w") as f:
+            json.dump(doc, f, indent=2)
+    for extra in copy_files:
+        import shutil
+
+        shutil.copy(extra, os.path.join(dst, os.path.basename(extra)))
+    return ConvertSummary(len(chosen), total, len(shards), time.perf_counter() - t0, tuple(skipped))
+
+
+def _write_shard(path: str, members, out_dtype, stream) -> int:
+    """One safetensors file, header first, then each tensor as it is read."""
+    from stashpoint.engine.tensors import as_bytes
+    from stashpoint.format.safetensors_file import FileEntry, layout_file
+
+    entries = []
+    for hf, _name, rec in members:
+        numel = 1
+        for n in rec.shape:
+            numel *= n
+        t = out_dtype(rec)
+        entries.append(FileEntry(hf, t, tuple(rec.shape), numel * itemsize(t)))
+    layout = layout_file(entries, metadata={"format": "pt"})
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(layout.header)
+        wanted = {name: (hf, rec) for hf, name, rec in members}
+        for name, tensor in stream(list(wanted)):
+            hf, rec = wanted[name]
+            f.write(as_bytes(tensor.to(out_dtype(rec)).contiguous()))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # a half-written shard never carries the final name
+    return layout.size - len(layout.header)
+
+
+def _hf_files(src: str) -> list[str]:
+    index_path = os.path.join(src, HF_INDEX)
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            return sorted(set(json.load(f)["weight_map"].values()))
+    single = os.path.join(src, "model.safetensors")
+    if os.path.exists(single):
+        return ["model.safetensors"]
+    found = sorted(n for n in os.listdir(src) if n.endswith(".safetensors"))
+    if not found:
+        from stashpoint.errors import CheckpointNotFoundError
+
+        raise CheckpointNotFoundError(f"{src}: no safetensors files")
+    return found
+
+
+def import_hf(
+    src: str | os.PathLike, dst: str | os.PathLike, *, prefix: str = "model.", overwrite: bool = False
+) -> ConvertSummary:
+    """Turn an HF safetensors directory into a stashpoint checkpoint, tensor by tensor."""
+    from safetensors import safe_open
+
+    from stashpoint.engine.persist import FileItem, build_index, commit_index, data_file_name, write_data_file
+    from stashpoint.engine.save import save_metadata
+    from stashpoint.engine.telemetry import PhaseTimer
+    from stashpoint.engine.tensors import as_bytes
+    from stashpoint.format.safetensors_file import FileEntry
+    from stashpoint.planning.save_plan import GLOBAL, ItemPlan
+    from stashpoint.storage import resolve
+    from stashpoint.storage.commit import default_commit
+
+    t0 = time.perf_counter()
+    src = os.fspath(src)
+    storage, final = resolve(dst)
+    if storage.exists(final) and not overwrite:
+        from stashpoint.errors import CheckpointExistsError
+
+        raise CheckpointExistsError(f"{storage.describe(final)} already exists; pass overwrite=True")
+    commit = default_commit(storage)
+    staging = commit.staging_path(storage, final, f"import{os.getpid()}")
+    storage.make_prefix(staging)
+    items, plan_items = [], {}
+    for file_name in _hf_files(src):
+        path = os.path.join(src, file_name)
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                shape = tuple(sl.get_shape())
+                t_dtype = _st_dtype(sl.get_dtype())
+                numel = 1
+                for n in shape:
+                    numel *= n
+                name = prefix + key
+
+                def fetch(path=path, key=key):
+                    with safe_open(path, framework="pt") as g:
+                        return as_bytes(g.get_tensor(key).contiguous())
+
+                entry = FileEntry(name, t_dtype, shape, numel * itemsize(t_dtype))
+                items.append(FileItem(name, False, entry, dtype_name(t_dtype), (0,) * len(shape), fetch))
+                plan_items[name] = ItemPlan(name, True, GLOBAL, dtype_name(t_dtype), shape, None, "")
+    timer = PhaseTimer()
+    written, size = write_data_file(storage, staging, data_file_name(0), items, 1 << 20, timer, threads=1)
+    index = build_index(
+        plan_items, [written], save_metadata(1, None, {"imported_from": "huggingface"}), 1 << 20
+    )
+    commit_index(storage, staging, final, commit, index, overwrite, timer)
+    return ConvertSummary(len(items), size, 1, time.perf_counter() - t0, ())
+
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _st_dtype(code: str) -> torch.dtype:
+    try:
+        return _ST_DTYPES[code]
+    except KeyError:
+        raise InvalidStateError(f"safetensors dtype {code} is not supported for import") from None
