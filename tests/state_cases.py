@@ -14,11 +14,17 @@ def _net(seed: int) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))
 
 
-def save_ddp(rank, world, path: str) -> dict:
-    model = DDP(_net(0))
+def _stepped(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """An Adam optimizer for ``model`` after one step, so it has state."""
     opt = torch.optim.Adam(model.parameters())
     model(torch.randn(4, 16)).sum().backward()
     opt.step()
+    return opt
+
+
+def save_ddp(rank, world, path: str) -> dict:
+    model = DDP(_net(0))
+    opt = _stepped(model)
     state = {
         "model": model,
         "optim": opt,
@@ -35,9 +41,7 @@ def save_ddp(rank, world, path: str) -> dict:
 def load_plain(rank, world, path: str, policy) -> dict:
     """Load a DDP checkpoint into a plain module at another world size."""
     model = _net(99)
-    opt = torch.optim.Adam(model.parameters())
-    model(torch.randn(4, 16)).sum().backward()
-    opt.step()
+    opt = _stepped(model)
     state = {
         "model": model,
         "optim": opt,
