@@ -11,7 +11,6 @@ Every method here is a collective: all ranks of the group call it, in the same o
 from __future__ import annotations
 
 import datetime
-import traceback
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -107,11 +106,3 @@ class Coordinator:
             if not ok:
                 raise RemoteRankError(f"{what}: rank {rank} failed: {payload}")
         return [payload for _, payload in results]
-
-    def agree(self, what: str, fn: Callable[[], T]) -> T:
-        """Like :meth:`run_everywhere` but returns only this rank's result."""
-        return self.run_everywhere(what, fn)[self.rank]
-
-
-def format_exception(exc: BaseException) -> str:
-    return "".join(traceback.format_exception_only(type(exc), exc)).strip()

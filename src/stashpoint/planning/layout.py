@@ -73,18 +73,6 @@ def _chunk_bounds(length: int, pieces: int, index: int) -> tuple[int, int]:
     return start, min(start + size, length)
 
 
-def _merge(runs: Runs) -> Runs:
-    out: Runs = []
-    for a, b in runs:
-        if a == b:
-            continue
-        if out and out[-1][1] == a:
-            out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return out
-
-
 def _chunk(runs: Runs, mesh_size: int, coord: int) -> Runs:
     return _take(runs, *_chunk_bounds(_length(runs), mesh_size, coord))
 
@@ -138,11 +126,6 @@ def local_boxes(
             )
         )
     return boxes
-
-
-def local_shape(global_shape, mesh_shape, coordinate, placements) -> tuple[int, ...]:
-    per_dim = dim_runs(tuple(global_shape), tuple(mesh_shape), tuple(coordinate), tuple(placements))
-    return tuple(_length(r) for r in per_dim)
 
 
 def intersect(

@@ -63,20 +63,6 @@ class SavePlan:
     items: dict[str, ItemPlan]
     writes: tuple[tuple[WriteItem, ...], ...]  # indexed by rank
 
-    def bytes_per_rank(self, inventories: list[list[LocalItem]]) -> list[int]:
-        sizes = {}
-        for rank_items in inventories:
-            for it in rank_items:
-                sizes[it.fqn] = it
-        out = []
-        for rank_writes in self.writes:
-            total = 0
-            for w in rank_writes:
-                it = sizes[w.fqn]
-                total += w.box.numel * it.itemsize if w.box is not None else it.payload_bytes
-            out.append(total)
-        return out
-
 
 def chunk_key(fqn: str, box: Box | None, global_shape: tuple[int, ...], encoding: str = "") -> str:
     """Name of a chunk inside its data file.
