@@ -132,3 +132,69 @@ class StorageWriteError(StashpointError, OSError):
 
 class RemoteRankError(StashpointError):
     """Another rank failed; this rank stops too so that all ranks agree."""
+
+
+# --- merging checkpoints ----------------------------------------------------------------------
+
+
+class MergeError(StashpointError):
+    """Base class of the errors :func:`stashpoint.merge` raises about its inputs or settings."""
+
+
+class MergeConfigError(MergeError, ValueError):
+    """The merge configuration is invalid: unknown method, key or parameter, bad value."""
+
+
+class MergeInputError(MergeError):
+    """A merge input cannot be opened, or lacks what the method needs (metadata, moments)."""
+
+
+class MissingTensorError(MergeError, KeyError):
+    """A tensor is held by some merge inputs and not by others (``missing: error``)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class MergeShapeError(MergeError):
+    """A tensor has different shapes in different merge inputs."""
+
+
+class MergeDtypeError(MergeError):
+    """A tensor has different floating dtypes in different inputs and no compute dtype is set."""
+
+
+class MergeWeightsError(MergeError, ValueError):
+    """Merge weights cannot be used: they sum to zero under normalisation, or do not fit."""
+
+
+class EvaluationError(MergeError):
+    """A soup or LCSC evaluation (callable or command) failed or did not return a number."""
+
+
+# --- remote storage (object stores) ------------------------------------------------------
+
+
+class StorageError(StashpointError):
+    """A storage backend failed for a reason other than a missing object.
+
+    Messages name the backend location (e.g. ``s3://bucket/key``) and, for remote
+    stores, the endpoint.  Not an ``OSError`` on purpose: these must reach the caller
+    as they are, not be mistaken for local disk trouble.
+    """
+
+
+class StorageAuthError(StorageError):
+    """The store rejected the credentials (unknown key, bad secret, expired token, none found)."""
+
+
+class StoragePermissionError(StorageError):
+    """The credentials are valid but not allowed to do this (access denied)."""
+
+
+class BucketNotFoundError(StorageError):
+    """The bucket (or container) named in the URL does not exist."""
+
+
+class StorageUnavailableError(StorageError):
+    """The store kept failing (timeouts, throttling, 5xx) until the retry budget ran out."""
