@@ -6,6 +6,7 @@ The public API is small:
   whatever layout they have now (any world size, FSDP2, TP, DDP, one process).
 * :func:`load_full` / :func:`iter_full`: whole CPU tensors for tools and evaluation.
 * :func:`read_index`: the checkpoint's JSON index as dataclasses.
+* :func:`merge`: averages, soups and merges of fine-tunes, streamed tensor by tensor.
 * :class:`PerRank`, :class:`OptimizerState`: wrappers that say how to treat a value.
 """
 
@@ -172,6 +173,53 @@ def read_index(path: PathLike) -> Index:
     return _read_index(storage, p)
 
 
+def merge(
+    config=None,
+    out: PathLike | None = None,
+    *,
+    models: list[PathLike] | None = None,
+    method: str | None = None,
+    base_model: PathLike | None = None,
+    parameters: dict[str, bool | int | float | str] | None = None,
+    dtype: str | None = None,
+    out_dtype: str | None = None,
+    missing: str | None = None,
+    output_format: str | None = None,
+    device: str | None = None,
+    evaluate=None,
+    overwrite: bool = False,
+    progress: bool = False,
+):
+    """Merge checkpoints into ``out``, one tensor at a time; returns a ``MergeReport``.
+
+    ``config`` is a mergekit-style YAML/JSON file, a mapping or a ``MergeConfig``; or
+    leave it out and pass ``models=[...]``, ``method="ema"``, ``parameters={...}``
+    (keywords override the config).  Inputs are stashpoint checkpoints (any world size
+    and layout) and HF safetensors directories; ``output_format="hf"`` writes an HF
+    directory.  ``missing`` is ``"error"``, ``"intersection"`` or ``"union"``;
+    ``evaluate`` (a callable ``path -> score`` or a command) drives ``greedy_soup`` and
+    ``lcsc``.  Methods, formulas and defaults: ``docs/MERGING.md``.
+    """
+    from stashpoint.merging import merge as _merge
+
+    return _merge(
+        config,
+        out,
+        models=models,
+        method=method,
+        base_model=base_model,
+        parameters=parameters,
+        dtype=dtype,
+        out_dtype=out_dtype,
+        missing=missing,
+        output_format=output_format,
+        device=device,
+        evaluate=evaluate,
+        overwrite=overwrite,
+        progress=progress,
+    )
+
+
 __all__ = [
     "Index",
     "LoadResult",
@@ -185,6 +233,7 @@ __all__ = [
     "iter_full",
     "load",
     "load_full",
+    "merge",
     "read_index",
     "save",
 ]

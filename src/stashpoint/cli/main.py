@@ -24,6 +24,12 @@ def _convert(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from stashpoint.cli.merge import run
+
+    return run(args)
+
+
 def _report(args: argparse.Namespace) -> int:
     from stashpoint.cli.report import run
 
@@ -64,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="model.", help="names under this prefix are the model's")
     p.add_argument("--copy", nargs="*", default=[], help="hf: files to copy along (config.json, ...)")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("merge", help="average or merge checkpoints (mergekit-style YAML or flags)")
+    from stashpoint.cli.merge import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_merge)
 
     p = sub.add_parser("report", help="table and timeline plot of save/load telemetry (JSON lines)")
     p.add_argument("files", nargs="+", help="telemetry .jsonl files")
