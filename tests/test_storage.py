@@ -114,6 +114,130 @@ class StorageConformance:
             assert torch.equal(a, b)
         assert torch.equal(stashpoint.load_full(url, ["model.weight"])["model.weight"], model.weight.detach())
 
+    # --- overwrite rules, empty and unicode objects, large and concurrent writes ----------
+
+    def test_overwrite_replaces_the_whole_object(self, storage: Storage, root: str):
+        p = storage.join(root, "o")
+        storage.write_bytes(p, b"a" * 100_000)
+        with storage.open_writer(p) as w:  # shorter, streamed: nothing of the old may remain
+            w.write(b"b" * 10)
+            w.write(b"c" * 5)
+        assert storage.size(p) == 15 and storage.read_bytes(p) == b"b" * 10 + b"c" * 5
+
+    def test_aborted_write_never_leaves_a_partial_object(self, storage: Storage, root: str):
+        p = storage.join(root, "keep")
+        storage.write_bytes(p, b"old")
+        w = storage.open_writer(p)
+        w.write(b"new-but-abandoned" * 1000)
+        w.abort()
+        # either the old object survives (object stores) or none exists (filesystems)
+        assert not storage.exists(p) or storage.read_bytes(p) == b"old"
+
+    def test_empty_streamed_object(self, storage: Storage, root: str):
+        p = storage.join(root, "empty")
+        with storage.open_writer(p):
+            pass
+        assert storage.exists(p) and storage.size(p) == 0 and storage.read_bytes(p) == b""
+        assert storage.read_into(p, 0, memoryview(bytearray(8))) == 0
+
+    def test_unicode_keys(self, storage: Storage, root: str):
+        d = storage.join(root, "ünï cødé ✓")
+        storage.make_prefix(d)
+        for name in ("日本語.bin", "emoji 🎉", "a+b=c&d"):
+            storage.write_bytes(storage.join(d, name), name.encode())
+        assert storage.list(d) == sorted(["日本語.bin", "emoji 🎉", "a+b=c&d"])
+        assert storage.list(root) == ["ünï cødé ✓"]
+        for name in storage.list(d):
+            assert storage.read_bytes(storage.join(d, name)) == name.encode()
+
+    def test_large_object_in_uneven_pieces(self, storage: Storage, root: str):
+        p = storage.join(root, "pieces")
+        data = torch.randint(0, 256, (23 << 20,), dtype=torch.uint8).numpy().tobytes()
+        view = memoryview(data)
+        with storage.open_writer(p, size=len(data)) as w:
+            step = (3 << 20) + 17  # pieces that straddle any part boundary
+            for lo in range(0, len(data), step):
+                w.write(view[lo : lo + step])
+        assert storage.size(p) == len(data)
+        out = bytearray(len(data) + 1000)  # one long read, asking for more than there is
+        assert storage.read_into(p, 0, memoryview(out)) == len(data)
+        assert out[: len(data)] == data
+
+    def test_concurrent_streamed_writers(self, storage: Storage, root: str):
+        """Several writers open at once, their pieces interleaved in time."""
+        n, piece = 4, 1 << 20
+        writers = [storage.open_writer(storage.join(root, f"w{i}")) for i in range(n)]
+        errors: list[BaseException] = []
+
+        def fill(i: int) -> None:
+            try:
+                for j in range(7):
+                    writers[i].write(bytes([i * 16 + j]) * piece)
+                writers[i].close()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=fill, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors
+        for i in range(n):
+            got = storage.read_bytes(storage.join(root, f"w{i}"))
+            assert got == b"".join(bytes([i * 16 + j]) * piece for j in range(7))
+
+    # --- checkpoints through each backend ---------------------------------------------------
+
+    def test_checkpoint_overwrite_rules(self, url: str):
+        stashpoint.save({"a": torch.ones(3), "b": torch.zeros(2)}, url)
+        with pytest.raises(stashpoint.errors.CheckpointExistsError):
+            stashpoint.save({"a": torch.ones(3)}, url)
+        stashpoint.save({"c": torch.full((4,), 7.0)}, url, overwrite=True)
+        got = stashpoint.load_full(url)
+        assert list(got) == ["c"] and torch.equal(got["c"], torch.full((4,), 7.0))
+
+    def test_checkpoint_commit_visibility(self, url: str):
+        """A reader polling during saves sees nothing, an error, or one whole checkpoint."""
+        versions = [float(v) for v in range(1, 4)]
+        stop = threading.Event()
+        seen: list[float] = []
+        problems: list[str] = []
+
+        def reader() -> None:
+            while not stop.is_set():
+                try:
+                    got = stashpoint.load_full(url)
+                except stashpoint.errors.StashpointError:
+                    continue  # not committed yet, or replaced while we read: reported, fine
+                values = {float(t.flatten()[0]) for t in got.values()} | {
+                    float(t.flatten()[-1]) for t in got.values()
+                }
+                if len(values) != 1 or len(got) != 4:
+                    problems.append(f"mixed or partial checkpoint: {len(got)} tensors, values {values}")
+                seen.extend(values)
+
+        t = threading.Thread(target=reader)
+        t.start()
+        try:
+            for v in versions:
+                state = {f"t{i}": torch.full((256, 1024), v) for i in range(4)}
+                stashpoint.save(state, url, overwrite=True)
+        finally:
+            stop.set()
+            t.join(60)
+        assert not problems, problems[:3]
+        final = stashpoint.load_full(url)
+        assert all(torch.equal(x, torch.full((256, 1024), versions[-1])) for x in final.values())
+
+    def test_zero_size_tensors_and_unicode_checkpoint_path(self, url: str):
+        where = url + "-ünïcødé ✓"
+        state = {"empty": torch.zeros(0, 5), "scalar": torch.tensor(3.0), "名前": torch.arange(4)}
+        stashpoint.save(state, where)
+        got = stashpoint.load_full(where)
+        assert got["empty"].shape == (0, 5) and float(got["scalar"]) == 3.0
+        assert torch.equal(got["名前"], torch.arange(4))
+
 
 class TestLocalStorage(StorageConformance):
     @pytest.fixture

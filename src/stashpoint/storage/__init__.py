@@ -34,11 +34,28 @@ def _load_plugins() -> None:
         importlib.import_module(name.strip())
 
 
+def _resolve_s3(url: str) -> tuple[Storage, str]:
+    # imported on first use: ``import stashpoint`` must not need boto3
+    try:
+        from stashpoint.storage.s3 import resolve_s3
+    except ImportError as exc:
+        from stashpoint.errors import UnsupportedStorageError
+
+        raise UnsupportedStorageError(
+            f"{url!r} needs boto3 ({exc}); install it with: pip install 'stashpoint[s3]'"
+        ) from exc
+    return resolve_s3(url)
+
+
+_BACKENDS["s3"] = _resolve_s3
+
+
 def resolve(location: str | os.PathLike) -> tuple[Storage, str]:
     """Pick the backend for a path or URL and return it with the backend-local path.
 
     ``/some/dir`` and ``file:///some/dir`` -> local filesystem; ``memory://name/dir``
-    -> the in-process memory backend (for tests); other schemes -> registered backends.
+    -> the in-process memory backend (for tests); ``s3://bucket/prefix`` -> S3 (see
+    ``stashpoint.storage.s3``); other schemes -> registered backends.
     """
     text = os.fspath(location)
     if text.startswith("memory://"):
