@@ -29,17 +29,30 @@ class TensorInputs:
     indices: list[int]
     #: Adam second moments, one per model, or None where no model stores them
     moments: list[torch.Tensor] | None = None
+    _deltas: bool = False
 
     def weights(self) -> list[float]:
         return [float(p.get("weight", 1.0)) for p in self.params]
 
     def deltas(self) -> list[torch.Tensor]:
+        """``model - base`` for each model, computed in place: ``models`` holds deltas after.
+
+        The input tensors were read for this call alone, so reusing their memory keeps
+        the peak at one tensor per input instead of two.
+        """
         assert self.base is not None
-        return [x - self.base for x in self.models]
+        if not self._deltas:
+            for x in self.models:
+                x.sub_(self.base)
+            self._deltas = True
+        return self.models
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``round(density * numel)`` largest-magnitude entries (ties at the cut are kept)."""
+    """Keep the ``round(density * numel)`` largest-magnitude entries (ties at the cut are kept).
+
+    Works in place on ``delta`` where it can (it is a scratch delta of this merge).
+    """
     n = delta.numel()
     k = int(round(density * n))
     if k >= n:
@@ -48,7 +61,8 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
         return torch.zeros_like(delta)
     mag = delta.abs()
     cut = mag.reshape(-1).kthvalue(n - k + 1).values
-    return delta * (mag >= cut)
+    keep = mag.ge_(cut)  # reuses the magnitudes' memory
+    return delta.mul_(keep)
 
 
 def disjoint_merge(deltas: list[torch.Tensor], ws: list[float], normalize: bool) -> torch.Tensor:
@@ -67,15 +81,15 @@ def disjoint_merge(deltas: list[torch.Tensor], ws: list[float], normalize: bool)
     num = torch.zeros_like(deltas[0])
     den = torch.zeros_like(deltas[0]) if normalize else None
     for d, w in zip(deltas, ws):
-        agree = (d != 0) & ((d > 0) == positive)
-        num.add_(d * agree, alpha=w)
+        agree = (d > 0).eq_(positive).logical_and_(d != 0)
+        num.add_(torch.where(agree, d, 0.0), alpha=w)
         if den is not None:
             den.add_(agree.to(den.dtype), alpha=w)
+        del agree
     if den is None:
         return num
-    return torch.where(
-        den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num)
-    )
+    none = den == 0
+    return num.div_(den.masked_fill_(none, 1.0)).masked_fill_(none, 0.0)
 
 
 def _density(p: Params, method: str) -> float:
@@ -99,18 +113,23 @@ def ties(t: TensorInputs) -> torch.Tensor:
     assert t.base is not None
     deltas = [trim(d, float(p["density"])) for d, p in zip(t.deltas(), t.params)]
     merged = disjoint_merge(deltas, t.weights(), bool(t.globals["normalize"]))
-    return t.base + float(t.globals["lambda"]) * merged
+    del deltas
+    return merged.mul_(float(t.globals["lambda"])).add_(t.base)
 
 
 def dare_drop(delta: torch.Tensor, density: float, seed: int, name: str, index: int) -> torch.Tensor:
-    """Keep each entry with probability ``density`` and rescale by 1/density (seeded per tensor and model)."""
+    """Keep each entry with probability ``density``, rescaled by 1/density, in place.
+
+    The mask is drawn on the CPU from a generator seeded by (seed, model index,
+    tensor name), so it does not depend on the order of tensors or on the device.
+    """
     if density >= 1.0:
         return delta
     if density <= 0.0:
         return torch.zeros_like(delta)
     g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{index}:{name}".encode()))
     keep = torch.rand(delta.shape, generator=g) < density  # on the CPU: same masks on any device
-    return delta * keep.to(delta.device) / density
+    return delta.mul_(keep.to(delta.device)).div_(density)
 
 
 def _dare(t: TensorInputs, method: str) -> list[torch.Tensor]:
@@ -155,7 +174,7 @@ def dare_ties(t: TensorInputs) -> torch.Tensor:
     """DARE drop and rescale, then TIES sign election and disjoint mean."""
     assert t.base is not None
     merged = disjoint_merge(_dare(t, "dare_ties"), t.weights(), bool(t.globals["normalize"]))
-    return t.base + float(t.globals["lambda"]) * merged
+    return merged.mul_(float(t.globals["lambda"])).add_(t.base)
 
 
 @register("slerp", kind=TENSOR, needs_base=None, defaults={"t": 0.5, "colinear_threshold": 0.9995})
@@ -191,8 +210,10 @@ def model_stock(t: TensorInputs) -> torch.Tensor:
     c = math.fsum(pairs) / len(pairs) if pairs else 1.0
     den = 1 + (k - 1) * c
     ratio = k * c / den if den != 0 else 0.0
-    mean = torch.stack(t.models).mean(0) if k else t.base
-    return mean * ratio + t.base * (1.0 - ratio)
+    mean = torch.zeros_like(t.base)
+    for d in deltas:
+        mean.add_(d, alpha=1.0 / k)
+    return mean.mul_(ratio).add_(t.base)  # t * mean(models) + (1 - t) * base
 
 
 @register(
