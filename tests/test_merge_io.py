@@ -287,3 +287,21 @@ def test_cli_yaml_and_flags(tmp_path):
     bad = run_cli("--method", "uniform", paths[0], tmp_path / "nothing", "-o", tmp_path / "b", check=False)
     assert bad.returncode == 2 and "MergeInputError" in bad.stderr
     assert "ties" in run_cli("--list-methods").stdout
+
+
+def test_union_for_delta_methods_and_progress(tmp_path, capfd):
+    base = ckpt(tmp_path / "base", {"w": torch.zeros(2), "x": torch.zeros(2)})
+    a = ckpt(tmp_path / "a", {"w": torch.tensor([1.0, -1.0]), "x": torch.tensor([2.0, 2.0])})
+    b = ckpt(tmp_path / "b", {"w": torch.tensor([3.0, 1.0])})
+    cfg = {"merge_method": "ties", "base_model": base, "models": [a, b], "parameters": {"density": 1.0}}
+    r = stashpoint.merge({**cfg, "missing": "union"}, tmp_path / "u", progress=True)
+    got = out_of(tmp_path / "u")
+    assert torch.allclose(got["model.w"], torch.tensor([2.0, 1.0]))  # (1+3)/2; -1+1 = 0 elects +: 1
+    assert torch.allclose(got["model.x"], torch.tensor([2.0, 2.0]))  # only a holds x
+    assert set(r.merged) == {"model.w", "model.x"}
+    err = capfd.readouterr().err
+    assert "merge [" in err and "2/2 tensors" in err
+    # the base must hold every tensor that is merged as deltas
+    c = ckpt(tmp_path / "c", {"w": torch.ones(2), "y": torch.ones(2)})
+    with pytest.raises(MissingTensorError, match="needs the base model's tensor"):
+        stashpoint.merge({**cfg, "models": [a, c], "missing": "union"}, tmp_path / "v")

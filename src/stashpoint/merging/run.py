@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -129,6 +131,41 @@ def _available(lw: LinearWeights, tp: TensorPlan, n: int) -> list[tuple[int, flo
     return [(i, c * total / avail) for i, c in coeffs]
 
 
+class Prefetcher:
+    """Reads input tensors in a background thread, one ahead of their use.
+
+    The order of all reads is known from the plan, so while the caller adds one
+    tensor into its accumulator (or the writer checksums and writes the previous
+    output) the next tensor is already being read.  At most one read is ahead, so
+    memory grows by one input tensor at most.
+    """
+
+    def __init__(self, inputs: Inputs, order: Iterator[tuple[int, str]]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._inputs, self._order = inputs, order
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="merge-read")
+        self._queue: deque = deque()
+        self._schedule()
+
+    def _schedule(self) -> None:
+        nxt = next(self._order, None)
+        if nxt is not None:
+            i, name = nxt
+            src = self._inputs.base if i == BASE else self._inputs.models[i]
+            self._queue.append((nxt, self._pool.submit(src.read, name)))
+
+    def take(self, i: int, name: str) -> torch.Tensor:
+        key, fut = self._queue.popleft()
+        if key != (i, name):  # the schedule and the computation disagree: a bug, not bad input
+            raise RuntimeError(f"merge read order: expected {key}, asked for {(i, name)}")
+        self._schedule()
+        return fut.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 class Engine:
     """Computes one output tensor at a time for a plan."""
 
@@ -140,33 +177,58 @@ class Engine:
             from stashpoint.format.dtypes import dtype_from_name
 
             self.cast = dtype_from_name(cfg.dtype)
+        self._prefetch: Prefetcher | None = None
+
+    def start(self, plans: tuple[TensorPlan, ...]) -> None:
+        """Begin reading ahead; ``compute`` must then be called for ``plans`` in order."""
+        self._prefetch = Prefetcher(self.inputs, (r for tp in plans for r in self.reads_for(tp)))
+
+    def close(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.close()
+
+    def reads_for(self, tp: TensorPlan) -> list[tuple[int, str]]:
+        """The (input, name) reads ``compute(tp)`` makes, in order."""
+        if tp.action == COPY:
+            return [(tp.source, tp.name)]
+        if self.linear is not None:
+            return [(i, tp.name) for i, _ in self._terms(tp, self.linear)]
+        reads = [(BASE, tp.name)] if tp.has_base else []
+        reads += [(i, tp.name) for i in tp.present]
+        if tp.moments is not None:
+            reads += list(zip(tp.present, tp.moments))
+        return reads
+
+    def _raw(self, i: int, name: str) -> torch.Tensor:
+        if self._prefetch is not None:
+            return self._prefetch.take(i, name)
+        return (self.inputs.base if i == BASE else self.inputs.models[i]).read(name)
 
     def _read(self, i: int, name: str, acc: torch.dtype | None) -> torch.Tensor:
         """Input ``i``'s tensor on the device, in ``acc`` (or as stored, rounded to ``dtype``)."""
-        src = self.inputs.base if i == BASE else self.inputs.models[i]
-        x = src.read(name)
+        x = self._raw(i, name)
         if self.cast is not None:
             x = x.to(self.cast)  # inputs are rounded to the configured dtype first
         return x.to(self.device) if acc is None else x.to(self.device, acc)
 
     def compute(self, tp: TensorPlan) -> torch.Tensor:
         if tp.action == COPY:
-            src = self.inputs.base if tp.source == BASE else self.inputs.models[tp.source]
-            return src.read(tp.name)
+            return self._raw(tp.source, tp.name)
         if self.linear is not None:
             out = self._linear(tp, self.linear)
         else:
             out = self._tensor(tp)
         return out.to("cpu", tp.out_dtype)
 
-    def _linear(self, tp: TensorPlan, lw: LinearWeights) -> torch.Tensor:
+    def _terms(self, tp: TensorPlan, lw: LinearWeights) -> list[tuple[int, float]]:
         terms = _available(lw, tp, len(self.inputs.models))
         if tp.has_base and lw.base != 0.0:
             terms = [(BASE, lw.base), *terms]
+        return [(i, c) for i, c in terms if c != 0.0]  # never read an input that does not contribute
+
+    def _linear(self, tp: TensorPlan, lw: LinearWeights) -> torch.Tensor:
         acc = None
-        for i, c in terms:
-            if c == 0.0:
-                continue  # never read an input that does not contribute
+        for i, c in self._terms(tp, lw):
             if acc is None:
                 acc = self._read(i, tp.name, tp.acc_dtype).mul_(c)
             else:  # added as stored: no widened copy of each input
@@ -179,10 +241,7 @@ class Engine:
         models = [self._read(i, tp.name, tp.acc_dtype) for i in tp.present]
         moments = None
         if tp.moments is not None:
-            moments = [
-                self.inputs.models[i].read(k).to(self.device, tp.acc_dtype)
-                for i, k in zip(tp.present, tp.moments)
-            ]
+            moments = [self._read(i, k, tp.acc_dtype) for i, k in zip(tp.present, tp.moments)]
         t = TensorInputs(
             name=tp.name,
             base=base,
@@ -206,8 +265,6 @@ def execute(
     progress: bool,
 ) -> MergeReport:
     """Write the merge of ``plan`` to ``out``; ``linear`` gives coefficients for non-tensor methods."""
-    from stashpoint.merging.writer import write_hf, write_stashpoint
-
     t0 = time.perf_counter()
     read0 = inputs.bytes_read
     engine = Engine(cfg, inputs, None if cfg.spec.kind == TENSOR else linear)
@@ -218,19 +275,11 @@ def execute(
         bar.step(inputs.bytes_read - read0)
         return result
 
-    if cfg.output_format == "hf":
-        written = write_hf(out, plan.tensors, compute, cfg.prefix, cfg.max_shard_size, overwrite)
-    else:
-        user = {
-            "merge": {
-                "method": cfg.method,
-                "models": [m.path for m in cfg.models],
-                "base_model": cfg.base_model,
-                "weights": list(linear.models) if linear is not None else None,
-            }
-        }
-        steps = [s.step for s in inputs.models if s.step is not None]
-        written = write_stashpoint(out, plan.tensors, compute, user, max(steps) if steps else None, overwrite)
+    engine.start(plan.tensors)
+    try:
+        written = _write(cfg, inputs, plan, out, linear, compute, overwrite)
+    finally:
+        engine.close()
     return MergeReport(
         output=out,
         method=cfg.method,
@@ -245,6 +294,23 @@ def execute(
         seconds=time.perf_counter() - t0,
         notes=plan.notes,
     )
+
+
+def _write(cfg, inputs: Inputs, plan: MergePlan, out: str, linear, compute, overwrite: bool) -> int:
+    from stashpoint.merging.writer import write_hf, write_stashpoint
+
+    if cfg.output_format == "hf":
+        return write_hf(out, plan.tensors, compute, cfg.prefix, cfg.max_shard_size, overwrite)
+    user = {
+        "merge": {
+            "method": cfg.method,
+            "models": [m.path for m in cfg.models],
+            "base_model": cfg.base_model,
+            "weights": list(linear.models) if linear is not None else None,
+        }
+    }
+    steps = [s.step for s in inputs.models if s.step is not None]
+    return write_stashpoint(out, plan.tensors, compute, user, max(steps) if steps else None, overwrite)
 
 
 def plan_for(cfg: MergeConfig, inputs: Inputs) -> MergePlan:
