@@ -13,12 +13,18 @@ The public API is small:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from stashpoint import errors
 from stashpoint._version import __version__
 from stashpoint.engine.telemetry import LoadResult, SaveResult
 from stashpoint.format.index import Index
 from stashpoint.wrappers import OptimizerState, PerRank
+
+if TYPE_CHECKING:  # the merge package is imported on first use only
+    from stashpoint.merging.config import MergeConfig
+    from stashpoint.merging.run import MergeReport
 
 PathLike = str | os.PathLike
 
@@ -174,7 +180,7 @@ def read_index(path: PathLike) -> Index:
 
 
 def merge(
-    config=None,
+    config: MergeConfig | Mapping[str, object] | PathLike | None = None,
     out: PathLike | None = None,
     *,
     models: list[PathLike] | None = None,
@@ -186,10 +192,10 @@ def merge(
     missing: str | None = None,
     output_format: str | None = None,
     device: str | None = None,
-    evaluate=None,
+    evaluate: Callable[[str], float] | str | None = None,
     overwrite: bool = False,
     progress: bool = False,
-):
+) -> MergeReport:
     """Merge checkpoints into ``out``, one tensor at a time; returns a ``MergeReport``.
 
     ``config`` is a mergekit-style YAML/JSON file, a mapping or a ``MergeConfig``; or

@@ -114,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
             models = [{"model": m, "parameters": {"weight": w}} for m, w in zip(models, ws)]
         doc: dict[str, object] = {"merge_method": args.method, "models": models}
     else:
+        if args.weights:
+            raise MergeConfigError("--weights goes with --method; in a YAML file give each model a weight")
         if len(args.inputs) not in (1, 2) or (len(args.inputs) == 1) == (args.out is None):
             raise MergeConfigError("usage: stashpoint merge CONFIG.yaml OUT, or --method M CKPT... -o OUT")
         config = args.inputs[0]
