@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -84,7 +85,8 @@ def _save_rounds(rank, world, args, device, cfg, model, optim) -> dict:
         if tool.startswith("stashpoint_") and tool != "stashpoint_sync":
             stashpoint.async_warmup({"model": model, "optim": optim}, device_buffer=device.type == "cuda")
         saves, pending = [], None
-        for i in range(args.saves):
+        n_saves = args.saves if tool.startswith("stashpoint") else (args.peer_saves or args.saves)
+        for i in range(n_saves):
             path = os.path.join(args.dir, f"{tool}-{i}")
             _step(cfg, model, optim, device)
             _sync(device)
@@ -127,10 +129,23 @@ def _save_rounds(rank, world, args, device, cfg, model, optim) -> dict:
             rec["commit_s"] = t_commit - t0
             saves.append(rec)
             dist.barrier(ctrl)
-            if rank == 0 and i < args.saves - 1:
+            if rank == 0 and i < n_saves - 1:
                 shutil.rmtree(path, ignore_errors=True)
-        out[tool] = {"saves": saves, "path": os.path.join(args.dir, f"{tool}-{args.saves - 1}")}
+        out[tool] = {
+            "saves": saves,
+            "path": os.path.join(args.dir, f"{tool}-{n_saves - 1}"),
+            # cumulative peak RSS of this rank's training process after this tool's saves
+            "rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
+        if rank == 0:
+            _write_partial(args.out, "saves", out)
     return out
+
+
+def _write_partial(out_path: str, part: str, data: dict) -> None:
+    """Rank 0's results so far, so a run cut short still leaves numbers behind."""
+    with open(f"{out_path}.{part}.partial", "w") as f:
+        json.dump(data, f, indent=1)
 
 
 def _load_all(rank, world, args, device, cfg, model, optim, paths: dict) -> dict:
@@ -165,6 +180,8 @@ def _load_all(rank, world, args, device, cfg, model, optim, paths: dict) -> dict
         rec["load_s"] = time.perf_counter() - t
         dist.barrier(ctrl)
         out[tool] = rec
+        if rank == 0:
+            _write_partial(args.out, f"load-{world}", out)
     return out
 
 
@@ -183,8 +200,12 @@ def _worker(rank: int, world: int, args, init_file: str, results) -> None:
     if cuda:
         torch.cuda.set_device(rank)
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    # DCP's async_save needs a CPU backend next to NCCL
     dist.init_process_group(
-        "nccl" if cuda else "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+        "cpu:gloo,cuda:nccl" if cuda else "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
     )
     try:
         cfg, model, optim = _build(args.params, device, world)
@@ -193,6 +214,7 @@ def _worker(rank: int, world: int, args, init_file: str, results) -> None:
         if args.part == "save":
             saved = _save_rounds(rank, world, args, device, cfg, model, optim)
             out["saves"] = {k: v["saves"] for k, v in saved.items()}
+            out["rss_peak_bytes"] = {k: v["rss_peak_bytes"] for k, v in saved.items()}
             out["load_same_world"] = _load_all(
                 rank, world, args, device, cfg, model, optim, {k: v["path"] for k, v in saved.items()}
             )
@@ -217,6 +239,7 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, default=max(1, torch.cuda.device_count()))
     ap.add_argument("--params", type=float, default=3e9)
     ap.add_argument("--saves", type=int, default=5)
+    ap.add_argument("--peer-saves", type=int, default=0, help="saves per peer tool (default: --saves)")
     ap.add_argument("--tools", default="stashpoint_lazy,stashpoint_sync,dcp_async,dcp_save")
     ap.add_argument("--dir", default="/tmp/sp-fsdp")
     ap.add_argument("--out", required=True)
