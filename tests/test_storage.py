@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 
@@ -9,7 +10,9 @@ import pytest
 import torch
 
 import stashpoint
-from stashpoint.storage import LocalStorage, MemoryStorage, Storage
+from stashpoint.storage import LocalStorage, MemoryStorage, Storage, resolve
+
+import dist_cases
 
 
 class StorageConformance:
@@ -272,3 +275,91 @@ def test_file_url_and_unknown_scheme(tmp_path):
     assert torch.equal(stashpoint.load_full(tmp_path / "c")["x"], torch.ones(2))
     with pytest.raises(stashpoint.errors.UnsupportedStorageError, match="gopher"):
         stashpoint.save({"x": torch.ones(2)}, "gopher://x/y")
+
+
+# --- fsspec: its in-memory filesystem (object-store-like) and its local one -----------------
+
+fsspec = pytest.importorskip("fsspec")
+
+
+class TestFsspecMemoryStorage(StorageConformance):
+    """``fsspec+memory://``: fsspec's own memory filesystem, committed with a marker."""
+
+    @pytest.fixture
+    def storage(self) -> Storage:
+        storage, _ = resolve("fsspec+memory://conformance")
+        assert type(storage).__name__ == "FsspecStorage" and not storage.atomic_rename
+        return storage
+
+    @pytest.fixture
+    def root(self) -> str:
+        return f"/t-{uuid.uuid4().hex}"
+
+    @pytest.fixture
+    def url(self) -> str:
+        return f"fsspec+memory://t-{uuid.uuid4().hex}/ckpt"
+
+
+class TestFsspecLocalStorage(StorageConformance):
+    """``local://``: fsspec's local filesystem (atomic rename, fsync'd writes)."""
+
+    @pytest.fixture
+    def storage(self) -> Storage:
+        storage, _ = resolve("local:///")
+        assert type(storage).__name__ == "FsspecStorage" and storage.atomic_rename
+        return storage
+
+    @pytest.fixture
+    def root(self, tmp_path) -> str:
+        return str(tmp_path)
+
+    @pytest.fixture
+    def url(self, tmp_path) -> str:
+        return f"local://{tmp_path}/ckpt"
+
+
+def test_fsspec_urls_resolve_back_to_the_same_place(tmp_path):
+    storage, path = resolve("fsspec+memory://a/b")
+    assert path == "/a/b" and storage.url(path) == "fsspec+memory://a/b"
+    assert resolve(storage.url(path))[1] == path
+    storage, path = resolve(f"local://{tmp_path}/c")
+    assert path == f"{tmp_path}/c" and resolve(storage.url(path))[1] == path
+    with pytest.raises(stashpoint.errors.UnsupportedStorageError, match="nosuchproto"):
+        resolve("fsspec+nosuchproto://x/y")
+
+
+def test_fsspec_memory_checkpoint_is_invisible_until_the_index_lands():
+    url = f"fsspec+memory://t-{uuid.uuid4().hex}/ckpt"
+    storage, path = resolve(url)
+    stashpoint.save({"w": torch.arange(10.0)}, url)
+    storage.delete(storage.join(path, "index.json"))  # as if the save died before the commit
+    with pytest.raises(stashpoint.errors.IncompleteCheckpointError):
+        stashpoint.load_full(url)
+
+
+def test_fsspec_local_save_at_two_ranks_load_at_three(pools, tmp_path):
+    """Spawned ranks resolve ``local://`` themselves, so this crosses processes."""
+    case = {
+        "save_world": 2,
+        "load_world": 3,
+        "step": 7,
+        "tensors": [
+            {
+                "shape": [6, 5],
+                "dtype": "float32",
+                "seed": 1,
+                "save": {"mesh": [2], "placements": [("S", 0)]},
+                "load": {"mesh": [3], "placements": [("S", 1)]},
+            },
+            {"shape": [4], "dtype": "bfloat16", "seed": 2, "save": None, "load": None},
+        ],
+    }
+    url = f"local://{tmp_path}/ckpt"
+    pools(2).run(dist_cases.save_case, case, url)
+    assert sorted(os.listdir(tmp_path / "ckpt")) == [
+        "data-00000.safetensors",
+        "data-00001.safetensors",
+        "index.json",
+    ]
+    for rank, r in enumerate(pools(3).run(dist_cases.load_case, case, url)):
+        assert r["mismatches"] == [] and r["step"] == 7, rank

@@ -55,7 +55,8 @@ def resolve(location: str | os.PathLike) -> tuple[Storage, str]:
 
     ``/some/dir`` and ``file:///some/dir`` -> local filesystem; ``memory://name/dir``
     -> the in-process memory backend (for tests); ``s3://bucket/prefix`` -> S3 (see
-    ``stashpoint.storage.s3``); other schemes -> registered backends.
+    ``stashpoint.storage.s3``); other schemes -> registered backends, then any protocol
+    fsspec knows (``gcs://...``, ``fsspec+memory://...``; see ``stashpoint.storage.fsspec_storage``).
     """
     text = os.fspath(location)
     if text.startswith("memory://"):
@@ -67,9 +68,11 @@ def resolve(location: str | os.PathLike) -> tuple[Storage, str]:
         _load_plugins()
         if scheme in _BACKENDS:
             return _BACKENDS[scheme](text)
-        from stashpoint.errors import UnsupportedStorageError
+        # everything else is fsspec's, or nobody's (a named error either way); fsspec
+        # itself is imported there, on first use: ``import stashpoint`` must not need it
+        from stashpoint.storage.fsspec_storage import resolve_fsspec
 
-        raise UnsupportedStorageError(f"no storage backend for URL scheme {scheme!r} in {text!r}")
+        return resolve_fsspec(text)
     return LocalStorage(), os.path.abspath(text)
 
 
