@@ -13,8 +13,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 from stashpoint.errors import EvaluationError, MergeConfigError, StashpointError
 from stashpoint.merging.config import MergeConfig, ModelSpec, load_config, parse_config
+from stashpoint.merging.plan import MergePlan
 from stashpoint.merging.registry import LINEAR, SEARCH, ParamValue, method_names
-from stashpoint.merging.run import MergeReport, execute, open_inputs, plan_for, weight_context
+from stashpoint.merging.run import Inputs, MergeReport, execute, open_inputs, plan_for, weight_context
 from stashpoint.merging.search import CachedFitness, Evaluator, SearchResult, command_evaluator
 from stashpoint.merging.weights import LinearWeights
 
@@ -152,7 +153,7 @@ def _evaluator(evaluate: Evaluator | str | None, method: str) -> Evaluator:
 
 
 def _candidate_fitness(
-    cfg, inputs, plan, out: str, evaluate: Evaluator
+    cfg: MergeConfig, inputs: Inputs, plan: MergePlan, out: str, evaluate: Evaluator
 ) -> Callable[[tuple[float, ...]], float]:
     """Write the candidate next to the output, evaluate it, delete it."""
     from stashpoint.merging.writer import remove_output

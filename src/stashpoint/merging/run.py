@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +23,7 @@ from stashpoint.merging.inputs import Source, open_input
 from stashpoint.merging.methods import TensorInputs
 from stashpoint.merging.plan import BASE, COPY, MergePlan, TensorPlan, plan_merge
 from stashpoint.merging.registry import TENSOR
+from stashpoint.merging.search import SearchResult
 from stashpoint.merging.weights import LinearWeights, WeightContext
 
 
@@ -43,7 +44,7 @@ class MergeReport:
     bytes_written: int
     seconds: float
     notes: tuple[str, ...] = ()
-    search: object | None = field(default=None)
+    search: SearchResult | None = field(default=None)
 
     @property
     def read_gb_per_s(self) -> float:
@@ -296,7 +297,15 @@ def execute(
     )
 
 
-def _write(cfg, inputs: Inputs, plan: MergePlan, out: str, linear, compute, overwrite: bool) -> int:
+def _write(
+    cfg: MergeConfig,
+    inputs: Inputs,
+    plan: MergePlan,
+    out: str,
+    linear: LinearWeights | None,
+    compute: Callable[[TensorPlan], torch.Tensor],
+    overwrite: bool,
+) -> int:
     from stashpoint.merging.writer import write_hf, write_stashpoint
 
     if cfg.output_format == "hf":
