@@ -198,3 +198,14 @@ class BucketNotFoundError(StorageError):
 
 class StorageUnavailableError(StorageError):
     """The store kept failing (timeouts, throttling, 5xx) until the retry budget ran out."""
+
+
+# --- tiered checkpoints ----------------------------------------------------------------------
+
+
+class UploadError(StashpointError):
+    """Copying a checkpoint to the remote tier failed.
+
+    Neither tier is damaged: the local copy stays, and the remote one was never
+    committed (its index is written last, through the remote commit strategy).
+    """

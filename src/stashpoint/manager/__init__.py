@@ -2,5 +2,13 @@
 
 from stashpoint.manager.manager import CheckpointInfo, CheckpointManager
 from stashpoint.manager.policy import RetentionPolicy, SavePolicy
+from stashpoint.manager.tiering import UploadFailure, UploadPolicy
 
-__all__ = ["CheckpointInfo", "CheckpointManager", "RetentionPolicy", "SavePolicy"]
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointManager",
+    "RetentionPolicy",
+    "SavePolicy",
+    "UploadFailure",
+    "UploadPolicy",
+]
