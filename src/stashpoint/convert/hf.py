@@ -13,10 +13,10 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import torch
 
+from stashpoint.convert.stream import ConvertSummary, peak_rss_bytes
 from stashpoint.errors import InvalidStateError, MissingKeyError
 from stashpoint.format.dtypes import dtype_from_name, dtype_name, itemsize
 
@@ -24,15 +24,6 @@ HF_INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
 NameMap = Callable[[str], str | None] | Mapping[str, str] | None
-
-
-@dataclass(frozen=True)
-class ConvertSummary:
-    tensors: int
-    bytes: int
-    files: int
-    seconds: float
-    skipped: tuple[str, ...]
 
 
 def strip_prefix(prefix: str) -> Callable[[str], str | None]:
@@ -140,7 +131,9 @@ def export_hf(
         import shutil
 
         shutil.copy(extra, os.path.join(dst, os.path.basename(extra)))
-    return ConvertSummary(len(chosen), total, len(shards), time.perf_counter() - t0, tuple(skipped))
+    return ConvertSummary(
+        len(chosen), total, len(shards), time.perf_counter() - t0, tuple(skipped), 0, peak_rss_bytes()
+    )
 
 
 def _write_shard(path: str, members, out_dtype, stream) -> int:
@@ -186,57 +179,22 @@ def _hf_files(src: str) -> list[str]:
 
 
 def import_hf(
-    src: str | os.PathLike, dst: str | os.PathLike, *, prefix: str = "model.", overwrite: bool = False
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    prefix: str = "model.",
+    overwrite: bool = False,
+    progress=None,
 ) -> ConvertSummary:
-    """Turn an HF safetensors directory into a stashpoint checkpoint, tensor by tensor."""
-    from safetensors import safe_open
+    """Turn an HF safetensors directory into a stashpoint checkpoint, tensor by tensor.
 
-    from stashpoint.engine.persist import FileItem, build_index, commit_index, data_file_name, write_data_file
-    from stashpoint.engine.save import save_metadata
-    from stashpoint.engine.telemetry import PhaseTimer
-    from stashpoint.engine.tensors import as_bytes
-    from stashpoint.format.safetensors_file import FileEntry
-    from stashpoint.planning.save_plan import GLOBAL, ItemPlan
-    from stashpoint.storage import resolve
-    from stashpoint.storage.commit import default_commit
+    Names gain ``prefix`` so the result loads into ``{"model": module}``.
+    """
+    from stashpoint.convert.stream import copy_to_stashpoint
 
-    t0 = time.perf_counter()
-    src = os.fspath(src)
-    storage, final = resolve(dst)
-    if storage.exists(final) and not overwrite:
-        from stashpoint.errors import CheckpointExistsError
-
-        raise CheckpointExistsError(f"{storage.describe(final)} already exists; pass overwrite=True")
-    commit = default_commit(storage)
-    staging = commit.staging_path(storage, final, f"import{os.getpid()}")
-    storage.make_prefix(staging)
-    items, plan_items = [], {}
-    for file_name in _hf_files(src):
-        path = os.path.join(src, file_name)
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                shape = tuple(sl.get_shape())
-                t_dtype = _st_dtype(sl.get_dtype())
-                numel = 1
-                for n in shape:
-                    numel *= n
-                name = prefix + key
-
-                def fetch(path=path, key=key):
-                    with safe_open(path, framework="pt") as g:
-                        return as_bytes(g.get_tensor(key).contiguous())
-
-                entry = FileEntry(name, t_dtype, shape, numel * itemsize(t_dtype))
-                items.append(FileItem(name, False, entry, dtype_name(t_dtype), (0,) * len(shape), fetch))
-                plan_items[name] = ItemPlan(name, True, GLOBAL, dtype_name(t_dtype), shape, None, "")
-    timer = PhaseTimer()
-    written, size = write_data_file(storage, staging, data_file_name(0), items, 1 << 20, timer, threads=1)
-    index = build_index(
-        plan_items, [written], save_metadata(1, None, {"imported_from": "huggingface"}), 1 << 20
+    return copy_to_stashpoint(
+        src, dst, source="huggingface", rename=lambda n: prefix + n, overwrite=overwrite, progress=progress
     )
-    commit_index(storage, staging, final, commit, index, overwrite, timer)
-    return ConvertSummary(len(items), size, 1, time.perf_counter() - t0, ())
 
 
 _ST_DTYPES = {
@@ -258,3 +216,100 @@ def _st_dtype(code: str) -> torch.dtype:
         return _ST_DTYPES[code]
     except KeyError:
         raise InvalidStateError(f"safetensors dtype {code} is not supported for import") from None
+
+
+def is_hf_dir(storage, path: str) -> bool:
+    """An HF weights directory: ``model.safetensors`` or its sharded index, and no stashpoint index."""
+    return storage.exists(storage.join(path, HF_INDEX)) or storage.exists(
+        storage.join(path, "model.safetensors")
+    )
+
+
+def hf_index(storage, path: str):
+    """Describe an HF safetensors directory as a stashpoint index (names as in the files).
+
+    Only the safetensors headers are read; each tensor becomes one chunk pointing at its
+    bytes, so :func:`stashpoint.load` reads just the ranges a rank needs.  HF files
+    carry no checksums, so nothing is verified.
+    """
+    from stashpoint.errors import IndexCorruptError
+    from stashpoint.format.index import ChunkRecord, Index, SaveMetadata, TensorRecord
+
+    where = storage.describe(path)
+    index_path = storage.join(path, HF_INDEX)
+    if storage.exists(index_path):
+        try:
+            weight_map = json.loads(storage.read_bytes(index_path))["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IndexCorruptError(f"{where}: bad {HF_INDEX}: {exc}") from exc
+        files = sorted(set(weight_map.values()))
+    else:
+        files = ["model.safetensors"]
+    items = {}
+    for name in files:
+        fpath = storage.join(path, name)
+        head = storage.read_range(fpath, 0, 8)
+        if len(head) < 8:
+            raise IndexCorruptError(f"{where}: {name} is too short for a safetensors file")
+        n = int.from_bytes(head, "little")
+        try:
+            header = json.loads(storage.read_range(fpath, 8, 8 + n))
+        except ValueError as exc:
+            raise IndexCorruptError(f"{where}: {name} has a bad safetensors header: {exc}") from exc
+        for key, meta in header.items():
+            if key == "__metadata__":
+                continue
+            begin, end = meta["data_offsets"]
+            dtype = _st_dtype(meta["dtype"])
+            shape = tuple(meta["shape"])
+            chunk = ChunkRecord((0,) * len(shape), shape, name, key, (8 + n + begin, 8 + n + end), ())
+            items[key] = TensorRecord(dtype_name(dtype), shape, (chunk,))
+    meta = SaveMetadata(
+        world_size=1,
+        created_unix=0.0,
+        torch_version="",
+        stashpoint_version="",
+        user={"source_format": "huggingface"},
+    )
+    return Index(metadata=meta, items=items, crc_block_bytes=0)
+
+
+def load_hf(
+    module: torch.nn.Module,
+    path: str | os.PathLike,
+    *,
+    name_map: Callable[[str], str | None] | Mapping[str, str] | None = None,
+    strict: bool = True,
+    process_group=None,
+    timeout_s: float = 600.0,
+):
+    """Load an HF safetensors directory straight into ``module``, in whatever layout it has.
+
+    A collective when ``module`` is sharded (FSDP2, TP): every rank calls it and reads
+    only the byte ranges of the safetensors files its shards cover.  HF names are taken
+    as ``module``'s parameter and buffer names unless ``name_map`` maps them (a function
+    or a table; None from a function, or a name missing from a table, leaves a tensor
+    out).  Returns the :class:`~stashpoint.LoadResult`.
+    """
+    from stashpoint.engine.load import load_state
+
+    if name_map is None:
+        mapped: Callable[[str], str | None] = lambda n: n
+    elif callable(name_map):
+        mapped = name_map
+    else:
+        table = dict(name_map)
+        mapped = table.get
+
+    def rename(name: str) -> str | None:
+        new = mapped(name)
+        return None if new is None else "model." + new
+
+    return load_state(
+        {"model": module},
+        os.fspath(path),
+        strict=strict,
+        process_group=process_group,
+        timeout_s=timeout_s,
+        rename=rename,
+    )

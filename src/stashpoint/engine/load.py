@@ -14,6 +14,8 @@ Call order of :func:`load_state` (every rank calls it with the same path):
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import pickle
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -75,7 +77,11 @@ def _decode_object(storage: Storage, path: str, rec: ObjectRecord, fqn: str, ver
     if rec.encoding == "json":
         return from_json(rec.value)
     data = read_whole(storage, path, fqn, TensorRecord("uint8", rec.chunk.shape, (rec.chunk,)), verify, index)
-    return pickle.loads(data.numpy().tobytes())  # allow_pickle was checked by the plan
+    raw = data.numpy().tobytes()
+    # allow_pickle was checked by the plan
+    if rec.encoding == "torch_pickle":  # a DCP value (see stashpoint.convert.dcp)
+        return torch.load(io.BytesIO(raw), weights_only=False)
+    return pickle.loads(raw)
 
 
 def read_whole(
@@ -205,6 +211,15 @@ def _read_per_tensor(
             raise
 
 
+def _renamed(index: Index, rename: Callable[[str], str | None]) -> Index:
+    items = {}
+    for name, rec in index.items.items():
+        new = rename(name)
+        if new is not None:
+            items[new] = rec
+    return dataclasses.replace(index, items=items)
+
+
 def load_state(
     state: dict,
     path: str,
@@ -215,7 +230,9 @@ def load_state(
     per_rank: PerRankPolicy = "error",
     process_group=None,
     timeout_s: float = 600.0,
+    rename: Callable[[str], str | None] | None = None,
 ) -> LoadResult:
+    """See :func:`stashpoint.load`; ``rename`` maps checkpoint names to target names (None drops)."""
     timer = PhaseTimer()
     coord = Coordinator(process_group, timeout_s)
     storage, ckpt = resolve(path)
@@ -225,6 +242,8 @@ def load_state(
     def prepare() -> int:
         with timer.phase("plan"):
             index = read_index(storage, ckpt)
+            if rename is not None:
+                index = _renamed(index, rename)
             flat = _state.flatten_state(state)
             targets = {fqn: _target(leaf) for fqn, leaf in flat.leaves.items()}
             plan = plan_load(
@@ -357,7 +376,7 @@ def iter_full(
             raise MissingKeyError(f"{where}: key {name!r} is not in the checkpoint")
         item = index.items[name]
         recs = item.ranks if isinstance(item, PerRankRecord) else (item,)
-        if not allow_pickle and any(isinstance(r, ObjectRecord) and r.encoding == "pickle" for r in recs):
+        if not allow_pickle and any(isinstance(r, ObjectRecord) and r.pickled for r in recs):
             raise PickleNotAllowedError(
                 f"{where}: {name!r} is stored as pickle; pass allow_pickle=True only if you "
                 "trust the checkpoint"

@@ -27,6 +27,9 @@ def read_index(storage: Storage, path: str) -> Index:
     where = storage.describe(path)
     index_path = storage.join(path, INDEX_FILE)
     if not storage.exists(index_path):
+        foreign = _foreign_index(storage, path)
+        if foreign is not None:
+            return foreign
         if storage.exists(path):
             raise IncompleteCheckpointError(
                 f"{where} has no {INDEX_FILE}: it was never committed (a save was interrupted "
@@ -38,6 +41,18 @@ def read_index(storage: Storage, path: str) -> Index:
     except FileNotFoundError:
         raise IncompleteCheckpointError(f"{where}: {INDEX_FILE} vanished while reading") from None
     return Index.from_json(text, where)
+
+
+def _foreign_index(storage: Storage, path: str) -> Index | None:
+    """Other tools' checkpoints that stashpoint reads in place: PyTorch DCP and HF safetensors."""
+    from stashpoint.convert.dcp import dcp_index, is_dcp
+    from stashpoint.convert.hf import hf_index, is_hf_dir
+
+    if is_dcp(storage, path):
+        return dcp_index(storage, path)
+    if is_hf_dir(storage, path):
+        return hf_index(storage, path)
+    return None
 
 
 def check_files(storage: Storage, path: str, index: Index, files: set[str]) -> None:

@@ -67,11 +67,20 @@ class TensorRecord:
 
 @dataclass(frozen=True)
 class ObjectRecord:
-    """A non-tensor value: inline JSON, or pickle bytes stored as a uint8 chunk."""
+    """A non-tensor value: inline JSON, or pickle bytes stored as a uint8 chunk.
 
-    encoding: str  # "json" | "pickle"
+    ``"torch_pickle"`` (a ``torch.save``'d object) appears only in indexes that describe
+    other tools' checkpoints in memory, never in a stashpoint index file.
+    """
+
+    encoding: str  # "json" | "pickle" | "torch_pickle"
     value: JSONValue = None
     chunk: ChunkRecord | None = None
+
+    @property
+    def pickled(self) -> bool:
+        """Reading the value needs an unpickler (so the caller must opt in)."""
+        return self.encoding in ("pickle", "torch_pickle")
 
     @property
     def nbytes(self) -> int:

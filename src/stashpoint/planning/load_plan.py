@@ -163,7 +163,7 @@ def plan_load(
                 continue
             if isinstance(rec, tuple):
                 for r in rec:
-                    if isinstance(r, ObjectRecord) and r.encoding == "pickle" and not allow_pickle:
+                    if isinstance(r, ObjectRecord) and r.pickled and not allow_pickle:
                         raise PickleNotAllowedError(_pickle_msg(where, fqn))
                 combines.append(CombineLoad(fqn, rec, tgt))
                 continue
@@ -183,7 +183,7 @@ def plan_load(
             continue
         if not tgt.assignable:
             raise TypeMismatchError(f"{where}: {fqn!r} sits inside a tuple and cannot be replaced")
-        if rec.encoding == "pickle" and not allow_pickle:
+        if rec.pickled and not allow_pickle:
             raise PickleNotAllowedError(_pickle_msg(where, fqn))
         objects.append(ObjectLoad(fqn, rec))
     return LoadPlan(tuple(tensors), tuple(objects), tuple(combines), tuple(skipped))

@@ -1,0 +1,101 @@
+"""``torch.save`` files (``.pt``, ``.bin``, HF ``pytorch_model.bin`` shards) into stashpoint.
+
+Files are opened with ``torch.load(weights_only=True, mmap=True)``: tensors, plain
+containers and numbers only, and tensor data paged in from the file as it is copied.
+Files that need a full unpickler are read only with ``allow_pickle=True`` (which runs
+code from the file: use it only for files you trust).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections.abc import Iterator
+
+import torch
+
+from stashpoint.convert.stream import ConvertSummary, SourceTensor, write_checkpoint
+from stashpoint.errors import CheckpointNotFoundError, IndexCorruptError, PickleNotAllowedError
+
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+def torch_save_files(src: str) -> list[str]:
+    """The files of a ``torch.save`` checkpoint: one file, or a directory's shards."""
+    if os.path.isfile(src):
+        return [src]
+    index = os.path.join(src, BIN_INDEX)
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IndexCorruptError(f"{index}: {exc}") from exc
+        return [os.path.join(src, n) for n in names]
+    single = os.path.join(src, "pytorch_model.bin")
+    if os.path.exists(single):
+        return [single]
+    raise CheckpointNotFoundError(f"{src}: no torch.save file or {BIN_INDEX}")
+
+
+def _load(path: str, allow_pickle: bool) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=True)
+    except pickle.UnpicklingError as exc:
+        raise PickleNotAllowedError(
+            f"{path} holds objects that weights-only loading refuses ({exc}); pass "
+            "allow_pickle=True only if you trust the file"
+        ) from exc
+    except (RuntimeError, EOFError) as exc:
+        raise IndexCorruptError(f"{path}: not a readable torch.save file: {exc}") from exc
+
+
+def _flatten(value: object, prefix: str) -> Iterator[tuple[str, object]]:
+    if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+        for k, v in value.items():
+            yield from _flatten(v, f"{prefix}.{k}" if prefix else k)
+    else:
+        yield prefix, value
+
+
+def import_torch_save(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    prefix: str = "",
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    progress=None,
+) -> ConvertSummary:
+    """Turn ``torch.save`` file(s) into a stashpoint checkpoint.
+
+    Nested dicts become dotted names (as stashpoint and DCP flatten them); ``prefix``
+    is put in front of every name (``"model."`` makes an HF ``pytorch_model.bin`` load
+    into ``{"model": module}``).
+    """
+    tensors: list[SourceTensor] = []
+    values: dict[str, object] = {}
+    opened = []  # the mmap'd dicts stay open until the writer is done with them
+    seen: set[str] = set()
+    for path in torch_save_files(os.fspath(src)):
+        obj = _load(path, allow_pickle)
+        opened.append(obj)
+        for name, value in _flatten(obj, ""):
+            name = prefix + name
+            if name in seen:
+                raise IndexCorruptError(f"{path}: {name!r} appears more than once")
+            seen.add(name)
+            if isinstance(value, torch.Tensor):
+                tensors.append(SourceTensor(name, value.dtype, tuple(value.shape), lambda v=value: v))
+            else:
+                values[name] = value
+    return write_checkpoint(
+        dst,
+        tensors,
+        values,
+        source="torch.save",
+        overwrite=overwrite,
+        allow_pickle=allow_pickle,
+        progress=progress,
+    )
