@@ -103,3 +103,17 @@ def test_manager_works_on_any_storage():
     manager.wait()
     assert manager.latest().step == 2 and [c.step for c in manager.checkpoints()] == [2]
     assert stashpoint.load_full(manager.latest().path, ["step"])["step"] == 2
+
+
+def test_telemetry_defaults_to_local_roots_only(tmp_path, monkeypatch):
+    """A root that is not a local directory must not turn into a path under the working directory."""
+    pytest.importorskip("fsspec")
+    monkeypatch.chdir(tmp_path)
+    manager = CheckpointManager("fsspec+memory://telemetry-test/run", mode="sync")
+    assert manager.telemetry_path is None
+    manager.save(1, _state(1))
+    manager.close()
+    assert list(tmp_path.iterdir()) == [] and manager.latest().step == 1
+    assert CheckpointManager(tmp_path / "local", mode="sync").telemetry_path == str(
+        tmp_path / "local" / "telemetry.jsonl"
+    )

@@ -115,12 +115,10 @@ class CheckpointManager:
                 self._uploader = Uploader(
                     self.storage, self._root, self.upload, checkpoint_name, self._after_upload
                 )
-                remote, remote_root = self._remote
-                remote.make_prefix(remote_root)
-                self._clean_stale(stale_s, remote, remote_root)  # uploads a crash interrupted
-                self._abort_leaked_uploads(remote, remote_root)
-                if self.upload.upload_existing:
-                    self._upload_missing()
+                try:
+                    self._start_remote_tier(stale_s)
+                except StorageError as exc:  # training goes on; uploads will report their own failures
+                    warnings.warn(f"remote tier {self.upload.remote}: {exc}", stacklevel=2)
 
     # ------------------------------------------------------------------ discovery
 
@@ -154,7 +152,13 @@ class CheckpointManager:
             return []
         uploading = self._uploader.pending() if self._uploader is not None else set()
         remote, remote_root = self._remote
-        return _scan(remote, remote_root, {checkpoint_name(s) for s in uploading}, "remote")
+        try:
+            return _scan(remote, remote_root, {checkpoint_name(s) for s in uploading}, "remote")
+        except StorageError as exc:
+            # an unreachable remote tier must not stop a resume from the local one; retention
+            # then sees no remote copies, so it deletes nothing remote and keeps more locally
+            warnings.warn(f"remote tier {self.upload.remote} not listed: {exc}", stacklevel=3)
+            return []
 
     # ------------------------------------------------------------------ saving
 
@@ -294,6 +298,14 @@ class CheckpointManager:
 
     def _after_upload(self, step: int) -> None:
         self._retain_in_background()
+
+    def _start_remote_tier(self, stale_s: float) -> None:
+        remote, remote_root = self._remote
+        remote.make_prefix(remote_root)
+        self._clean_stale(stale_s, remote, remote_root)  # uploads a crash interrupted
+        self._abort_leaked_uploads(remote, remote_root)
+        if self.upload.upload_existing:
+            self._upload_missing()
 
     def _upload_missing(self) -> None:
         """Upload local checkpoints the remote tier lacks and retention still wants (oldest first)."""
