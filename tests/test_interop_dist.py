@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-import interop_cases
 import stashpoint
 from stashpoint.convert import export_dcp, export_hf, import_dcp, strip_prefix
+
+import interop_cases
 
 
 def flat_tensors(tree, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -65,6 +65,7 @@ def export_hf(
     dtype: torch.dtype | None = None,
     copy_files: tuple[str | os.PathLike, ...] = (),
     verify: bool = True,
+    progress: Callable[[str, int], None] | None = None,
 ) -> ConvertSummary:
     """Write the tensors of a stashpoint checkpoint as an HF safetensors directory.
 
@@ -120,7 +121,7 @@ def export_hf(
             os.path.join(dst, file_name),
             [(hf, by_hf[hf][0], by_hf[hf][1]) for hf in members],
             out_dtype,
-            lambda keys: iter_full(src, keys, verify=verify),
+            lambda keys: _reported(iter_full(src, keys, verify=verify), progress),
         )
         weight_map.update({hf: file_name for hf in members})
     if len(shards) > 1:
@@ -134,6 +135,13 @@ def export_hf(
     return ConvertSummary(
         len(chosen), total, len(shards), time.perf_counter() - t0, tuple(skipped), 0, peak_rss_bytes()
     )
+
+
+def _reported(items, progress):
+    for name, tensor in items:
+        if progress is not None:
+            progress(name, tensor.numel() * tensor.element_size())
+        yield name, tensor
 
 
 def _write_shard(path: str, members, out_dtype, stream) -> int:
