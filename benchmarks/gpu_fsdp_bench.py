@@ -142,6 +142,127 @@ def _save_rounds(rank, world, args, device, cfg, model, optim) -> dict:
     return out
 
 
+def _fsync_write_gbps(directory: str, gib: float = 4.0) -> float:
+    """The disk's fsync'd sequential write speed, measured with 64 MiB writes."""
+    chunk = memoryview(bytearray(64 << 20))
+    n = int(gib * (1 << 30))
+    path = os.path.join(directory, "limits.bin")
+    t = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    written = 0
+    while written < n:
+        written += os.write(fd, chunk)
+    os.fsync(fd)
+    os.close(fd)
+    speed = written / (time.perf_counter() - t) / 1e9
+    os.unlink(path)
+    return speed
+
+
+def _e2e(rank, world, args, device, cfg, model, optim) -> dict:
+    """Training throughput without checkpoints and with one every disk-sustainable interval."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    import stashpoint
+
+    ctrl = dist.new_group(backend="gloo")
+    dcp_group = dist.new_group(backend="gloo")
+    local = sum(t.numel() * t.element_size() for t in _local_tensors(model, optim))
+    sizes = [0] * world
+    dist.all_gather_object(sizes, local, group=ctrl)
+    state_bytes = sum(sizes)
+    speed = [_fsync_write_gbps(args.dir) if rank == 0 else 0.0]
+    dist.broadcast_object_list(speed, src=0, group=ctrl)
+    interval_s = 1.25 * state_bytes / (speed[0] * 1e9)
+
+    def step() -> None:
+        _step(cfg, model, optim, device, batch=args.batch, seq=args.seq)
+
+    for _ in range(3):
+        step()
+    _sync(device)
+    dist.barrier(ctrl)
+    t = time.perf_counter()
+    for _ in range(10):
+        step()
+    _sync(device)
+    step_s = [time.perf_counter() - t]
+    dist.broadcast_object_list(step_s, src=0, group=ctrl)
+    step_s = step_s[0] / 10
+    every = max(1, round(interval_s / step_s))
+    n_steps = max(2 * every + every // 2, int(args.run_s / step_s))
+    stashpoint.async_warmup({"model": model, "optim": optim}, device_buffer=device.type == "cuda")
+    out = {
+        "state_bytes": state_bytes,
+        "write_gbps": speed[0],
+        "interval_s": interval_s,
+        "step_s": step_s,
+        "save_every_steps": every,
+        "steps": n_steps,
+        "tokens_per_step": args.batch * args.seq * world,
+        "runs": {},
+    }
+    for tool in ("none", "stashpoint_lazy", "dcp_async"):
+        pending, handle, saves = None, None, 0
+        _sync(device)
+        dist.barrier(ctrl)
+        t = time.perf_counter()
+        for i in range(n_steps):
+            step()
+            if tool != "none" and i % every == every - 1:
+                path = os.path.join(args.dir, f"e2e-{tool}-{saves}")
+                saves += 1
+                if tool == "stashpoint_lazy":
+                    handle = stashpoint.async_save(
+                        {"model": model, "optim": optim},
+                        path,
+                        mode="lazy",
+                        device_buffer=device.type == "cuda",
+                    )
+                else:
+                    if pending is not None:
+                        pending.result()
+                    state = {
+                        "model": get_model_state_dict(model),
+                        "optim": get_optimizer_state_dict(model, optim),
+                    }
+                    # its own gloo group: DCP plans in a background thread, concurrently with FSDP
+                    pending = dcp.async_save(state, checkpoint_id=path, process_group=dcp_group)
+        _sync(device)
+        elapsed = time.perf_counter() - t
+        if handle is not None:
+            handle.wait()
+        if pending is not None:
+            pending.result()
+        dist.barrier(ctrl)
+        out["runs"][tool] = {
+            "seconds": elapsed,
+            "saves": saves,
+            "tokens_per_s": n_steps * out["tokens_per_step"] / elapsed,
+        }
+        if rank == 0:
+            for name in os.listdir(args.dir):
+                if name.startswith("e2e-"):
+                    shutil.rmtree(os.path.join(args.dir, name), ignore_errors=True)
+            _write_partial(args.out, "e2e", out)
+    base = out["runs"]["none"]["tokens_per_s"]
+    for rec in out["runs"].values():
+        rec["vs_none"] = rec["tokens_per_s"] / base
+    return out
+
+
+def _local_tensors(model, optim):
+    from torch.distributed.tensor import DTensor
+
+    for p in model.parameters():
+        yield p.to_local() if isinstance(p, DTensor) else p
+    for st in optim.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                yield v.to_local() if isinstance(v, DTensor) else v
+
+
 def _write_partial(out_path: str, part: str, data: dict) -> None:
     """Rank 0's results so far, so a run cut short still leaves numbers behind."""
     with open(f"{out_path}.{part}.partial", "w") as f:
@@ -211,7 +332,9 @@ def _worker(rank: int, world: int, args, init_file: str, results) -> None:
         cfg, model, optim = _build(args.params, device, world)
         _step(cfg, model, optim, device)
         out = {"params": sum(p.numel() for p in model.parameters())}
-        if args.part == "save":
+        if args.part == "e2e":
+            out["e2e"] = _e2e(rank, world, args, device, cfg, model, optim)
+        elif args.part == "save":
             saved = _save_rounds(rank, world, args, device, cfg, model, optim)
             out["saves"] = {k: v["saves"] for k, v in saved.items()}
             out["rss_peak_bytes"] = {k: v["rss_peak_bytes"] for k, v in saved.items()}
@@ -235,7 +358,10 @@ def _worker(rank: int, world: int, args, init_file: str, results) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=["save", "load"], default="save")
+    ap.add_argument("--part", choices=["save", "load", "e2e"], default="save")
+    ap.add_argument("--batch", type=int, default=8, help="e2e: sequences per rank and step")
+    ap.add_argument("--seq", type=int, default=1024, help="e2e: tokens per sequence")
+    ap.add_argument("--run-s", type=float, default=30.0, help="e2e: seconds per run (at least 2.5 saves)")
     ap.add_argument("--gpus", type=int, default=max(1, torch.cuda.device_count()))
     ap.add_argument("--params", type=float, default=3e9)
     ap.add_argument("--saves", type=int, default=5)
@@ -271,7 +397,7 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)
     r0 = gathered[0]
-    for key in ("saves", "load_same_world", "load_resharded"):
+    for key in ("saves", "load_same_world", "load_resharded", "e2e"):
         if key in r0:
             print(key, json.dumps(r0[key])[:2000])
 
