@@ -2,7 +2,7 @@
 
 ``make test`` starts it with ``scripts/s3-server start`` before pytest and stops it
 afterwards; the script writes a state file (``$STASHPOINT_S3_STATE``, default
-``$TMPDIR/stashpoint-s3-server/state.json``) that :func:`find` reads.  Another S3
+``$TMPDIR/stashpoint-s3-server-<checkout hash>/state.json``) that :func:`find` reads.  Another S3
 server can be used by setting ``STASHPOINT_TEST_S3_ENDPOINT``, ``..._ACCESS_KEY``,
 ``..._SECRET_KEY`` (and ``..._REGION``) instead; gateway-kill tests then skip.
 
@@ -14,6 +14,7 @@ When none can be had, S3 tests are skipped with a loud warning, or fail when
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -28,7 +29,9 @@ SCRIPT = os.path.join(ROOT, "scripts", "s3-server")
 
 
 def state_path() -> str:
-    default = os.path.join(tempfile.gettempdir(), "stashpoint-s3-server", "state.json")
+    # one server per checkout, so two clones on one machine never share (or stop) each other's
+    checkout = hashlib.sha1(ROOT.encode()).hexdigest()[:10]
+    default = os.path.join(tempfile.gettempdir(), f"stashpoint-s3-server-{checkout}", "state.json")
     return os.environ.get("STASHPOINT_S3_STATE", default)
 
 
