@@ -45,7 +45,7 @@ from stashpoint.engine.staging import (
 )
 from stashpoint.engine.telemetry import PhaseTimer, SaveResult, env_telemetry
 from stashpoint.engine.tensors import region
-from stashpoint.engine.writer import Job, StagedItem
+from stashpoint.engine.writer import Job, StagedItem, storage_env
 from stashpoint.format.dtypes import dtype_name
 from stashpoint.format.index import DEFAULT_CRC_BLOCK_BYTES
 from stashpoint.storage import resolve
@@ -423,6 +423,7 @@ def async_save_state(
         metadata=save_metadata(coord.world_size, step, user, prepared.token)
         if coord.is_coordinator
         else None,
+        env=storage_env(),
     )
     hooks = []
 

@@ -24,6 +24,7 @@ Messages (pickled tuples) trainer -> writer: ``("alloc", tag, size)``,
 
 from __future__ import annotations
 
+import os
 import queue
 import sys
 import threading
@@ -86,6 +87,29 @@ class Job:
     plan_items: dict[str, ItemPlan] | None = None
     metadata: SaveMetadata | None = None
     submitted_unix: float = field(default_factory=time.time)
+    #: the trainer's storage settings when it asked (see :func:`storage_env`)
+    env: tuple[tuple[str, str], ...] = ()
+
+
+#: environment variables that choose where and how storage is reached
+_STORAGE_ENV_PREFIXES = ("AWS_", "STASHPOINT_")
+
+
+def storage_env() -> tuple[tuple[str, str], ...]:
+    """The caller's storage settings, sent with every job.
+
+    The writer process outlives the settings it started with: a trainer (or a test)
+    may set credentials or endpoints later, and each save must use the ones in force
+    when it was requested.
+    """
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_STORAGE_ENV_PREFIXES)))
+
+
+def _apply_env(env: tuple[tuple[str, str], ...]) -> None:
+    wanted = dict(env)
+    for key in [k for k in os.environ if k.startswith(_STORAGE_ENV_PREFIXES) and k not in wanted]:
+        del os.environ[key]
+    os.environ.update(wanted)
 
 
 class _Writer:
@@ -154,6 +178,8 @@ class _Writer:
         from stashpoint.storage import resolve
 
         timer = PhaseTimer()
+        if job.env:
+            _apply_env(job.env)
         storage, final = resolve(job.path)
         buf = self.buffers[job.buffer_tag]
         items = [
