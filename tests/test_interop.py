@@ -221,3 +221,17 @@ def test_conversions_keep_memory_bounded(tmp_path):
         stashpoint.load_full(tmp_path / "back", ["model.layer95.weight"])["model.layer95.weight"],
         torch.full((1024, 1024), 95.0),
     )
+
+
+def test_verify_and_inspect_read_dcp_checkpoints(tmp_path):
+    from stashpoint.engine.verify import verify_checkpoint
+
+    dcp.save({"w": torch.arange(10.0), "n": 4}, checkpoint_id=tmp_path / "dcp")
+    report = verify_checkpoint(str(tmp_path / "dcp"))
+    assert report.ok and not report.checksums and report.chunks == 1
+    index = stashpoint.read_index(tmp_path / "dcp")
+    assert index.metadata.user["source_format"] == "torch.distributed.checkpoint"
+    data = tmp_path / "dcp" / "__0_0.distcp"
+    data.write_bytes(data.read_bytes()[:100])  # truncated: the archive cannot be found any more
+    with pytest.raises(IndexCorruptError, match="'w'"):
+        stashpoint.load_full(tmp_path / "dcp")

@@ -12,5 +12,10 @@ def run(path: str) -> int:
     for problem in report.problems:
         print(f"FAIL  {problem}")
     status = "OK" if report.ok else f"{len(report.problems)} problem(s)"
+    if not report.checksums:
+        print(
+            f"{report.path}: {status}; {report.chunks} chunks present (no checksums recorded in this format)"
+        )
+        return 0 if report.ok else 1
     print(f"{report.path}: {status}; {report.chunks} chunks, {human_bytes(report.bytes_checked)} checked")
     return 0 if report.ok else 1
