@@ -102,39 +102,52 @@ def export_hf(
         t = dtype_from_name(rec.dtype)
         return dtype if dtype is not None and t.is_floating_point else t
 
-    sizes = []
-    for _, hf_name, rec in chosen:
-        numel = 1
-        for n in rec.shape:
-            numel *= n
-        sizes.append((hf_name, numel * itemsize(out_dtype(rec))))
-    shards = _plan_shards(sizes, max_shard_bytes)
     os.makedirs(dst, exist_ok=True)
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    if len(shards) == 1:
-        names = ["model.safetensors"]
-    by_hf = {hf: (name, rec) for name, hf, rec in chosen}
-    weight_map = {}
-    total = 0
-    for file_name, members in zip(names, shards, strict=True):
-        total += _write_shard(
-            os.path.join(dst, file_name),
-            [(hf, by_hf[hf][0], by_hf[hf][1]) for hf in members],
-            out_dtype,
-            lambda keys: _reported(iter_full(src, keys, verify=verify), progress),
-        )
-        weight_map.update({hf: file_name for hf in members})
-    if len(shards) > 1:
-        doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        with open(os.path.join(dst, HF_INDEX), "w") as f:
-            json.dump(doc, f, indent=2)
+    total, n_files = write_hf_files(
+        dst,
+        [(hf, name, rec) for name, hf, rec in chosen],
+        out_dtype,
+        lambda keys: _reported(iter_full(src, keys, verify=verify), progress),
+        max_shard_bytes,
+    )
     for extra in copy_files:
         import shutil
 
         shutil.copy(extra, os.path.join(dst, os.path.basename(extra)))
     return ConvertSummary(
-        len(chosen), total, len(shards), time.perf_counter() - t0, tuple(skipped), 0, peak_rss_bytes()
+        len(chosen), total, n_files, time.perf_counter() - t0, tuple(skipped), 0, peak_rss_bytes()
     )
+
+
+def write_hf_files(dst: str, rows, out_dtype, stream, max_shard_bytes: int) -> tuple[int, int]:
+    """Write ``rows`` (``(hf_name, source_name, record)``) as HF shards into ``dst``.
+
+    ``record`` has a ``shape``; ``out_dtype(record)`` is the dtype written and
+    ``stream(source_names)`` yields ``(source_name, tensor)`` in that order.  One file is
+    ``model.safetensors``; several are ``model-0000i-of-0000N.safetensors`` plus the index
+    json.  Returns the tensor bytes written and the number of files.
+    """
+    sizes = []
+    for hf_name, _, rec in rows:
+        numel = 1
+        for n in rec.shape:
+            numel *= n
+        sizes.append((hf_name, numel * itemsize(out_dtype(rec))))
+    shards = _plan_shards(sizes, max_shard_bytes)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    by_hf = {hf: (name, rec) for hf, name, rec in rows}
+    weight_map, total = {}, 0
+    for file_name, members in zip(names, shards, strict=True):
+        members_rows = [(hf, by_hf[hf][0], by_hf[hf][1]) for hf in members]
+        total += _write_shard(os.path.join(dst, file_name), members_rows, out_dtype, stream)
+        weight_map.update({hf: file_name for hf in members})
+    if len(shards) > 1:
+        doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        with open(os.path.join(dst, HF_INDEX), "w") as f:
+            json.dump(doc, f, indent=2)
+    return total, len(shards)
 
 
 def _reported(items, progress):
@@ -168,22 +181,6 @@ def _write_shard(path: str, members, out_dtype, stream) -> int:
         os.fsync(f.fileno())
     os.replace(tmp, path)  # a half-written shard never carries the final name
     return layout.size - len(layout.header)
-
-
-def _hf_files(src: str) -> list[str]:
-    index_path = os.path.join(src, HF_INDEX)
-    if os.path.exists(index_path):
-        with open(index_path) as f:
-            return sorted(set(json.load(f)["weight_map"].values()))
-    single = os.path.join(src, "model.safetensors")
-    if os.path.exists(single):
-        return ["model.safetensors"]
-    found = sorted(n for n in os.listdir(src) if n.endswith(".safetensors"))
-    if not found:
-        from stashpoint.errors import CheckpointNotFoundError
-
-        raise CheckpointNotFoundError(f"{src}: no safetensors files")
-    return found
 
 
 def import_hf(

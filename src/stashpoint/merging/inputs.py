@@ -11,7 +11,6 @@ names of a stashpoint training checkpoint.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -51,10 +50,15 @@ class Source:
         raise NotImplementedError
 
 
-class StashpointSource(Source):
-    kind = "stashpoint"
+class CheckpointSource(Source):
+    """Anything :func:`~stashpoint.engine.reader.read_index` reads: stashpoint checkpoints and,
+    in place, HF safetensors directories and DCP checkpoints.
 
-    def __init__(self, path: str, verify: bool = True) -> None:
+    HF names gain ``hf_prefix`` so they line up with the ``model.*`` names of training
+    checkpoints.
+    """
+
+    def __init__(self, path: str, hf_prefix: str, verify: bool = True) -> None:
         from stashpoint.engine.reader import check_files, read_index
         from stashpoint.format.dtypes import dtype_from_name
         from stashpoint.format.index import TensorRecord
@@ -64,85 +68,35 @@ class StashpointSource(Source):
         super().__init__(self._storage.describe(self._path))
         self._index = read_index(self._storage, self._path)
         check_files(self._storage, self._path, self._index, set(self._index.files))
+        self.kind = self._index.metadata.user.get("source_format", "stashpoint")
+        prefix = hf_prefix if self.kind == "huggingface" else ""
         self._verify = verify
-        self._records: dict[str, TensorRecord] = {}
+        self._records: dict[str, tuple[str, TensorRecord]] = {}
         for name, item in self._index.items.items():
             if isinstance(item, TensorRecord):
-                self._records[name] = item
-                self.tensors[name] = TensorInfo(dtype_from_name(item.dtype), tuple(item.shape))
+                self._records[prefix + name] = (name, item)
+                self.tensors[prefix + name] = TensorInfo(dtype_from_name(item.dtype), tuple(item.shape))
             else:
-                self.others[name] = "per-rank item" if hasattr(item, "ranks") else "plain value"
+                self.others[prefix + name] = "per-rank item" if hasattr(item, "ranks") else "plain value"
         self.step = self._index.metadata.step
         self.user = self._index.metadata.user
 
     def read(self, name: str) -> torch.Tensor:
         from stashpoint.engine.load import read_whole
 
-        rec = self._records[name]
+        stored, rec = self._records[name]
         self.bytes_read += rec.nbytes
-        return read_whole(self._storage, self._path, name, rec, self._verify, self._index)
-
-
-class HFSource(Source):
-    kind = "hf"
-
-    def __init__(self, path: str, prefix: str) -> None:
-        from stashpoint.convert.hf import _hf_files, _st_dtype
-        from stashpoint.format.safetensors_file import read_header
-
-        super().__init__(path)
-        self._where: dict[str, tuple[str, int, int]] = {}
-        for file_name in _hf_files(path):
-            fpath = os.path.join(path, file_name)
-            try:
-                with open(fpath, "rb") as f:
-                    head = f.read(8)
-                    size = int.from_bytes(head[:8], "little") if len(head) == 8 else 0
-                    start, header = read_header(head + f.read(size))
-            except (OSError, ValueError) as exc:
-                raise MergeInputError(f"{fpath}: not a readable safetensors file: {exc}") from exc
-            for key, entry in header.items():
-                if key == "__metadata__":
-                    continue
-                name = prefix + key
-                a, b = entry["data_offsets"]
-                self.tensors[name] = TensorInfo(_st_dtype(entry["dtype"]), tuple(entry["shape"]))
-                self._where[name] = (fpath, start + a, b - a)
-
-    def read(self, name: str) -> torch.Tensor:
-        fpath, offset, nbytes = self._where[name]
-        info = self.tensors[name]
-        out = torch.empty(info.shape, dtype=info.dtype)
-        if nbytes:
-            view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-            fd = os.open(fpath, os.O_RDONLY)
-            try:
-                done = 0
-                while done < nbytes:
-                    n = os.preadv(fd, [view[done:]], offset + done)
-                    if n == 0:
-                        raise MergeInputError(f"{fpath}: file ends inside tensor {name!r}")
-                    done += n
-            finally:
-                os.close(fd)
-        self.bytes_read += nbytes
-        return out
+        return read_whole(self._storage, self._path, stored, rec, self._verify, self._index)
 
 
 def open_input(path: str, *, prefix: str, verify: bool = True) -> Source:
-    """A stashpoint checkpoint (has ``index.json``, or is a storage URL) or an HF directory."""
-    from stashpoint.format.index import INDEX_FILE
-
-    if "://" in path or os.path.exists(os.path.join(path, INDEX_FILE)):
-        try:
-            return StashpointSource(path, verify)
-        except (CheckpointNotFoundError, IncompleteCheckpointError) as exc:
-            raise MergeInputError(f"merge input {path}: {exc}") from exc
-    if os.path.isdir(path):
-        if any(n.endswith(".safetensors") for n in os.listdir(path)):
-            return HFSource(path, prefix)
+    """A stashpoint checkpoint, an HF safetensors directory or a DCP checkpoint."""
+    try:
+        return CheckpointSource(path, prefix, verify)
+    except CheckpointNotFoundError as exc:
+        raise MergeInputError(f"merge input {path}: does not exist") from exc
+    except IncompleteCheckpointError as exc:
         raise MergeInputError(
-            f"merge input {path}: neither a stashpoint checkpoint (no index.json) nor an HF "
-            "safetensors directory (no .safetensors files)"
-        )
-    raise MergeInputError(f"merge input {path}: does not exist")
+            f"merge input {path}: neither a committed stashpoint checkpoint, an HF safetensors "
+            f"directory nor a DCP checkpoint ({exc})"
+        ) from exc

@@ -9,7 +9,6 @@ shard writer of :mod:`stashpoint.convert.hf`.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -73,7 +72,7 @@ def write_hf(
     overwrite: bool,
 ) -> int:
     """``model.safetensors`` or shards plus the index json; names lose ``prefix``."""
-    from stashpoint.convert.hf import HF_INDEX, _plan_shards, _write_shard
+    from stashpoint.convert.hf import HF_INDEX, write_hf_files
 
     if os.path.exists(out) and os.listdir(out):
         if not overwrite:
@@ -82,26 +81,14 @@ def write_hf(
             if n.endswith(".safetensors") or n == HF_INDEX:
                 os.remove(os.path.join(out, n))
     os.makedirs(out, exist_ok=True)
-    by_hf = {tp.name[len(prefix) :]: tp for tp in plans}
-    shards = _plan_shards([(hf, tp.out_nbytes) for hf, tp in by_hf.items()], max_shard_bytes)
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    if len(shards) == 1:
-        names = ["model.safetensors"]
+    by_name = {tp.name: tp for tp in plans}
 
     def stream(keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         for name in keys:
             yield name, compute(by_name[name])
 
-    by_name = {tp.name: tp for tp in plans}
-    weight_map, total = {}, 0
-    for file_name, members in zip(names, shards, strict=True):
-        rows = [(hf, by_hf[hf].name, by_hf[hf]) for hf in members]
-        total += _write_shard(os.path.join(out, file_name), rows, lambda tp: tp.out_dtype, stream)
-        weight_map.update({hf: file_name for hf in members})
-    if len(shards) > 1:
-        doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        with open(os.path.join(out, HF_INDEX), "w") as f:
-            json.dump(doc, f, indent=2)
+    rows = [(tp.name[len(prefix) :], tp.name, tp) for tp in plans]
+    total, _ = write_hf_files(out, rows, lambda tp: tp.out_dtype, stream, max_shard_bytes)
     return total
 
 
