@@ -106,6 +106,18 @@ def fsync_tree(path: str) -> None:
 # ----------------------------------------------------------------------------- limits
 
 
+def fsync_write_gbps(path: str, nbytes: int, chunk: memoryview) -> float:
+    """Sequential ``write`` of ``nbytes`` in ``chunk``-sized pieces, then ``fsync``; GB/s."""
+    t = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    written = 0
+    while written < nbytes:
+        written += os.write(fd, chunk)
+    os.fsync(fd)
+    os.close(fd)
+    return written / (time.perf_counter() - t) / 1e9
+
+
 def measure_limits(directory: str, gib: float = 8.0) -> dict:
     out = {}
     n = int(gib * GiB)
@@ -121,15 +133,7 @@ def measure_limits(directory: str, gib: float = 8.0) -> dict:
     del dev
     # fsync'd sequential write of a large file, 64 MiB writes from pinned memory
     path = os.path.join(directory, "limits.bin")
-    chunk = memoryview(host.numpy())[: 64 << 20]
-    t = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    written = 0
-    while written < n:
-        written += os.write(fd, chunk)
-    os.fsync(fd)
-    os.close(fd)
-    out["fsync_write_gbps"] = written / (time.perf_counter() - t) / 1e9
+    out["fsync_write_gbps"] = fsync_write_gbps(path, n, memoryview(host.numpy())[: 64 << 20])
     out["cache_dropped"] = drop_caches()
     buf = bytearray(64 << 20)
     t = time.perf_counter()

@@ -143,18 +143,11 @@ def _save_rounds(rank, world, args, device, cfg, model, optim) -> dict:
 
 
 def _fsync_write_gbps(directory: str, gib: float = 4.0) -> float:
-    """The disk's fsync'd sequential write speed, measured with 64 MiB writes."""
-    chunk = memoryview(bytearray(64 << 20))
-    n = int(gib * (1 << 30))
+    """The disk's fsync'd sequential write speed, as the single-GPU benchmark measures it."""
+    from gpu_bench import fsync_write_gbps  # benchmarks/ is on sys.path when run as a script
+
     path = os.path.join(directory, "limits.bin")
-    t = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    written = 0
-    while written < n:
-        written += os.write(fd, chunk)
-    os.fsync(fd)
-    os.close(fd)
-    speed = written / (time.perf_counter() - t) / 1e9
+    speed = fsync_write_gbps(path, int(gib * (1 << 30)), memoryview(bytearray(64 << 20)))
     os.unlink(path)
     return speed
 

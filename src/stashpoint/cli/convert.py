@@ -65,10 +65,12 @@ def source_kind(src: str) -> str:
 
 
 def _total_bytes(src: str) -> int:
-    if source_kind(src) == "torch":
-        from stashpoint.convert.torch_save import torch_save_files
-
-        return sum(os.path.getsize(f) for f in torch_save_files(src))
+    """What the progress bar counts up to: the source's size on disk (tensor bytes plus a
+    little framing), so that no index has to be read twice just to draw a bar."""
+    if os.path.isfile(src):
+        return os.path.getsize(src)
+    if os.path.isdir(src):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(src) for f in files)
     import stashpoint
 
     return stashpoint.read_index(src).total_bytes

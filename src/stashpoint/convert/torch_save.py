@@ -76,12 +76,10 @@ def import_torch_save(
     """
     tensors: list[SourceTensor] = []
     values: dict[str, object] = {}
-    opened = []  # the mmap'd dicts stay open until the writer is done with them
     seen: set[str] = set()
     for path in torch_save_files(os.fspath(src)):
-        obj = _load(path, allow_pickle)
-        opened.append(obj)
-        for name, value in _flatten(obj, ""):
+        # each tensor's fetch keeps its mmap'd storage alive until the writer copies it
+        for name, value in _flatten(_load(path, allow_pickle), ""):
             name = prefix + name
             if name in seen:
                 raise IndexCorruptError(f"{path}: {name!r} appears more than once")
