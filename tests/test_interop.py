@@ -235,3 +235,12 @@ def test_verify_and_inspect_read_dcp_checkpoints(tmp_path):
     data.write_bytes(data.read_bytes()[:100])  # truncated: the archive cannot be found any more
     with pytest.raises(IndexCorruptError, match="'w'"):
         stashpoint.load_full(tmp_path / "dcp")
+
+
+def test_dcp_checkpoints_are_merge_inputs(tmp_path):
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    dcp.save({"model": {"w": a}}, checkpoint_id=tmp_path / "a")
+    dcp.save({"model": {"w": b}}, checkpoint_id=tmp_path / "b")
+    stashpoint.merge(out=tmp_path / "avg", models=[tmp_path / "a", tmp_path / "b"], method="uniform")
+    got = stashpoint.load_full(tmp_path / "avg")["model.w"]
+    assert torch.allclose(got, (a + b) / 2, atol=1e-7)
