@@ -15,9 +15,10 @@ from stashpoint.errors import (
     StoragePermissionError,
     UnsupportedStorageError,
 )
+from stashpoint.sizes import parse_size
 from stashpoint.storage import Storage, resolve
 from stashpoint.storage.s3 import STATS, S3Storage
-from stashpoint.storage.s3_config import MiB, S3Options, parse_size, parse_url
+from stashpoint.storage.s3_config import MiB, S3Options, parse_url
 from test_storage import StorageConformance
 
 SMALL_PARTS = S3Options(part_size=5 * MiB, concurrency=3)

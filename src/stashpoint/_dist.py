@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch.distributed as dist
 
@@ -23,6 +24,19 @@ T = TypeVar("T")
 # (id of the base group, timeout) -> (base group, control group).  The base group is kept
 # so its id cannot be reused by a later process group while the entry exists.
 _GROUPS: dict[tuple[int, float], tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
+
+
+@dataclass(frozen=True)
+class Agreed(Generic[T]):
+    """What :meth:`Coordinator.run_everywhere` returns once every rank has succeeded.
+
+    ``mine`` is this rank's own result, kept whole (it may hold tensors, buffers or
+    open handles that are never sent); ``everyone`` holds what each rank sent,
+    indexed by rank (``everyone[rank]`` is ``share(mine)``).
+    """
+
+    mine: T
+    everyone: list
 
 
 class Coordinator:
@@ -84,14 +98,18 @@ class Coordinator:
         self._call(what, lambda: dist.broadcast_object_list(box, src=src, group=self._group))
         return box[0]
 
-    def run_everywhere(self, what: str, fn: Callable[[], T]) -> list[T]:
+    def run_everywhere(
+        self, what: str, fn: Callable[[], T], share: Callable[[T], object] | None = None
+    ) -> Agreed[T]:
         """Run ``fn`` on every rank and exchange results; if any rank failed, all raise.
 
-        The failing rank re-raises its own exception; the others raise
-        :class:`RemoteRankError` naming the rank and its message.
+        ``share`` picks the part of the result the other ranks need (the whole result
+        by default); the rest stays on this rank, in ``Agreed.mine``.  The failing
+        rank re-raises its own exception; the others raise :class:`RemoteRankError`
+        naming the rank and its message.
         """
         try:
-            mine: tuple = (True, fn())
+            mine = fn()
         except BaseException as exc:
             if not self.active or self.world_size == 1:
                 raise
@@ -101,8 +119,9 @@ class Coordinator:
             except CoordinationError:
                 pass
             raise
-        results = self.all_gather(mine, what)
+        sent = mine if share is None else share(mine)
+        results = self.all_gather((True, sent), what)
         for rank, (ok, payload) in enumerate(results):
             if not ok:
                 raise RemoteRankError(f"{what}: rank {rank} failed: {payload}")
-        return [payload for _, payload in results]
+        return Agreed(mine=mine, everyone=[payload for _, payload in results])

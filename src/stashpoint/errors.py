@@ -36,6 +36,10 @@ class UnsupportedFormatVersionError(StashpointError):
     """The index was written by a format version this release cannot read."""
 
 
+class InvalidOptionError(StashpointError, ValueError):
+    """An option has a value outside what it accepts (a word, a size, a range)."""
+
+
 class UnsupportedStorageError(StashpointError, ValueError):
     """No storage backend handles the given URL scheme."""
 

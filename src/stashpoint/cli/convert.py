@@ -8,16 +8,7 @@ import sys
 import time
 
 from stashpoint.cli.format import human_bytes
-
-_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    t = text.strip().upper()
-    for unit in sorted(_UNITS, key=len, reverse=True):
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * _UNITS[unit])
-    return int(t)
+from stashpoint.sizes import parse_size
 
 
 class Progress:
@@ -99,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                 src,
                 args.dst,
                 name_map=strip_prefix(args.prefix),
-                max_shard_bytes=parse_size(args.max_shard_size),
+                max_shard_bytes=parse_size(args.max_shard_size, "--max-shard-size"),
                 dtype=getattr(torch, args.dtype) if args.dtype else None,
                 copy_files=tuple(args.copy),
                 progress=progress,

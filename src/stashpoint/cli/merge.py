@@ -99,7 +99,7 @@ def _list_methods() -> int:
 def run(args: argparse.Namespace) -> int:
     from stashpoint.errors import MergeConfigError
     from stashpoint.merging import build_config, merge
-    from stashpoint.merging.config import parse_size
+    from stashpoint.sizes import parse_size
 
     if args.list_methods:
         return _list_methods()
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if out is None:
         raise MergeConfigError("no output path: give -o OUT")
     if args.max_shard_size:
-        doc["max_shard_size"] = parse_size(args.max_shard_size)
+        doc["max_shard_size"] = parse_size(args.max_shard_size, "--max-shard-size")
     if args.evaluate:
         doc["evaluate"] = args.evaluate
     cfg = build_config(

@@ -349,16 +349,13 @@ def async_save_state(
         offset = align(offset + nbytes)
 
     # every rank takes the same decision to skip, or none would commit
-    got: dict = {}
-
-    def take_slot() -> bool:
-        got["slot"] = pool.acquire(writer, offset, if_busy, timeout_s)
-        return got["slot"] is not None
+    def take_slot() -> _Slot | None:
+        return pool.acquire(writer, offset, if_busy, timeout_s)
 
     with handle.timer.phase("wait_buffer"):
-        oks = coord.run_everywhere("async save: staging buffer", take_slot)
-    slot = got["slot"]
-    if not all(oks):
+        agreed = coord.run_everywhere("async save: staging buffer", take_slot, share=lambda s: s is not None)
+    slot = agreed.mine
+    if not all(agreed.everyone):
         if slot is not None:
             pool.release(slot)
         return SaveHandle(handle.path, coord.rank, coord.world_size, skipped=True)

@@ -237,9 +237,7 @@ def load_state(
     coord = Coordinator(process_group, timeout_s)
     storage, ckpt = resolve(path)
     where = storage.describe(ckpt)
-    ctx: dict = {}
-
-    def prepare() -> int:
+    def prepare() -> tuple[Index, _state.FlatState, LoadPlan]:
         with timer.phase("plan"):
             index = read_index(storage, ckpt)
             if rename is not None:
@@ -263,15 +261,11 @@ def load_state(
                 if o.record.chunk is not None:
                     files.add(o.record.chunk.file)
             check_files(storage, ckpt, index, files)
-        ctx.update(index=index, flat=flat, plan=plan)
-        return plan.bytes_to_read
+        return index, flat, plan
 
-    coord.run_everywhere("load: plan", prepare)
-    index: Index = ctx["index"]
-    plan: LoadPlan = ctx["plan"]
-    flat: _state.FlatState = ctx["flat"]
+    index, flat, plan = coord.run_everywhere("load: plan", prepare, share=lambda r: r[2].bytes_to_read).mine
 
-    def fetch() -> int:
+    def fetch() -> tuple[int, dict[str, torch.Tensor], dict[str, object], dict[str, torch.device]]:
         # early device copies happen inside the reads, so their time counts as "read"
         # (they overlap with it); "host_to_device" below is the apply phase only
         with timer.phase("read"):
@@ -316,11 +310,9 @@ def load_state(
                         )
                     staged[c.fqn] = v.to(dtype_from_name(tgt.dtype))
                     del values[c.fqn]
-        ctx.update(staged=staged, values=values, early=early)
-        return n
+        return n, staged, values, early
 
-    read_counts = coord.run_everywhere("load: read", fetch)
-    staged, values = ctx["staged"], ctx["values"]
+    n_read, staged, values, early = coord.run_everywhere("load: read", fetch, share=lambda r: r[0]).mine
 
     with timer.phase("host_to_device"):
         # with early device copies, most of these are device-to-device copies
@@ -329,7 +321,7 @@ def load_state(
         # device-to-device copies are asynchronous: wait for them, so that the targets
         # hold the data when load returns (as with the blocking host copies) and this
         # phase's time includes them
-        for dev in {d for d in ctx["early"].values() if d.type == "cuda"}:
+        for dev in {d for d in early.values() if d.type == "cuda"}:
             torch.cuda.synchronize(dev)
         for fqn, value in values.items():
             flat.leaves[fqn].assign(value)
@@ -345,7 +337,7 @@ def load_state(
         path=where,
         rank=coord.rank,
         world_size=coord.world_size,
-        bytes_read=read_counts[coord.rank],
+        bytes_read=n_read,
         bytes_loaded=sum(t.numel() * t.element_size() for t in staged.values()),
         keys=tuple(sorted(list(staged) + list(values))),
         phase_seconds=dict(timer.seconds),

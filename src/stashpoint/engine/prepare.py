@@ -91,9 +91,7 @@ def prepare_save(
     """Collective: every rank calls it; returns the same plan and staging path everywhere."""
     where = storage.describe(final)
     token = uuid.uuid4().hex[:12]
-    local: dict = {}
-
-    def inventory():
+    def inventory() -> tuple[list[LocalItem], str, dict[str, Source], _state.FlatState]:
         try:
             if coord.is_coordinator and storage.exists(final):
                 if not overwrite:
@@ -108,15 +106,15 @@ def prepare_save(
             if where not in str(exc):  # every message names the checkpoint
                 raise type(exc)(f"{where}: {exc}") from exc
             raise
-        local["sources"] = {f: d[1] for f, d in described.items()}
-        local["flat"] = flat
-        return [d[0] for d in described.values()], token
+        sources = {f: d[1] for f, d in described.items()}
+        return [d[0] for d in described.values()], token, sources, flat
 
-    gathered = coord.run_everywhere("save: exchange inventories", inventory)
-    plan = build_save_plan([g[0] for g in gathered])
-    token = gathered[0][1]
+    agreed = coord.run_everywhere("save: exchange inventories", inventory, share=lambda r: (r[0], r[1]))
+    plan = build_save_plan([g[0] for g in agreed.everyone])
+    token = agreed.everyone[0][1]
     staging = commit.staging_path(storage, final, token)
-    return PreparedSave(plan=plan, token=token, staging=staging, sources=local["sources"], flat=local["flat"])
+    _, _, sources, flat = agreed.mine
+    return PreparedSave(plan=plan, token=token, staging=staging, sources=sources, flat=flat)
 
 
 def file_items(plan: SavePlan, writes: tuple[WriteItem, ...], sources: dict[str, Source]) -> list[FileItem]:

@@ -86,7 +86,7 @@ def save_state(
         return written + inline_values(writes, prepared.sources), size
 
     try:
-        results = coord.run_everywhere("save: write data", write)
+        results = coord.run_everywhere("save: write data", write).everyone
     except BaseException:
         if coord.is_coordinator:
             commit.abort(storage, staging, final)
@@ -101,7 +101,7 @@ def save_state(
         return index.total_bytes
 
     try:
-        total = coord.run_everywhere("save: commit", finish)[0]
+        total = coord.run_everywhere("save: commit", finish).everyone[0]
     except BaseException:
         if coord.is_coordinator:
             commit.abort(storage, staging, final)

@@ -15,6 +15,7 @@ from types import MappingProxyType
 
 from stashpoint.errors import MergeConfigError
 from stashpoint.merging.registry import SEARCH, MethodSpec, Params, ParamValue, get_method
+from stashpoint.sizes import parse_size
 
 MISSING_POLICIES = ("error", "intersection", "union")
 OUT_FORMATS = ("stashpoint", "hf")
@@ -86,29 +87,6 @@ class MergeConfig:
         return out
 
 
-def parse_size(text: str | int) -> int:
-    """``"2GB"``, ``"500MiB"`` or a byte count."""
-    if isinstance(text, int):
-        return text
-    units = {
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-        "KIB": 1 << 10,
-        "MIB": 1 << 20,
-        "GIB": 1 << 30,
-    }
-    t = str(text).strip().upper()
-    try:
-        for unit in sorted(units, key=len, reverse=True):
-            if t.endswith(unit):
-                return int(float(t[: -len(unit)]) * units[unit])
-        return int(t)
-    except ValueError:
-        raise MergeConfigError(f"max_shard_size: cannot read {text!r} as a size") from None
-
-
 def _params(where: str, value: object, allowed: set[str]) -> Params:
     if value is None:
         return _EMPTY
@@ -175,7 +153,7 @@ def parse_config(doc: Mapping[str, object]) -> MergeConfig:
         prefix=str(doc.get("prefix", "model.") or ""),
         optimizer_prefix=str(doc.get("optimizer_prefix", "optim.state.")),
         output_format=_choice("output_format", doc.get("output_format", "stashpoint"), OUT_FORMATS),
-        max_shard_size=parse_size(doc.get("max_shard_size", 5 * 10**9)),
+        max_shard_size=parse_size(doc.get("max_shard_size", 5 * 10**9), "max_shard_size"),
         device=str(doc.get("device", "cpu")),
         evaluate=None if doc.get("evaluate") is None else str(doc["evaluate"]),
         verify=bool(doc.get("verify", True)),

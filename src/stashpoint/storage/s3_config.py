@@ -30,25 +30,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from urllib.parse import parse_qsl, unquote, urlencode
 
+from stashpoint.sizes import parse_size
 from stashpoint.storage.retry import RetryPolicy
 
 MiB = 1 << 20
 #: S3's own limits: parts other than the last are at least 5 MiB, at most 10 000 parts
 MIN_PART_SIZE = 5 * MiB
 MAX_PARTS = 10_000
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": MiB, "mib": MiB, "g": 1 << 30, "gib": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    """``"16MiB"`` -> 16777216; plain integers are bytes."""
-    t = text.strip().lower()
-    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = t[len(num) :]
-    if unit not in _UNITS or not num:
-        raise ValueError(f"not a size: {text!r} (use e.g. 8388608, 8MiB, 1GiB)")
-    return int(float(num) * _UNITS[unit])
-
 
 @dataclass(frozen=True)
 class S3Options:
@@ -100,7 +88,7 @@ def parse_url(url: str) -> tuple[str, str, S3Options]:
         if name not in kinds:
             raise ValueError(f"unknown s3 option {name!r} in {url!r}; known: {', '.join(sorted(kinds))}")
         if name == "part_size":
-            values[name] = parse_size(value)
+            values[name] = parse_size(value, "part_size")
         elif name in ("concurrency", "max_attempts"):
             values[name] = int(value)
         elif name in ("retry_deadline", "connect_timeout", "read_timeout"):

@@ -1,0 +1,50 @@
+"""The closed vocabularies of the public API, as ``Literal`` types, and their check.
+
+Every option that takes one of a few words is typed here once, so that the
+signature, the docs and the validation agree.  :func:`choose` is called at the
+public boundary: a word outside the vocabulary raises
+:class:`~stashpoint.errors.InvalidOptionError` naming the option and the words it
+accepts, before any work or collective starts.  Torch-free, so the CLI can use it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypeVar, get_args
+
+from stashpoint.errors import InvalidOptionError
+
+#: ``async_save``: return when the bytes are on the host, or at once
+SaveMode = Literal["eager", "lazy"]
+#: ``async_save`` with a save still persisting: wait for its buffer, or skip this save
+IfBusy = Literal["wait", "skip"]
+#: per-rank items read at another world size (``load``), or read whole (``iter_full``):
+#: raise, leave out, take rank 0's value, or (``iter_full`` only) a list of all ranks'
+PerRankChoice = Literal["error", "drop", "rank0", "all"]
+#: how a leaf is shared among ranks (recorded in the save plan)
+Scope = Literal["sharded", "replicated", "checked", "per_rank"]
+#: how a non-tensor value is stored: inline JSON, or bytes in a data file
+Encoding = Literal["json", "pickle", "torch_pickle"]
+#: what a merge produces
+OutputFormat = Literal["stashpoint", "hf"]
+#: keys missing from some merge inputs
+MissingPolicy = Literal["error", "intersection", "union"]
+
+W = TypeVar("W", bound=str)
+
+
+def words(vocabulary: object) -> tuple[str, ...]:
+    """The words of a ``Literal`` vocabulary, in declaration order."""
+    return tuple(get_args(vocabulary))
+
+
+def choose(option: str, value: object, vocabulary: object, allowed: tuple[str, ...] | None = None) -> str:
+    """``value`` if it is a word of ``vocabulary`` (narrowed to ``allowed``), else a named error.
+
+    ``option`` is how the caller spelled the option (``"per_rank"``), so the message
+    names it; the CLI maps options to its flags itself.
+    """
+    ok = allowed if allowed is not None else words(vocabulary)
+    if not isinstance(value, str) or value not in ok:
+        listed = ", ".join(repr(w) for w in ok)
+        raise InvalidOptionError(f"{option} must be one of {listed}, not {value!r}")
+    return value
