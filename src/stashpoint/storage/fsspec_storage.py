@@ -63,6 +63,10 @@ class _FsspecWriter(ObjectWriter):
             check_regular(path)  # fsspec's open would block on a FIFO
         self._deferred = not storage.is_local
         self._file = None
+        with disk_full_as_named_error(self._where):  # out of inodes shows at the create
+            self._open(fs, path)
+
+    def _open(self, fs: AbstractFileSystem, path: str) -> None:
         if self._deferred:
             try:
                 self._file = fs.open(path, "wb", autocommit=False)
@@ -84,11 +88,12 @@ class _FsspecWriter(ObjectWriter):
                 view = view[n:] if isinstance(n, int) and 0 < n < len(view) else view[len(view) :]
 
     def close(self) -> None:
-        f, self._file = self._file, None
+        f = self._file
         if f is None:
             return
         with disk_full_as_named_error(self._where):
             self._finish(f)
+        self._file = None  # only now: after a failed close, ``abort`` still drops the object
 
     def _finish(self, f) -> None:
         if self._storage.is_local:
@@ -114,6 +119,8 @@ class _FsspecWriter(ObjectWriter):
             return
         try:
             f.close()
+        except OSError:  # e.g. the flush of a failed write fails again: the object goes anyway
+            pass
         finally:
             self._storage.delete(self._path)
 

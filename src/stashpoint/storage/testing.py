@@ -268,6 +268,7 @@ class StorageConformance:
         storage.make_prefix(src)
         storage.write_bytes(storage.join(src, "f"), b"1")
         storage.rename(src, dst)
+        assert storage.exists(storage.join(dst, "f")), "rename left nothing at the destination"
         assert storage.read_bytes(storage.join(dst, "f")) == b"1"
         assert not storage.exists(storage.join(src, "f"))
 
