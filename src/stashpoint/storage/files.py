@@ -24,12 +24,16 @@ _KINDS = (
 )
 
 
+def _refusal(path: str, kind: str) -> NotAFileError:
+    """Named like the engine names data files: the directory, then the quoted name."""
+    return NotAFileError(f"{os.path.dirname(path)}: {os.path.basename(path)!r} is {kind}, not a file")
+
+
 def _not_a_file(path: str, mode: int) -> NotAFileError | None:
     """The error to raise when ``mode`` is not a regular file's, else None."""
     if stat.S_ISREG(mode):
         return None
-    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
-    return NotAFileError(f"{path} is {kind}, not a file")
+    return _refusal(path, next((name for test, name in _KINDS if test(mode)), "not a regular file"))
 
 
 def regular_size(path: str) -> int:
@@ -62,11 +66,11 @@ def open_regular(path: str, flags: int = os.O_RDONLY) -> int:
     try:
         fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
     except IsADirectoryError:
-        raise NotAFileError(f"{path} is a directory, not a file") from None
+        raise _refusal(path, "a directory") from None
     except OSError as exc:
         if exc.errno != errno.ENXIO:  # ENXIO: a socket, or a FIFO nobody reads
             raise
-        raise NotAFileError(f"{path} is a FIFO, socket or device, not a file") from None
+        raise _refusal(path, "a FIFO, socket or device") from None
     try:
         error = _not_a_file(path, os.fstat(fd).st_mode)
     except BaseException:
