@@ -16,6 +16,7 @@ multi-process tests.
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 import random
@@ -30,11 +31,13 @@ import torch
 from torch import nn
 
 import stashpoint as sp
+import test_storage_full
 from stashpoint import errors
 from stashpoint.engine.checksum import crc32c
 from stashpoint.format.index import INDEX_FILE, TensorRecord, iter_chunks
 
 DATA_FILE = "data-00000.safetensors"
+full_dir = test_storage_full.full_dir  # the fixture of a tiny tmpfs, for running out of space
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers
@@ -459,6 +462,34 @@ def test_flipped_bit_fails_the_checksum(saved: Saved, draw: int) -> None:
     sp.load(target, saved.path, verify=False)
     assert snapshot(target) == expected
     assert _bits(sp.load_full(saved.path, [fqn], verify=False)[fqn]) == expected[fqn]
+
+
+SPECIAL_FILES: dict[str, Callable[[str], None]] = {
+    "fifo": os.mkfifo,  # opening it for reading would wait for a writer
+    "device": lambda p: os.symlink("/dev/zero", p),  # reading it would never end
+    "directory": os.mkdir,
+}
+
+
+@pytest.mark.parametrize("kind", list(SPECIAL_FILES))
+def test_data_file_that_is_not_a_file(saved: Saved, kind: str) -> None:
+    data = saved.path / DATA_FILE
+    data.unlink()
+    SPECIAL_FILES[kind](str(data))
+    expect_error_everywhere(saved.path, errors.NotAFileError, DATA_FILE, readers=DATA_READERS)
+
+
+def test_disk_full_keeps_the_previous_checkpoint(full_dir: str) -> None:
+    path = Path(full_dir) / "ckpt"
+    sp.save({"w": torch.zeros(1000)}, path)
+    with pytest.raises(errors.StorageWriteError) as info:
+        sp.save({"w": torch.zeros(1 << 19)}, path, overwrite=True)  # 2 MiB on a 1 MiB disk
+    assert path.name in str(info.value) and DATA_FILE in str(info.value)
+    # the storage layer's DiskFullError, as raised or as the cause of the engine's error
+    full = info.value if isinstance(info.value, errors.DiskFullError) else info.value.__cause__
+    assert type(full) is errors.DiskFullError and full.errno == errno.ENOSPC
+    assert torch.equal(sp.load_full(path)["w"], torch.zeros(1000))
+    assert os.listdir(full_dir) == ["ckpt"]
 
 
 # ---------------------------------------------------------------------------------------------------------

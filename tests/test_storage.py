@@ -1,4 +1,5 @@
-"""One conformance suite that every storage backend inherits, plus save/load through each."""
+"""Every backend runs the shipped conformance suite (``stashpoint.storage.testing``),
+plus checkpoints saved and loaded through it, and what is particular to each backend."""
 
 from __future__ import annotations
 
@@ -11,96 +12,13 @@ import torch
 
 import stashpoint
 from stashpoint.storage import LocalStorage, MemoryStorage, Storage, resolve
+from stashpoint.storage.testing import StorageConformance
 
 import dist_cases
 
 
-class StorageConformance:
-    """Subclasses provide ``storage`` and ``root`` fixtures; every test runs on each backend."""
-
-    def test_write_read_and_ranges(self, storage: Storage, root: str):
-        p = storage.join(root, "a.bin")
-        storage.write_bytes(p, bytes(range(256)))
-        assert storage.size(p) == 256
-        assert storage.read_bytes(p) == bytes(range(256))
-        assert storage.read_range(p, 10, 20) == bytes(range(10, 20))
-        assert storage.read_range(p, 250, 300) == bytes(range(250, 256))  # short read at the end
-        buf = bytearray(4)
-        assert storage.read_into(p, 100, memoryview(buf)) == 4 and bytes(buf) == bytes(range(100, 104))
-
-    def test_streamed_writer_and_abort(self, storage: Storage, root: str):
-        p = storage.join(root, "s.bin")
-        with storage.open_writer(p) as w:
-            for i in range(10):
-                w.write(bytes([i]) * 1000)
-        assert storage.size(p) == 10_000 and storage.read_range(p, 9000, 9001) == b"\x09"
-        q = storage.join(root, "aborted.bin")
-        w = storage.open_writer(q)
-        w.write(b"xyz")
-        w.abort()
-        assert not storage.exists(q)
-
-    def test_empty_object_and_overwrite(self, storage: Storage, root: str):
-        p = storage.join(root, "e")
-        storage.write_bytes(p, b"")
-        assert storage.exists(p) and storage.size(p) == 0 and storage.read_bytes(p) == b""
-        storage.write_bytes(p, b"new")
-        assert storage.read_bytes(p) == b"new"
-
-    def test_missing_objects(self, storage: Storage, root: str):
-        p = storage.join(root, "nope")
-        assert not storage.exists(p)
-        with pytest.raises(FileNotFoundError):
-            storage.size(p)
-        with pytest.raises(FileNotFoundError):
-            storage.read_bytes(p)
-        storage.delete(p)  # no error
-
-    def test_listing_and_delete_prefix(self, storage: Storage, root: str):
-        d = storage.join(root, "dir")
-        storage.make_prefix(d)
-        storage.make_prefix(storage.join(d, "sub"))
-        for name in ("b", "a", "ünïcødé ✓"):
-            storage.write_bytes(storage.join(d, name), name.encode())
-        storage.write_bytes(storage.join(d, "sub", "x"), b"x")
-        assert storage.list(d) == sorted(["a", "b", "sub", "ünïcødé ✓"])
-        assert storage.read_bytes(storage.join(d, "ünïcødé ✓")) == "ünïcødé ✓".encode()
-        assert storage.is_prefix(d) and not storage.is_prefix(storage.join(d, "a"))
-        storage.delete(d)
-        assert not storage.exists(storage.join(d, "a")) and storage.list(d) == []
-
-    def test_rename_prefix_is_all_or_nothing(self, storage: Storage, root: str):
-        if not storage.atomic_rename:
-            pytest.skip("backend commits with a marker")
-        src, dst = storage.join(root, "src"), storage.join(root, "dst")
-        storage.make_prefix(src)
-        storage.write_bytes(storage.join(src, "f"), b"1")
-        storage.rename(src, dst)
-        assert storage.read_bytes(storage.join(dst, "f")) == b"1"
-        assert not storage.exists(storage.join(src, "f"))
-
-    def test_concurrent_writers_to_distinct_objects(self, storage: Storage, root: str):
-        def write(i: int) -> None:
-            storage.write_bytes(storage.join(root, f"c{i}"), bytes([i]) * 100_000)
-
-        threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for i in range(8):
-            assert storage.read_bytes(storage.join(root, f"c{i}")) == bytes([i]) * 100_000
-
-    def test_large_object(self, storage: Storage, root: str):
-        p = storage.join(root, "big")
-        data = torch.randint(0, 256, (24 << 20,), dtype=torch.uint8).numpy().tobytes()
-        with storage.open_writer(p) as w:
-            w.write(memoryview(data))
-        assert storage.size(p) == len(data)
-        assert (
-            storage.read_range(p, (16 << 20) + 3, (16 << 20) + 1003)
-            == data[(16 << 20) + 3 : (16 << 20) + 1003]
-        )
+class CheckpointsThroughBackend:
+    """Checkpoints saved and loaded through a backend; subclasses provide a ``url`` fixture."""
 
     def test_checkpoint_round_trip(self, url: str):
         model = torch.nn.Linear(5, 3)
@@ -116,81 +34,6 @@ class StorageConformance:
         for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
             assert torch.equal(a, b)
         assert torch.equal(stashpoint.load_full(url, ["model.weight"])["model.weight"], model.weight.detach())
-
-    # --- overwrite rules, empty and unicode objects, large and concurrent writes ----------
-
-    def test_overwrite_replaces_the_whole_object(self, storage: Storage, root: str):
-        p = storage.join(root, "o")
-        storage.write_bytes(p, b"a" * 100_000)
-        with storage.open_writer(p) as w:  # shorter, streamed: nothing of the old may remain
-            w.write(b"b" * 10)
-            w.write(b"c" * 5)
-        assert storage.size(p) == 15 and storage.read_bytes(p) == b"b" * 10 + b"c" * 5
-
-    def test_aborted_write_never_leaves_a_partial_object(self, storage: Storage, root: str):
-        p = storage.join(root, "keep")
-        storage.write_bytes(p, b"old")
-        w = storage.open_writer(p)
-        w.write(b"new-but-abandoned" * 1000)
-        w.abort()
-        # either the old object survives (object stores) or none exists (filesystems)
-        assert not storage.exists(p) or storage.read_bytes(p) == b"old"
-
-    def test_empty_streamed_object(self, storage: Storage, root: str):
-        p = storage.join(root, "empty")
-        with storage.open_writer(p):
-            pass
-        assert storage.exists(p) and storage.size(p) == 0 and storage.read_bytes(p) == b""
-        assert storage.read_into(p, 0, memoryview(bytearray(8))) == 0
-
-    def test_unicode_keys(self, storage: Storage, root: str):
-        d = storage.join(root, "ünï cødé ✓")
-        storage.make_prefix(d)
-        for name in ("日本語.bin", "emoji 🎉", "a+b=c&d"):
-            storage.write_bytes(storage.join(d, name), name.encode())
-        assert storage.list(d) == sorted(["日本語.bin", "emoji 🎉", "a+b=c&d"])
-        assert storage.list(root) == ["ünï cødé ✓"]
-        for name in storage.list(d):
-            assert storage.read_bytes(storage.join(d, name)) == name.encode()
-
-    def test_large_object_in_uneven_pieces(self, storage: Storage, root: str):
-        p = storage.join(root, "pieces")
-        data = torch.randint(0, 256, (23 << 20,), dtype=torch.uint8).numpy().tobytes()
-        view = memoryview(data)
-        with storage.open_writer(p, size=len(data)) as w:
-            step = (3 << 20) + 17  # pieces that straddle any part boundary
-            for lo in range(0, len(data), step):
-                w.write(view[lo : lo + step])
-        assert storage.size(p) == len(data)
-        out = bytearray(len(data) + 1000)  # one long read, asking for more than there is
-        assert storage.read_into(p, 0, memoryview(out)) == len(data)
-        assert out[: len(data)] == data
-
-    def test_concurrent_streamed_writers(self, storage: Storage, root: str):
-        """Several writers open at once, their pieces interleaved in time."""
-        n, piece = 4, 1 << 20
-        writers = [storage.open_writer(storage.join(root, f"w{i}")) for i in range(n)]
-        errors: list[BaseException] = []
-
-        def fill(i: int) -> None:
-            try:
-                for j in range(7):
-                    writers[i].write(bytes([i * 16 + j]) * piece)
-                writers[i].close()
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=fill, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert not errors
-        for i in range(n):
-            got = storage.read_bytes(storage.join(root, f"w{i}"))
-            assert got == b"".join(bytes([i * 16 + j]) * piece for j in range(7))
-
-    # --- checkpoints through each backend ---------------------------------------------------
 
     def test_checkpoint_overwrite_rules(self, url: str):
         stashpoint.save({"a": torch.ones(3), "b": torch.zeros(2)}, url)
@@ -242,7 +85,7 @@ class StorageConformance:
         assert torch.equal(got["名前"], torch.arange(4))
 
 
-class TestLocalStorage(StorageConformance):
+class TestLocalStorage(StorageConformance, CheckpointsThroughBackend):
     @pytest.fixture
     def storage(self) -> Storage:
         return LocalStorage()
@@ -256,7 +99,7 @@ class TestLocalStorage(StorageConformance):
         return str(tmp_path / "ckpt")
 
 
-class TestMemoryStorage(StorageConformance):
+class TestMemoryStorage(StorageConformance, CheckpointsThroughBackend):
     @pytest.fixture
     def storage(self) -> Storage:
         return MemoryStorage()
@@ -270,7 +113,7 @@ class TestMemoryStorage(StorageConformance):
         return f"memory://t-{uuid.uuid4().hex}/ckpt"
 
 
-class TestLocalDirectStorage(StorageConformance):
+class TestLocalDirectStorage(StorageConformance, CheckpointsThroughBackend):
     """The local backend with O_DIRECT writes, on a real disk (pytest's tmp dir, not tmpfs)."""
 
     @pytest.fixture
@@ -364,7 +207,7 @@ def test_file_url_and_unknown_scheme(tmp_path):
 fsspec = pytest.importorskip("fsspec")
 
 
-class TestFsspecMemoryStorage(StorageConformance):
+class TestFsspecMemoryStorage(StorageConformance, CheckpointsThroughBackend):
     """``fsspec+memory://``: fsspec's own memory filesystem, committed with a marker."""
 
     @pytest.fixture
@@ -382,7 +225,7 @@ class TestFsspecMemoryStorage(StorageConformance):
         return f"fsspec+memory://t-{uuid.uuid4().hex}/ckpt"
 
 
-class TestFsspecLocalStorage(StorageConformance):
+class TestFsspecLocalStorage(StorageConformance, CheckpointsThroughBackend):
     """``local://``: fsspec's local filesystem (atomic rename, fsync'd writes)."""
 
     @pytest.fixture

@@ -19,12 +19,13 @@ from stashpoint.sizes import parse_size
 from stashpoint.storage import Storage, resolve
 from stashpoint.storage.s3 import STATS, S3Storage
 from stashpoint.storage.s3_config import MiB, S3Options, parse_url
-from test_storage import StorageConformance
+from stashpoint.storage.testing import StorageConformance
+from test_storage import CheckpointsThroughBackend
 
 SMALL_PARTS = S3Options(part_size=5 * MiB, concurrency=3)
 
 
-class TestS3Storage(StorageConformance):
+class TestS3Storage(StorageConformance, CheckpointsThroughBackend):
     """Every conformance test, with 5 MiB parts so that the large cases are multipart."""
 
     @pytest.fixture

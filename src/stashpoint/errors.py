@@ -134,6 +134,11 @@ class StorageWriteError(StashpointError, OSError):
     """Storage refused a write (disk full, permission, I/O error)."""
 
 
+class DiskFullError(StorageWriteError):
+    """A write failed because the device or the user's quota is out of space or inodes
+    (``ENOSPC`` / ``EDQUOT``); ``errno`` is the one the filesystem gave."""
+
+
 class RemoteRankError(StashpointError):
     """Another rank failed; this rank stops too so that all ranks agree."""
 
@@ -202,6 +207,11 @@ class BucketNotFoundError(StorageError):
 
 class StorageUnavailableError(StorageError):
     """The store kept failing (timeouts, throttling, 5xx) until the retry budget ran out."""
+
+
+class NotAFileError(StorageError):
+    """A path where a file is expected is something else: a directory, a FIFO, a socket,
+    a device.  Raised before anything could block on it or read from it."""
 
 
 # --- tiered checkpoints ----------------------------------------------------------------------

@@ -371,18 +371,15 @@ class CheckpointManager:
         checkpoints that never committed are left to a bucket lifecycle rule, since a
         writer may still own them (see docs/STORAGE.md).
         """
-        if not hasattr(storage, "abort_incomplete_uploads"):
+        if not storage.multipart_uploads:
             return
         for info in _scan(storage, root, set(), "", warn=False):
             self._abort_uploads_under(storage, storage.join(root, checkpoint_name(info.step)))
 
     @staticmethod
     def _abort_uploads_under(storage: Storage, path: str) -> None:
-        abort = getattr(storage, "abort_incomplete_uploads", None)
-        if abort is None:
-            return
         try:
-            abort(path.rstrip("/") + "/")
+            storage.abort_incomplete_uploads(path.rstrip("/") + "/")
         except StorageError as exc:  # housekeeping: never fail a save or a start for it
             warnings.warn(
                 f"could not abort leftover uploads under {storage.describe(path)}: {exc}", stacklevel=2

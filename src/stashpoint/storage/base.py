@@ -8,7 +8,30 @@ only moves bytes.  Writes are durable when ``ObjectWriter.close`` returns.
 from __future__ import annotations
 
 import abc
+import contextlib
+import errno
 import posixpath
+from collections.abc import Iterator
+
+from stashpoint.errors import DiskFullError
+
+#: errnos that mean "out of space": the device (or its inodes) or the user's quota
+_OUT_OF_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+@contextlib.contextmanager
+def disk_full_as_named_error(where: str) -> Iterator[None]:
+    """Turn ``ENOSPC``/``EDQUOT`` raised inside the block into :class:`DiskFullError`.
+
+    ``where`` names the object (as :meth:`Storage.describe` shows it).  Other errors
+    pass through unchanged.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _OUT_OF_SPACE or isinstance(exc, DiskFullError):
+            raise
+        raise DiskFullError(exc.errno, f"{where}: {exc.strerror}") from exc
 
 
 class ObjectWriter(abc.ABC):
@@ -46,10 +69,48 @@ class ObjectWriter(abc.ABC):
 
 
 class Storage(abc.ABC):
-    """Where checkpoint bytes live.  Paths are strings in the backend's own namespace."""
+    """Where checkpoint bytes live.  Paths are strings in the backend's own namespace.
+
+    Optional capabilities
+    ---------------------
+    Backends differ in a few behaviours.  Each is declared here, with a default that
+    is always safe, so callers ask the backend instead of probing it with ``hasattr``;
+    :mod:`stashpoint.storage.testing` checks that a backend's declarations match what
+    it does.
+
+    ``atomic_rename``
+        ``rename`` of a prefix is one atomic step (POSIX rename).  Decides the commit
+        strategy: atomic rename of a staging directory, or the index as a marker.
+    ``positional_writes``
+        ``open_writer(path, size=n)`` with ``n > 0`` returns a writer whose
+        ``positional`` is True: several threads may fill it with ``write_at``.
+    ``exchange(a, b)``
+        Atomically swap two existing prefixes; returns False (and changes nothing)
+        where the backend or the filesystem cannot.
+    ``multipart_uploads`` / ``abort_incomplete_uploads(prefix)``
+        Writes may leave incomplete uploads behind on the server (object stores);
+        ``abort_incomplete_uploads`` removes those under ``prefix`` and returns how
+        many.  Elsewhere it is 0.
+    """
+
+    # -- optional capabilities (see the class docstring) ----------------------------------
 
     #: True when ``rename`` of a directory-like prefix is atomic (POSIX rename).
     atomic_rename: bool = False
+    #: True when writers opened with a known size offer ``write_at``.
+    positional_writes: bool = False
+    #: True when an interrupted write can leave an incomplete upload on the server.
+    multipart_uploads: bool = False
+
+    def exchange(self, a: str, b: str) -> bool:
+        """Atomically swap the prefixes ``a`` and ``b``; False if this cannot be done."""
+        return False
+
+    def abort_incomplete_uploads(self, prefix: str) -> int:
+        """Abort incomplete uploads under ``prefix``; return how many were aborted."""
+        return 0
+
+    # -- the interface every backend implements -------------------------------------------
 
     @abc.abstractmethod
     def open_writer(self, path: str, size: int | None = None) -> ObjectWriter:

@@ -22,7 +22,8 @@ import posixpath
 from typing import TYPE_CHECKING
 
 from stashpoint.errors import UnsupportedStorageError
-from stashpoint.storage.base import ObjectWriter, Storage
+from stashpoint.storage.base import ObjectWriter, Storage, disk_full_as_named_error
+from stashpoint.storage.files import check_regular, read_regular_into, regular_size
 
 if TYPE_CHECKING:  # fsspec is optional; the type is only named here
     from fsspec import AbstractFileSystem
@@ -56,9 +57,16 @@ class _FsspecWriter(ObjectWriter):
 
     def __init__(self, storage: FsspecStorage, path: str) -> None:
         self._storage, self._path = storage, path
+        self._where = storage.describe(path)
         fs = storage.fs
+        if storage.is_local:
+            check_regular(path)  # fsspec's open would block on a FIFO
         self._deferred = not storage.is_local
         self._file = None
+        with disk_full_as_named_error(self._where):  # out of inodes shows at the create
+            self._open(fs, path)
+
+    def _open(self, fs: AbstractFileSystem, path: str) -> None:
         if self._deferred:
             try:
                 self._file = fs.open(path, "wb", autocommit=False)
@@ -73,15 +81,21 @@ class _FsspecWriter(ObjectWriter):
 
     def write(self, data: memoryview | bytes) -> None:
         view = memoryview(data).cast("B")
-        while view:
-            n = self._file.write(view)
-            # raw files may write less than asked; buffered ones return None or everything
-            view = view[n:] if isinstance(n, int) and 0 < n < len(view) else view[len(view) :]
+        with disk_full_as_named_error(self._where):
+            while view:
+                n = self._file.write(view)
+                # raw files may write less than asked; buffered ones return None or everything
+                view = view[n:] if isinstance(n, int) and 0 < n < len(view) else view[len(view) :]
 
     def close(self) -> None:
-        f, self._file = self._file, None
+        f = self._file
         if f is None:
             return
+        with disk_full_as_named_error(self._where):
+            self._finish(f)
+        self._file = None  # only now: after a failed close, ``abort`` still drops the object
+
+    def _finish(self, f) -> None:
         if self._storage.is_local:
             f.flush()
             # fsspec's local files are plain OS files: fsync so that close means durable
@@ -105,6 +119,8 @@ class _FsspecWriter(ObjectWriter):
             return
         try:
             f.close()
+        except OSError:  # e.g. the flush of a failed write fails again: the object goes anyway
+            pass
         finally:
             self._storage.delete(self._path)
 
@@ -138,6 +154,8 @@ class FsspecStorage(Storage):
         return _FsspecWriter(self, path)
 
     def read_into(self, path: str, offset: int, out: memoryview) -> int:
+        if self.is_local:  # fsspec's open would block on a FIFO and read a device forever
+            return read_regular_into(path, offset, out)
         view = memoryview(out).cast("B")
         done = 0
         while done < len(view):
@@ -150,6 +168,8 @@ class FsspecStorage(Storage):
         return done
 
     def size(self, path: str) -> int:
+        if self.is_local:
+            return regular_size(path)
         info = self.fs.info(path)  # FileNotFoundError when missing
         if info.get("type") == "directory":
             raise FileNotFoundError(path)

@@ -12,7 +12,8 @@ import threading
 
 import numpy as np
 
-from stashpoint.storage.base import ObjectWriter, Storage
+from stashpoint.storage.base import ObjectWriter, Storage, disk_full_as_named_error
+from stashpoint.storage.files import open_regular, read_regular_into, regular_size
 
 #: Writes at least this large are followed by ``sync_file_range(SYNC_FILE_RANGE_WRITE)``
 #: for their range.  Smaller writes are left to the final fsync: a syscall per small
@@ -68,8 +69,10 @@ class _FileWriter(ObjectWriter):
 
     def __init__(self, path: str, size: int | None, direct_io: bool = False) -> None:
         self._path = path
-        # unbuffered: callers hand us large buffers, an extra copy would only cost
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        # unbuffered: callers hand us large buffers, an extra copy would only cost.
+        # Out of inodes shows here: ENOSPC from the create.
+        with disk_full_as_named_error(path):
+            self._fd = open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         #: a second descriptor opened with O_DIRECT for the aligned middles of large
         #: positional writes; -1 when direct mode is off or the filesystem refuses it
         self._direct_fd = -1
@@ -84,7 +87,8 @@ class _FileWriter(ObjectWriter):
         # call ``write`` at once (``write_at`` needs no lock: its offsets are explicit)
         self._pos_lock = threading.Lock()
         if size:
-            os.ftruncate(self._fd, size)
+            with disk_full_as_named_error(path):
+                os.ftruncate(self._fd, size)
             # only with a known size: direct writes then never extend the file, and the
             # positional writers that fill big files are the ones worth bypassing the cache
             if direct_io and hasattr(os, "O_DIRECT"):
@@ -95,7 +99,10 @@ class _FileWriter(ObjectWriter):
                     pass  # e.g. EINVAL from a filesystem without O_DIRECT: stay buffered
 
     def write_at(self, offset: int, data: memoryview | bytes) -> None:
-        view = memoryview(data).cast("B")
+        with disk_full_as_named_error(self._path):
+            self._write_at(offset, memoryview(data).cast("B"))
+
+    def _write_at(self, offset: int, view: memoryview) -> None:
         if self._direct_ok and len(view) >= _DIRECT_MIN:
             lo, hi = _align_up(offset), _align_down(offset + len(view))
             if hi > lo and self._write_direct(lo, view[lo - offset : hi - offset]):
@@ -139,7 +146,7 @@ class _FileWriter(ObjectWriter):
 
     def write(self, data: memoryview | bytes) -> None:
         view = memoryview(data).cast("B")
-        with self._pos_lock:
+        with self._pos_lock, disk_full_as_named_error(self._path):
             start, nbytes = self._pos, len(view)
             while view:
                 n = os.write(self._fd, view)
@@ -175,8 +182,10 @@ class _FileWriter(ObjectWriter):
             return
         try:
             # one fsync covers both descriptors: it flushes the inode's dirty pages and
-            # metadata and the device cache, where the direct writes already went
-            os.fsync(self._fd)
+            # metadata and the device cache, where the direct writes already went.
+            # Delayed allocation reports a full disk only here.
+            with disk_full_as_named_error(self._path):
+                os.fsync(self._fd)
         finally:
             self._close_fds()
 
@@ -206,6 +215,7 @@ class LocalStorage(Storage):
     """
 
     atomic_rename = True
+    positional_writes = True
     #: class attribute, so subclasses that do not call ``__init__`` still have it
     direct_io: bool | None = None
 
@@ -217,21 +227,10 @@ class LocalStorage(Storage):
         return _FileWriter(path, size, direct_io=direct)
 
     def read_into(self, path: str, offset: int, out: memoryview) -> int:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            view = memoryview(out).cast("B")
-            done = 0
-            while done < len(view):
-                n = os.preadv(fd, [view[done:]], offset + done)
-                if n == 0:
-                    break
-                done += n
-            return done
-        finally:
-            os.close(fd)
+        return read_regular_into(path, offset, out)
 
     def size(self, path: str) -> int:
-        return os.stat(path).st_size
+        return regular_size(path)
 
     def exists(self, path: str) -> bool:
         return os.path.exists(path)

@@ -41,6 +41,7 @@ class MemoryStorage(Storage):
     """Objects live in a process-wide dict named ``namespace``; paths start with '/'."""
 
     atomic_rename = True  # a rename under one lock is atomic for readers in this process
+    positional_writes = True
 
     def __init__(self, namespace: str = "default") -> None:
         with _LOCK:

@@ -105,6 +105,7 @@ class S3Storage(Storage):
     """Objects in one bucket; backend paths are keys without a leading slash."""
 
     atomic_rename = False
+    multipart_uploads = True  # a writer that dies mid-upload leaves its parts on the server
 
     def __init__(self, bucket: str, options: S3Options | None = None) -> None:
         self.bucket = bucket
