@@ -33,6 +33,7 @@ EXTRAS = {
 
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-_]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_TRACEBACK = "Traceback (most recent call last):"
 _KEYWORD_TRUE = re.compile(r"\b([a-z][a-z0-9]*(?:_[a-z0-9]+)*)=True\b")
 _IDENTIFIER = re.compile(r"\b[a-z][a-z0-9]*(?:_[a-z0-9]+)+\b")
 #: library spellings of an option that the command line spells by another option's flag
@@ -53,7 +54,10 @@ def one_line(text: str) -> str:
     in_traceback = False
     for raw in _ANSI.sub("", text).splitlines():
         line = _CONTROL.sub("", raw)
-        if line.strip().startswith("Traceback (most recent call last):"):
+        if _TRACEBACK in line:
+            before = line.split(_TRACEBACK)[0].strip()
+            if before:
+                kept.append(before)
             in_traceback = True
             continue
         if in_traceback and (not line.strip() or line[:1].isspace()):
