@@ -122,19 +122,24 @@ def test_report_failures_are_one_line(capsys, tmp_path):
     assert code == 1 and "directory" in one_error_line(err)
 
 
-def test_report_without_matplotlib_gives_the_install_hint(tmp_path):
+@pytest.mark.parametrize("missing, extra", [("matplotlib", "report"), ("boto3", "s3")])
+def test_a_missing_optional_dependency_gives_the_install_hint(tmp_path, missing, extra):
     telemetry = tmp_path / "t.jsonl"
     telemetry.write_text(json.dumps(_record("save", 1, {"plan": 0.001, "write": 0.002})) + "\n")
+    argv = {
+        "matplotlib": ["report", str(telemetry), "--plot", str(tmp_path / "p.png")],
+        "boto3": ["inspect", "s3://bucket/ckpt"],
+    }[missing]
     code = (
         "import sys\n"
-        "sys.modules['matplotlib'] = None  # as if it were not installed\n"
+        f"sys.modules[{missing!r}] = None  # as if it were not installed\n"
         "from stashpoint.cli.main import main\n"
-        f"sys.exit(main(['report', {str(telemetry)!r}, '--plot', {str(tmp_path / 'p.png')!r}]))\n"
+        f"sys.exit(main({argv!r}))\n"
     )
-    env = {**os.environ, "PYTHONPATH": SRC}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 1 and not proc.stdout
-    assert "pip install 'stashpoint[report]'" in one_error_line(proc.stderr)
+    assert f"pip install 'stashpoint[{extra}]'" in one_error_line(proc.stderr)
 
 
 def _record(event: str, step: int, phases: dict[str, float]) -> dict:
@@ -167,7 +172,7 @@ def test_inspect_does_not_import_torch(ckpt):
         f"assert main(['inspect', {ckpt!r}]) == 0\n"
         "print('TORCH' if 'torch' in sys.modules else 'NO TORCH')\n"
     )
-    env = {**os.environ, "PYTHONPATH": SRC}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "model.weight" in proc.stdout and "step 7" in proc.stdout
