@@ -100,6 +100,8 @@ def test_convert_checks_its_words_and_refuses_to_replace(tmp_path):
         stashpoint.convert(src, tmp_path / "x", to="safetensors")
     with pytest.raises(InvalidOptionError, match="max_shard_size"):
         stashpoint.convert(src, tmp_path / "x", to="hf", max_shard_size="5G")
+    with pytest.raises(InvalidOptionError, match="dtype"):
+        stashpoint.convert(src, tmp_path / "x", to="hf", dtype="float12")
     assert not (tmp_path / "x").exists()
     (tmp_path / "hf").mkdir()
     with pytest.raises(CheckpointExistsError, match="overwrite=True"):

@@ -29,7 +29,12 @@ from stashpoint.convert.dcp import DCP_METADATA, export_dcp, import_dcp
 from stashpoint.convert.hf import DEFAULT_SHARD_BYTES, HF_INDEX, export_hf, import_hf, strip_prefix
 from stashpoint.convert.stream import ConvertSummary, copy_to_stashpoint
 from stashpoint.convert.torch_save import BIN_INDEX, import_torch_save
-from stashpoint.errors import CheckpointExistsError, CheckpointNotFoundError, NotACheckpointError
+from stashpoint.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    InvalidOptionError,
+    NotACheckpointError,
+)
 from stashpoint.format.dtypes import dtype_from_name
 from stashpoint.format.index import INDEX_FILE
 from stashpoint.sizes import parse_size
@@ -90,7 +95,7 @@ def convert(
     """
     to = choose("to", to, ConvertTarget)
     shard_bytes = parse_size(max_shard_size, "max_shard_size")
-    cast = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
+    cast = _dtype(dtype)
     src, dst = os.fspath(src), os.fspath(dst)
     storage, path = resolve(src)
     kind = detect_format(storage, path)
@@ -115,6 +120,15 @@ def convert(
             copy_files=tuple(copy_files),
             progress=progress,
         )
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if not isinstance(dtype, str):
+        return dtype
+    try:
+        return dtype_from_name(dtype)
+    except ValueError:
+        raise InvalidOptionError(f"dtype: {dtype!r} is not a dtype name (e.g. 'bfloat16')") from None
 
 
 def _import(
