@@ -62,19 +62,32 @@ def test_verify_passes_then_catches_a_bit_flip(ckpt):
     assert "checksum mismatch" in proc.stdout and "model.weight" in proc.stdout
 
 
-def test_errors_are_named_and_exit_2(tmp_path):
+def test_errors_are_named_one_line_and_exit_1(tmp_path):
     proc = run("inspect", str(tmp_path / "missing"), check=False)
-    assert proc.returncode == 2
+    assert proc.returncode == 1
     assert "CheckpointNotFoundError" in proc.stderr and "missing" in proc.stderr
-    os.makedirs(tmp_path / "partial")
-    proc = run("verify", str(tmp_path / "partial"), check=False)
-    assert proc.returncode == 2 and "IncompleteCheckpointError" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and not proc.stdout
+    os.makedirs(tmp_path / "empty")
+    proc = run("verify", str(tmp_path / "empty"), check=False)
+    assert proc.returncode == 1 and "NotACheckpointError" in proc.stderr and "not a checkpoint" in proc.stderr
 
 
-def test_demo_job_resumes_on_another_world_size(tmp_path):
-    proc = run("demo", "--dir", str(tmp_path), "--steps", "4", "--save-at", "2")
+def test_demo_job_resumes_on_another_world_size_and_leaves_no_temporary_files(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    proc = subprocess.run(
+        [*CLI, "demo", "--dir", str(tmp_path / "out"), "--steps", "4", "--save-at", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
     assert "resumed run matches the uninterrupted run" in proc.stdout
     assert "bytes read (per rank)" in proc.stdout and "r2:" in proc.stdout
+    assert os.listdir(scratch) == []
+    assert os.listdir(tmp_path / "out") == ["step-000002"]
 
 
 def test_report_table_and_timeline(tmp_path):

@@ -514,6 +514,17 @@ def test_nonexistent_path(tmp_path: Path) -> None:
         sp.read_index(path)
 
 
+def test_not_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "notes"
+    path.mkdir()
+    (path / "readme.txt").write_text("not a checkpoint")
+    with pytest.raises(Exception) as info:
+        sp.convert(path, tmp_path / "out", to="stashpoint")
+    assert_error(info.value, errors.NotACheckpointError, path)
+    assert isinstance(info.value, errors.IncompleteCheckpointError)  # what callers caught before
+    assert not (tmp_path / "out").exists()
+
+
 BROKEN_TEXT: dict[str, Callable[[bytes], bytes]] = {
     "empty": lambda text: b"",
     "not-json": lambda text: b"{not json",

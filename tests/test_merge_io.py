@@ -285,7 +285,7 @@ def test_cli_yaml_and_flags(tmp_path):
     bad = run_cli("--method", "ema", "--k", "3", *paths, "-o", tmp_path / "b", check=False)
     assert bad.returncode == 2 and "MergeConfigError" in bad.stderr and "'k'" in bad.stderr
     bad = run_cli("--method", "uniform", paths[0], tmp_path / "nothing", "-o", tmp_path / "b", check=False)
-    assert bad.returncode == 2 and "MergeInputError" in bad.stderr
+    assert bad.returncode == 1 and "MergeInputError" in bad.stderr  # a failure, not misuse
     assert "ties" in run_cli("--list-methods").stdout
 
 

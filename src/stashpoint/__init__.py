@@ -7,26 +7,46 @@ The public API is small:
 * :func:`load_full` / :func:`iter_full`: whole CPU tensors for tools and evaluation.
 * :func:`read_index`: the checkpoint's JSON index as dataclasses.
 * :func:`merge`: averages, soups and merges of fine-tunes, streamed tensor by tensor.
+* :func:`convert`: between stashpoint, PyTorch DCP, HF safetensors and ``torch.save``;
+  :func:`load_hf`: an HF directory into a module.
+* :class:`CheckpointManager`: when to save, what to keep, where to resume from.
 * :class:`PerRank`, :class:`OptimizerState`: wrappers that say how to treat a value.
+
+``import stashpoint`` does not import torch: the names that need it
+(:class:`CheckpointManager`, :class:`SaveHandle`, :func:`load_hf`, :func:`convert`) are
+imported on first use.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from stashpoint import errors
+from stashpoint import errors, vocab
 from stashpoint._version import __version__
 from stashpoint.engine.telemetry import LoadResult, SaveResult
 from stashpoint.format.index import Index
+from stashpoint.vocab import IfBusy, PerRankChoice, SaveMode
 from stashpoint.wrappers import OptimizerState, PerRank
 
-if TYPE_CHECKING:  # the merge package is imported on first use only
+if TYPE_CHECKING:  # imported on first use only: they need torch
+    from stashpoint.convert.hf import load_hf
+    from stashpoint.engine.async_save import SaveHandle
+    from stashpoint.manager import CheckpointManager
     from stashpoint.merging.config import MergeConfig
     from stashpoint.merging.run import MergeReport
 
 PathLike = str | os.PathLike
+#: the words ``load``'s ``per_rank`` accepts (besides a function)
+LOAD_PER_RANK = ("error", "drop", "rank0")
+#: public names imported on first use (they need torch), and the module that defines each
+LAZY = {
+    "CheckpointManager": "stashpoint.manager",
+    "SaveHandle": "stashpoint.engine.async_save",
+    "load_hf": "stashpoint.convert",
+}
 
 
 def save(
@@ -64,17 +84,17 @@ def async_save(
     state: dict,
     path: PathLike,
     *,
-    mode: str = "eager",
+    mode: SaveMode = "eager",
     step: int | None = None,
     metadata: dict | None = None,
     overwrite: bool = False,
-    if_busy: str = "wait",
+    if_busy: IfBusy = "wait",
     process_group=None,
     timeout_s: float = 600.0,
     copy_engine=None,
     device_buffer: bool = False,
-):
-    """Start a save and return a :class:`~stashpoint.engine.async_save.SaveHandle` at once.
+) -> SaveHandle:
+    """Start a save and return a :class:`SaveHandle` at once.
 
     A collective like :func:`save`.  Tensors are copied into a host staging pool that
     is allocated once and reused; a background writer process persists and commits.
@@ -88,6 +108,8 @@ def async_save(
     CUDA tensors into a reused device buffer (fast), so the next optimizer step waits
     only for that snapshot while the copy to the host overlaps later steps.
     """
+    vocab.choose("mode", mode, SaveMode)
+    vocab.choose("if_busy", if_busy, IfBusy)
     from stashpoint.engine.async_save import async_save_state
 
     return async_save_state(
@@ -124,7 +146,7 @@ def load(
     strict: bool = True,
     verify: bool = True,
     allow_pickle: bool = False,
-    per_rank="error",
+    per_rank: PerRankChoice | Callable[[str, list, int, int], object] = "error",
     process_group=None,
     timeout_s: float = 600.0,
 ) -> LoadResult:
@@ -138,6 +160,8 @@ def load(
     ``"error"``, ``"drop"`` (leave the target as is), ``"rank0"``, or a function
     ``(name, values, rank, world_size) -> value``.
     """
+    if not callable(per_rank):
+        vocab.choose("per_rank", per_rank, PerRankChoice, allowed=LOAD_PER_RANK)
     from stashpoint.engine.load import load_state
 
     return load_state(
@@ -226,19 +250,39 @@ def merge(
     )
 
 
+def __getattr__(name: str) -> object:
+    """The torch-needing public names, imported when first asked for.
+
+    ``convert`` is the :mod:`stashpoint.convert` package, which is callable as
+    :func:`stashpoint.convert.convert` (a package binds itself to its parent's attribute
+    of the same name when imported, so a function there would be replaced).
+    """
+    if name == "convert":
+        return importlib.import_module("stashpoint.convert")
+    if name in LAZY:
+        value = getattr(importlib.import_module(LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'stashpoint' has no attribute {name!r}")
+
+
 __all__ = [
+    "CheckpointManager",
     "Index",
     "LoadResult",
     "OptimizerState",
     "PerRank",
+    "SaveHandle",
     "SaveResult",
     "__version__",
     "async_save",
     "async_warmup",
+    "convert",
     "errors",
     "iter_full",
     "load",
     "load_full",
+    "load_hf",
     "merge",
     "read_index",
     "save",

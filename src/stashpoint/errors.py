@@ -24,6 +24,12 @@ class IncompleteCheckpointError(StashpointError):
     """Something exists at the path but was never committed (no index)."""
 
 
+class NotACheckpointError(IncompleteCheckpointError):
+    """A directory exists at the path but holds no checkpoint of any supported format, nor
+    the remains of an interrupted save (data files without an index, a ``.NAME.partial-*``
+    sibling)."""
+
+
 class CheckpointExistsError(StashpointError, FileExistsError):
     """A save would replace an existing checkpoint and ``overwrite`` was not given."""
 

@@ -28,6 +28,10 @@ Encoding = Literal["json", "pickle", "torch_pickle"]
 OutputFormat = Literal["stashpoint", "hf"]
 #: keys missing from some merge inputs
 MissingPolicy = Literal["error", "intersection", "union"]
+#: what ``stashpoint.convert`` writes
+ConvertTarget = Literal["stashpoint", "hf", "dcp"]
+#: what a path holds: our checkpoint, PyTorch DCP, an HF safetensors directory, torch.save files
+SourceFormat = Literal["stashpoint", "dcp", "hf", "torch_save"]
 
 W = TypeVar("W", bound=str)
 

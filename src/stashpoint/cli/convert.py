@@ -1,4 +1,4 @@
-"""``stashpoint convert SRC DST --to hf|dcp|stashpoint``: any supported source, streamed."""
+"""``stashpoint convert SRC DST --to hf|dcp|stashpoint``: arguments in, :func:`stashpoint.convert` out."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import os
 import sys
 import time
 
-from stashpoint.cli.format import human_bytes
 from stashpoint.sizes import parse_size
+from stashpoint.textfmt import human_bytes
 
 
 class Progress:
@@ -40,21 +40,6 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def source_kind(src: str) -> str:
-    """ "torch" for a torch.save file or pytorch_model.bin directory, else "checkpoint"."""
-    if os.path.isfile(src):
-        return "torch"
-    if os.path.isdir(src) and not any(
-        os.path.exists(os.path.join(src, n))
-        for n in ("index.json", ".metadata", "model.safetensors", "model.safetensors.index.json")
-    ):
-        from stashpoint.convert.torch_save import BIN_INDEX
-
-        if any(os.path.exists(os.path.join(src, n)) for n in (BIN_INDEX, "pytorch_model.bin")):
-            return "torch"
-    return "checkpoint"
-
-
 def _total_bytes(src: str) -> int:
     """What the progress bar counts up to: the source's size on disk (tensor bytes plus a
     little framing), so that no index has to be read twice just to draw a bar."""
@@ -68,67 +53,27 @@ def _total_bytes(src: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from stashpoint.convert import export_dcp, export_hf, import_torch_save, strip_prefix
-    from stashpoint.convert.stream import copy_to_stashpoint
+    from stashpoint.convert import convert
 
     progress = Progress(_total_bytes(args.src), enabled=not args.no_progress and sys.stderr.isatty())
-    kind = source_kind(args.src)
-    src = args.src
-    tmp = None
     try:
-        if kind == "torch" and args.to != "stashpoint":
-            # torch.save files are turned into a stashpoint checkpoint first, then exported
-            import tempfile
-
-            tmp = tempfile.mkdtemp(prefix="stashpoint-convert-")
-            src = os.path.join(tmp, "ckpt")
-            import_torch_save(args.src, src, prefix=args.prefix, allow_pickle=args.allow_pickle)
-        if args.to == "hf":
-            summary = export_hf(
-                src,
-                args.dst,
-                name_map=strip_prefix(args.prefix),
-                max_shard_bytes=parse_size(args.max_shard_size, "--max-shard-size"),
-                dtype=getattr(torch, args.dtype) if args.dtype else None,
-                copy_files=tuple(args.copy),
-                progress=progress,
-            )
-        elif args.to == "dcp":
-            summary = export_dcp(src, args.dst, allow_pickle=args.allow_pickle, progress=progress)
-        elif kind == "torch":
-            summary = import_torch_save(
-                src, args.dst, prefix=args.prefix, allow_pickle=args.allow_pickle, progress=progress
-            )
-        else:
-            # HF names gain the model prefix so the result loads into {"model": module}
-            rename = (lambda n: args.prefix + n) if _is_hf(src) else None
-            summary = copy_to_stashpoint(
-                src,
-                args.dst,
-                source="convert",
-                rename=rename,
-                allow_pickle=args.allow_pickle,
-                progress=progress,
-            )
+        summary = convert(
+            args.src,
+            args.dst,
+            to=args.to,
+            overwrite=args.overwrite,
+            allow_pickle=args.allow_pickle,
+            prefix=args.prefix,
+            max_shard_size=parse_size(args.max_shard_size, "--max-shard-size"),
+            dtype=args.dtype,
+            copy_files=tuple(args.copy),
+            progress=progress,
+        )
     finally:
         progress.close()
-        if tmp is not None:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"{summary.tensors} tensors, {summary.values} values, {human_bytes(summary.bytes)} in "
         f"{summary.files} file(s), {summary.seconds:.2f} s, peak memory "
         f"{human_bytes(summary.peak_rss_bytes)}; {len(summary.skipped)} items left out"
     )
     return 0
-
-
-def _is_hf(src: str) -> bool:
-    from stashpoint.convert.hf import is_hf_dir
-    from stashpoint.storage import resolve
-
-    storage, path = resolve(src)
-    return not storage.exists(storage.join(path, "index.json")) and is_hf_dir(storage, path)

@@ -1,12 +1,28 @@
-"""``stashpoint inspect PATH [--json]``: what a checkpoint holds, read from its index alone."""
+"""``stashpoint inspect PATH [--json]``: what a checkpoint holds, read from its index alone.
+
+Our own checkpoints are inspected without importing torch (only the JSON index is
+read); PyTorch DCP and HF directories are described through the engine's reader, which
+needs it.  A path that holds no checkpoint is told apart from an interrupted save.
+"""
 
 from __future__ import annotations
 
 import datetime
 import json
 
-from stashpoint.cli.format import human_bytes, table
-from stashpoint.format.index import Index, ObjectRecord, PerRankRecord, TensorRecord
+from stashpoint.errors import (
+    CheckpointNotFoundError,
+    IncompleteCheckpointError,
+    NotACheckpointError,
+    StashpointError,
+)
+from stashpoint.format.index import INDEX_FILE, Index, ObjectRecord, PerRankRecord, TensorRecord
+from stashpoint.storage import Storage, resolve
+from stashpoint.storage.commit import PARTIAL_TAG
+from stashpoint.textfmt import human_bytes, table
+
+#: what inspect shows for a date or version the checkpoint does not record (DCP, HF)
+UNKNOWN = "unknown"
 
 
 def _describe(name: str, item) -> dict:
@@ -49,7 +65,15 @@ def _describe(name: str, item) -> dict:
     }
 
 
+def _created(unix: float) -> str | None:
+    """ISO time of a save; None when not recorded (other tools' checkpoints record 0)."""
+    if unix <= 0:
+        return None
+    return datetime.datetime.fromtimestamp(unix, datetime.timezone.utc).isoformat()
+
+
 def summarize(index: Index) -> dict:
+    """The checkpoint as a JSON-able dict; what the index does not record is None."""
     rows = [_describe(n, it) for n, it in sorted(index.items.items())]
     m = index.metadata
     return {
@@ -57,9 +81,9 @@ def summarize(index: Index) -> dict:
         "metadata": {
             "step": m.step,
             "world_size": m.world_size,
-            "created": datetime.datetime.fromtimestamp(m.created_unix, datetime.timezone.utc).isoformat(),
-            "torch_version": m.torch_version,
-            "stashpoint_version": m.stashpoint_version,
+            "created": _created(m.created_unix),
+            "torch_version": m.torch_version or None,
+            "stashpoint_version": m.stashpoint_version or None,
             "user": m.user,
         },
         "items": rows,
@@ -72,10 +96,44 @@ def summarize(index: Index) -> dict:
     }
 
 
-def run(path: str, as_json: bool = False) -> int:
-    from stashpoint import read_index
+def open_index(location: str) -> Index:
+    """The index of the checkpoint at ``location``, or a named error saying what is there."""
+    storage, path = resolve(location)
+    index_path = storage.join(path, INDEX_FILE)
+    if storage.exists(index_path):
+        return Index.from_json(storage.read_bytes(index_path), storage.describe(path))
+    from stashpoint.engine.reader import read_index  # DCP and HF directories: read with torch
 
-    summary = summarize(read_index(path))
+    try:
+        return read_index(storage, path)
+    except (CheckpointNotFoundError, IncompleteCheckpointError):
+        raise no_checkpoint(storage, path) from None
+
+
+def no_checkpoint(storage: Storage, path: str) -> StashpointError:
+    """Why ``path`` holds no committed checkpoint: nothing there, an interrupted save (its
+    hidden ``.NAME.partial-*`` staging, or data files without an index), or something else."""
+    where = storage.describe(path)
+    name = storage.basename(path)
+    staging = [n for n in storage.list(storage.parent(path)) if n.startswith(f".{name}{PARTIAL_TAG}")]
+    interrupted = "a save was interrupted or is still running"
+    if staging:
+        return IncompleteCheckpointError(
+            f"{where} has no committed checkpoint: {interrupted} (its files are in {staging[0]})"
+        )
+    if not storage.exists(path):
+        return CheckpointNotFoundError(f"no checkpoint at {where}")
+    if not storage.is_prefix(path):
+        return NotACheckpointError(f"{where} is a file, not a checkpoint directory")
+    if any(n.endswith(".safetensors") for n in storage.list(path)):
+        return IncompleteCheckpointError(f"{where} has data files but no {INDEX_FILE}: {interrupted}")
+    return NotACheckpointError(
+        f"{where} is not a checkpoint: it holds no {INDEX_FILE}, DCP .metadata or HF safetensors files"
+    )
+
+
+def run(path: str, as_json: bool = False) -> int:
+    summary = summarize(open_index(path))
     if as_json:
         print(json.dumps(summary, indent=1))
         return 0
@@ -98,9 +156,10 @@ def run(path: str, as_json: bool = False) -> int:
         f"{t['items']} items ({t['tensors']} tensors), {human_bytes(t['bytes'])} in {t['files']} data files; "
         f"format v{summary['format_version']}"
     )
+    step = UNKNOWN if m["step"] is None else m["step"]
     print(
-        f"step {m['step']}, saved {m['created']} by {m['world_size']} ranks "
-        f"(torch {m['torch_version']}, stashpoint {m['stashpoint_version']})"
+        f"step {step}, saved {m['created'] or UNKNOWN} by {m['world_size']} ranks "
+        f"(torch {m['torch_version'] or UNKNOWN}, stashpoint {m['stashpoint_version'] or UNKNOWN})"
     )
     if m["user"]:
         print(f"metadata: {json.dumps(m['user'])}")

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from stashpoint.cli.format import human_bytes
+from stashpoint.textfmt import human_bytes
 
 #: flags that set a method parameter of the same name
 PARAM_FLAGS = (

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 
-from stashpoint.cli.format import human_bytes, table
+from stashpoint.textfmt import human_bytes, table
 
+#: save and load phases in the order they happen (records store them sorted by name)
 PHASES = [
     "plan",
     "wait_buffer",
@@ -28,6 +29,12 @@ PHASES = [
 ]
 
 
+def in_order(phase_seconds: dict[str, float]) -> list[tuple[str, float]]:
+    """``(phase, seconds)`` in the order the phases happen; unknown phases last, by name."""
+    rank = {name: i for i, name in enumerate(PHASES)}
+    return sorted(phase_seconds.items(), key=lambda kv: (rank.get(kv[0], len(PHASES)), kv[0]))
+
+
 def load_records(paths: list[str]) -> list[dict]:
     records = []
     for path in paths:
@@ -39,7 +46,7 @@ def load_records(paths: list[str]) -> list[dict]:
                 try:
                     records.append(json.loads(line))
                 except ValueError:
-                    raise SystemExit(f"{path}:{n}: not a JSON line") from None
+                    raise SystemExit(f"stashpoint report: {path}:{n}: not a JSON line") from None
     records.sort(key=lambda r: r.get("time_unix", 0))
     return records
 
@@ -60,7 +67,7 @@ def render_table(records: list[dict]) -> str:
                 f"{r.get('seconds', sum(phases.values())):.3f}",
                 human_bytes(nbytes),
                 f"{r['gb_per_s']:.2f}" if r.get("gb_per_s") else "",
-                " ".join(f"{k}={v * 1e3:.0f}ms" for k, v in phases.items() if v >= 0.0005),
+                " ".join(f"{k}={v * 1e3:.0f}ms" for k, v in in_order(phases) if v >= 0.0005),
             ]
         )
     head = ["event", "step", "rank", "mode", "stall ms", "total s", "bytes", "GB/s", "phases"]
@@ -68,9 +75,6 @@ def render_table(records: list[dict]) -> str:
 
 
 def plot_timeline(records: list[dict], out: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     colors = dict(zip(PHASES, plt.get_cmap("tab20").colors))
@@ -79,7 +83,7 @@ def plot_timeline(records: list[dict], out: str) -> None:
     seen = set()
     for y, r in enumerate(records):
         start = r.get("time_unix", 0) - r.get("seconds", 0) - t0
-        for phase, secs in r.get("phase_seconds", {}).items():
+        for phase, secs in in_order(r.get("phase_seconds", {})):
             label = phase if phase not in seen else None
             seen.add(phase)
             ax.barh(y, secs, left=start, color=colors.get(phase, "grey"), label=label, height=0.7)
@@ -96,6 +100,10 @@ def plot_timeline(records: list[dict], out: str) -> None:
 
 
 def run(paths: list[str], plot: str | None = None) -> int:
+    if plot:  # before any output: without matplotlib the command fails at once, in one line
+        import matplotlib
+
+        matplotlib.use("Agg")
     records = load_records(paths)
     if not records:
         print("no telemetry records")

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from stashpoint.cli.format import human_bytes
+from stashpoint.cli.inspect import no_checkpoint
+from stashpoint.errors import CheckpointNotFoundError, IncompleteCheckpointError
+from stashpoint.storage import resolve
+from stashpoint.textfmt import human_bytes
 
 
 def run(path: str) -> int:
     from stashpoint.engine.verify import verify_checkpoint
 
-    report = verify_checkpoint(path)
+    try:
+        report = verify_checkpoint(path)
+    except (CheckpointNotFoundError, IncompleteCheckpointError):
+        raise no_checkpoint(*resolve(path)) from None
     for problem in report.problems:
         print(f"FAIL  {problem}")
     status = "OK" if report.ok else f"{len(report.problems)} problem(s)"

@@ -1,4 +1,9 @@
-"""Run one function on N local CPU ranks (gloo, file rendezvous) and collect results."""
+"""Run one function on N local CPU ranks (gloo, file rendezvous) and collect results.
+
+Everything the ranks put in temporary space (the rendezvous file, torch's compile
+cache) goes into one private directory that is removed when they are done, so a run
+leaves nothing in ``/tmp``.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,12 @@ import traceback
 import torch.multiprocessing as mp
 
 
-def _entry(rank: int, world: int, init_file: str, fn, args: tuple, results) -> None:
+def _entry(rank: int, world: int, scratch: str, fn, args: tuple, results) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["TMPDIR"] = scratch
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(scratch, "inductor")
+    tempfile.tempdir = None  # look TMPDIR up again
+    init_file = os.path.join(scratch, "rendezvous")
     import torch
     import torch.distributed as dist
 
@@ -28,12 +37,19 @@ def _entry(rank: int, world: int, init_file: str, fn, args: tuple, results) -> N
 
 def run_ranks(world: int, fn, *args, timeout_s: float = 600.0) -> list:
     """``fn(rank, world, *args)`` on ``world`` fresh processes; returns per-rank results."""
+    with tempfile.TemporaryDirectory(prefix="stashpoint-demo-", ignore_cleanup_errors=True) as scratch:
+        out = _run_in(scratch, world, fn, args, timeout_s)
+    failed = [f"rank {r}:\n{v}" for r, (ok, v) in sorted(out.items()) if not ok]
+    if failed:
+        print("\n".join(failed), file=sys.stderr)
+        raise RuntimeError(f"{len(failed)} rank(s) failed")
+    return [out[r][1] for r in range(world)]
+
+
+def _run_in(scratch: str, world: int, fn, args: tuple, timeout_s: float) -> dict[int, tuple[bool, object]]:
     ctx = mp.get_context("spawn")
-    fd, init_file = tempfile.mkstemp(prefix="stashpoint-rdzv-")
-    os.close(fd)
-    os.unlink(init_file)
     results = ctx.Queue()
-    procs = [ctx.Process(target=_entry, args=(r, world, init_file, fn, args, results)) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(r, world, scratch, fn, args, results)) for r in range(world)]
     for p in procs:
         p.start()
     out: dict[int, tuple[bool, object]] = {}
@@ -48,8 +64,5 @@ def run_ranks(world: int, fn, *args, timeout_s: float = 600.0) -> list:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    failed = [f"rank {r}:\n{v}" for r, (ok, v) in sorted(out.items()) if not ok]
-    if failed:
-        print("\n".join(failed), file=sys.stderr)
-        raise RuntimeError(f"{len(failed)} rank(s) failed")
-    return [out[r][1] for r in range(world)]
+                p.join(timeout=30)
+    return out

@@ -14,8 +14,9 @@ import os
 import shutil
 import time
 
-from stashpoint.cli.format import human_bytes, table
 from stashpoint.demo.launch import run_ranks
+from stashpoint.errors import InvalidOptionError
+from stashpoint.textfmt import human_bytes, table
 
 GLOBAL_BATCH = 12  # divisible by 1, 2, 3, 4: every world size sees the same data
 TOLERANCE = 1e-5
@@ -76,7 +77,7 @@ def _resume(rank: int, world: int, steps: int, path: str) -> dict:
 
 def run(out_dir: str, steps: int, save_at: int, save_world: int, resume_world: int) -> int:
     if not 0 < save_at < steps:
-        raise SystemExit("--save-at must be between 0 and --steps")
+        raise InvalidOptionError(f"save_at must be between 0 and the step count ({steps}), not {save_at}")
     path = os.path.abspath(os.path.join(out_dir, f"step-{save_at:06d}"))
     if os.path.exists(path):
         shutil.rmtree(path)

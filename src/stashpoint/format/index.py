@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from stashpoint.errors import IndexCorruptError, UnsupportedFormatVersionError
+from stashpoint.format.itemsizes import ITEMSIZE
 
 FORMAT_NAME = "stashpoint"
 FORMAT_VERSION = 1
@@ -307,12 +308,9 @@ class _Parser:
 
     def check_sizes(self, rec: Record, block: int, ctx: str) -> None:
         """Byte ranges match shapes and dtypes; one checksum per block."""
-        from stashpoint.format.dtypes import dtype_from_name, itemsize
-
         if isinstance(rec, TensorRecord):
-            try:
-                size = itemsize(dtype_from_name(rec.dtype))
-            except ValueError:
+            size = ITEMSIZE.get(rec.dtype, 0)
+            if not size:
                 self.fail(f"{ctx}.dtype", "a known dtype name")
         else:
             size = 1

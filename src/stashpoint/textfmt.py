@@ -1,4 +1,4 @@
-"""Plain-text tables and human-readable sizes for the CLI."""
+"""Plain-text tables and human-readable sizes, for the CLI and the demo (torch-free)."""
 
 from __future__ import annotations
 
