@@ -28,6 +28,10 @@ Encoding = Literal["json", "pickle", "torch_pickle"]
 OutputFormat = Literal["stashpoint", "hf"]
 #: keys missing from some merge inputs
 MissingPolicy = Literal["error", "intersection", "union"]
+#: ``CheckpointManager``: an asynchronous save in one of ``async_save``'s modes, or a blocking one
+ManagerMode = Literal["eager", "lazy", "sync"]
+#: ``RetentionPolicy``: whether a lower or a higher metric is better
+MetricGoal = Literal["min", "max"]
 
 W = TypeVar("W", bound=str)
 
