@@ -1,0 +1,186 @@
+"""CheckpointManager under damage, races and crashes: resume falls back to the previous good
+checkpoint, listing survives another process committing and pruning, and retention never
+leaves a half-deleted checkpoint visible."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import manager_cases
+from manager_cases import flip_last_byte, state_of
+from stashpoint.errors import ShapeMismatchError
+from stashpoint.manager import CheckpointManager, RetentionPolicy
+from stashpoint.manager.housekeeping import TOMBSTONE_TAG
+
+TESTS = Path(__file__).parent
+
+
+def _names(root: Path) -> list[str]:
+    return sorted(os.listdir(root))
+
+
+def _start(function: str, *args: object) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
+    return subprocess.Popen(
+        [sys.executable, str(TESTS / "manager_cases.py"), function, *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _saved(root: Path, steps: list[int]) -> CheckpointManager:
+    manager = CheckpointManager(root, mode="sync", retention=RetentionPolicy(keep_last=None))
+    for step in steps:
+        manager.save(step, state_of(step))
+    manager.wait()  # retention done before anything is damaged
+    return manager
+
+
+# --- load_latest falls back on damage, and only on damage ------------------------------------
+
+
+def test_flipped_byte_in_newest_falls_back_to_previous(tmp_path):
+    manager = _saved(tmp_path, [1, 2, 3])
+    flip_last_byte(str(tmp_path / "step-000000003" / "data-00000.safetensors"))
+    state = state_of(-1)
+    with pytest.warns(UserWarning, match=r"step-000000003: ChecksumMismatchError.*previous checkpoint"):
+        info = manager.load_latest(state)
+    assert info.step == 2 and info.name == "step-000000002"
+    assert state["step"] == 2 and torch.equal(state["w"], state_of(2)["w"])
+
+
+def test_every_checkpoint_damaged_loads_nothing_and_changes_nothing(tmp_path):
+    manager = _saved(tmp_path, [1, 2])
+    for step in (1, 2):
+        flip_last_byte(str(tmp_path / f"step-00000000{step}" / "data-00000.safetensors"))
+    state = state_of(-1)
+    with pytest.warns(UserWarning) as warned:
+        assert manager.load_latest(state) is None
+    assert sum("ChecksumMismatchError" in str(w.message) for w in warned) == 2
+    assert state["step"] == -1 and torch.equal(state["w"], state_of(-1)["w"])
+
+
+def test_target_mismatch_is_raised_not_skipped(tmp_path):
+    manager = _saved(tmp_path, [1, 2])
+    state = {"w": torch.zeros(7), "step": -1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning either
+        with pytest.raises(ShapeMismatchError, match="step-000000002"):
+            manager.load_latest(state)
+    assert state["step"] == -1 and torch.equal(state["w"], torch.zeros(7))
+
+
+def test_damage_seen_by_one_rank_makes_every_rank_fall_back(tmp_path, pools):
+    """Rank 1 alone reads its per-rank tensor and sees the checksum fail; rank 0 sees only
+    that rank 1 failed.  Both must agree to load the previous checkpoint."""
+    root = str(tmp_path / "run")
+    pools(2).run(manager_cases.save_per_rank_steps, root, [1, 2])
+    flip_last_byte(os.path.join(root, "step-000000002", "data-00001.safetensors"))
+    got = pools(2).run(manager_cases.load_latest_per_rank, root)
+    assert [g["step"] for g in got] == [1, 1] and [g["loaded_step"] for g in got] == [1, 1]
+    assert [g["w"] for g in got] == [[10.0], [11.0]]
+    assert any("rank 1: ChecksumMismatchError" in w for w in got[0]["warnings"])
+
+
+# --- racing another process that commits and prunes ------------------------------------------
+
+
+def test_latest_never_reports_none_while_another_process_commits_and_prunes(tmp_path):
+    _saved(tmp_path, [0]).close()
+    reader = CheckpointManager(tmp_path, mode="sync", retention=RetentionPolicy(keep_last=None))
+    writer = _start("commit_and_prune", tmp_path, 8.0, 1, 64)
+    calls, missing = 0, 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            while writer.poll() is None and calls < 100_000:
+                calls += 1
+                missing += reader.latest() is None
+        out, err = writer.communicate(timeout=120)
+    finally:
+        writer.kill()
+    assert writer.returncode == 0, err
+    commits = int(out.split()[-1])
+    assert commits >= 20 and calls >= 100, (commits, calls)
+    assert missing == 0, f"latest() found nothing {missing} times in {calls} calls ({commits} commits)"
+
+
+def test_load_latest_retries_when_its_checkpoint_is_deleted_under_it(tmp_path):
+    numel = 1 << 18  # 1 MiB: loads long enough for the other process to prune under them
+    manager = CheckpointManager(tmp_path, mode="sync", retention=RetentionPolicy(keep_last=None))
+    manager.save(0, state_of(0, numel))
+    manager.close()
+    writer = _start("commit_and_prune", tmp_path, 8.0, 1, numel)
+    loads = 0
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            while writer.poll() is None and loads < 10_000:
+                state = state_of(-1, numel)
+                info = manager.load_latest(state)
+                loads += 1
+                assert info is not None
+                # what was loaded is whole and is the checkpoint reported
+                assert state["step"] == info.step and torch.equal(state["w"], state_of(info.step, numel)["w"])
+        out, err = writer.communicate(timeout=120)
+    finally:
+        writer.kill()
+    assert writer.returncode == 0, err
+    assert loads >= 10, loads
+    retried = [w for w in caught if "not resuming" in str(w.message)]
+    print(f"{loads} loads, {len(retried)} retried after a deletion, {out.split()[-1]} commits")
+
+
+# --- retention deletes safely ----------------------------------------------------------------
+
+
+def test_retention_deletes_the_directories_it_listed(tmp_path):
+    """A copy of a checkpoint under another name records the original's step in its index:
+    retention must delete the copy itself, not the original's name twice."""
+    _saved(tmp_path, [1, 2, 3]).close()
+    shutil.copytree(tmp_path / "step-000000001", tmp_path / "step-000000004")
+    manager = CheckpointManager(tmp_path, mode="sync", retention=RetentionPolicy(keep_last=2))
+    manager.save(5, state_of(5))
+    manager.close()
+    assert [n for n in _names(tmp_path) if n.startswith("step-")] == ["step-000000003", "step-000000005"]
+
+
+def test_sigkill_in_the_middle_of_a_deletion_leaves_nothing_visible(tmp_path):
+    """Retention deletes a checkpoint of many files; the process is killed once it started.
+    No half-deleted ``step-N`` may be left, and the next manager starts clean and quiet."""
+    _saved(tmp_path, [1]).close()
+    big = tmp_path / "step-000000001"
+    for i in range(20_000):  # readers ignore files the index does not name; they make rmtree slow
+        (big / f".extra-{i:05d}").write_bytes(b"x")
+    victim = _start("save_and_prune", tmp_path, 2)
+    deadline = time.monotonic() + 120
+    tombstones: list[str] = []
+    try:
+        while not tombstones and victim.poll() is None and time.monotonic() < deadline:
+            tombstones = [n for n in _names(tmp_path) if TOMBSTONE_TAG in n]
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(timeout=60)
+    finally:
+        victim.kill()
+    assert tombstones, f"no tombstone appeared before the process ended: {_names(tmp_path)}"
+    left = _names(tmp_path)
+    assert "step-000000001" not in left and "step-000000002" in left
+    half_deleted = [n for n in left if TOMBSTONE_TAG in n]
+    print(f"killed mid-delete: {len(half_deleted)} tombstone(s) left")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to skip, nothing to warn about
+        manager = CheckpointManager(tmp_path, mode="sync")
+        assert [c.step for c in manager.checkpoints()] == [2]
+    assert not [n for n in _names(tmp_path) if n.startswith(".")]
