@@ -238,7 +238,11 @@ class CheckpointManager:
         tried: set[str] = set()
         deadline = time.monotonic() + self.timeout_s
         while True:
-            mine = self._candidates(tried) if self._coord.is_coordinator else None
+            # rank 0 lists (again, once every candidate failed: newer ones may have been
+            # committed meanwhile) and decides for everyone, the deadline included
+            mine = None
+            if self._coord.is_coordinator and time.monotonic() < deadline:
+                mine = self._candidates(tried)
             candidates = self._coord.broadcast(mine, "manager: latest")
             if not candidates:
                 return None
@@ -249,9 +253,6 @@ class CheckpointManager:
                     self._record("load", info.step, result)
                     self._last_step, self._last_time = info.step, time.monotonic()
                     return info
-            # every candidate failed: list again, in case newer ones were committed meanwhile
-            if time.monotonic() > deadline:
-                return None
 
     def _candidates(self, tried: set[str]) -> list[CheckpointInfo]:
         """Checkpoints not tried yet, newest first."""
