@@ -128,6 +128,7 @@ def test_latest_never_reports_none_while_another_process_commits_and_prunes(tmp_
         )
     assert reader.latest().step == 1060 and calls >= 10, calls
     assert sum(missing) == 0, f"latest() found nothing {sum(missing)} times in {calls} calls"
+    print(f"latest() found a checkpoint in all {calls} calls")
 
 
 def test_load_latest_retries_when_its_checkpoint_is_deleted_under_it(tmp_path):
@@ -186,6 +187,7 @@ def test_sigkill_in_the_middle_of_a_deletion_leaves_nothing_visible(tmp_path):
     try:
         while not tombstones and victim.poll() is None and time.monotonic() < deadline:
             tombstones = [n for n in _names(tmp_path) if TOMBSTONE_TAG in n]
+            time.sleep(0.0005)
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait(timeout=60)
     finally:
