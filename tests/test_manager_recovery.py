@@ -115,9 +115,9 @@ def test_latest_never_reports_none_while_another_process_commits_and_prunes(tmp_
     """Another process commits step after step and prunes the one before.  Uncommitted
     leftovers listed first make each scan slow, so commits and deletions land between
     a scan's listing and its reads: it must list again instead of finding nothing."""
+    _saved(tmp_path, [1000]).close()
     for i in range(1, 300):
         (tmp_path / f"step-{i:09d}").mkdir()  # no index: skipped (with a warning) by every scan
-    _saved(tmp_path, [1000]).close()
     reader = CheckpointManager(tmp_path, mode="sync", retention=RetentionPolicy(keep_last=None))
     missing: list[int] = []
     with warnings.catch_warnings():
@@ -126,7 +126,7 @@ def test_latest_never_reports_none_while_another_process_commits_and_prunes(tmp_
             _start("commit_and_prune", tmp_path, 60, 1001, 64),
             lambda: missing.append(reader.latest() is None),
         )
-    assert reader.latest().step == 1060 and calls >= 10, calls
+        assert reader.latest().step == 1060 and calls >= 10, calls
     assert sum(missing) == 0, f"latest() found nothing {sum(missing)} times in {calls} calls"
     print(f"latest() found a checkpoint in all {calls} calls")
 
@@ -136,12 +136,12 @@ def test_load_latest_retries_when_its_checkpoint_is_deleted_under_it(tmp_path):
     leftovers listed after the real checkpoints make each scan slow, and the load reads many
     chunks, so the checkpoint it picks is often deleted before or while the load reads it: the
     load must move on to another, never fail or load a mix."""
-    for i in range(1, 300):
-        (tmp_path / f"step-{900_000_000 + i:09d}").mkdir()  # no index: never a candidate
     numel, parts = 1 << 14, 32  # a chunk per read: the load opens the file 32 times
     manager = CheckpointManager(tmp_path, mode="sync", retention=RetentionPolicy(keep_last=None))
     manager.save(0, state_of(0, numel, parts))
     manager.close()
+    for i in range(1, 300):
+        (tmp_path / f"step-{900_000_000 + i:09d}").mkdir()  # no index: never a candidate
 
     def load() -> None:
         state = state_of(-1, numel, parts)
