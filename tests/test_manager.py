@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import stashpoint
+from stashpoint.errors import InvalidOptionError
 from stashpoint.manager import CheckpointManager, RetentionPolicy, SavePolicy
 
 
@@ -86,13 +87,13 @@ def test_seconds_policy_and_resume(tmp_path):
 
 
 def test_policies_validate_their_arguments():
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidOptionError):
         RetentionPolicy(keep_last=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidOptionError):
         RetentionPolicy(keep_best=2)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidOptionError):
         SavePolicy(every_steps=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidOptionError):
         CheckpointManager("/tmp/x", mode="later")
 
 

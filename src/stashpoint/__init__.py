@@ -34,7 +34,7 @@ from stashpoint.wrappers import OptimizerState, PerRank
 if TYPE_CHECKING:  # imported on first use only: they need torch
     from stashpoint.convert.hf import load_hf
     from stashpoint.engine.async_save import SaveHandle
-    from stashpoint.manager import CheckpointManager
+    from stashpoint.manager import CheckpointManager, ManagerConfig, RetentionPolicy, SavePolicy
     from stashpoint.merging.config import MergeConfig
     from stashpoint.merging.run import MergeReport
 
@@ -44,6 +44,9 @@ LOAD_PER_RANK = ("error", "drop", "rank0")
 #: public names imported on first use (they need torch), and the module that defines each
 LAZY = {
     "CheckpointManager": "stashpoint.manager",
+    "ManagerConfig": "stashpoint.manager",
+    "RetentionPolicy": "stashpoint.manager",
+    "SavePolicy": "stashpoint.manager",
     "SaveHandle": "stashpoint.engine.async_save",
     "load_hf": "stashpoint.convert",
 }
@@ -270,9 +273,12 @@ __all__ = [
     "CheckpointManager",
     "Index",
     "LoadResult",
+    "ManagerConfig",
     "OptimizerState",
     "PerRank",
+    "RetentionPolicy",
     "SaveHandle",
+    "SavePolicy",
     "SaveResult",
     "__version__",
     "async_save",

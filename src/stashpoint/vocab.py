@@ -32,6 +32,10 @@ MissingPolicy = Literal["error", "intersection", "union"]
 ConvertTarget = Literal["stashpoint", "hf", "dcp"]
 #: what a path holds: our checkpoint, PyTorch DCP, an HF safetensors directory, torch.save files
 SourceFormat = Literal["stashpoint", "dcp", "hf", "torch_save"]
+#: ``CheckpointManager``: an asynchronous save in one of ``async_save``'s modes, or a blocking one
+ManagerMode = Literal["eager", "lazy", "sync"]
+#: ``RetentionPolicy``: whether a lower or a higher metric is better
+MetricGoal = Literal["min", "max"]
 
 W = TypeVar("W", bound=str)
 

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -271,6 +272,10 @@ class SaveHandle:
 
     def exception(self) -> BaseException | None:
         return self._committed.exception() if self._committed.done() else None
+
+    def add_done_callback(self, fn: Callable[[SaveHandle], None]) -> None:
+        """Call ``fn(self)`` once the save has committed or failed (at once if it already has)."""
+        self._committed.add_done_callback(lambda _future: fn(self))
 
     def wait(self, timeout: float | None = None) -> SaveResult | None:
         """Block until the checkpoint is committed; returns this rank's result (None if skipped)."""

@@ -5,120 +5,104 @@ All ranks construct the manager and call :meth:`save` / :meth:`maybe_save` /
 deletes and cleans up, in a background thread; every rank sees the same
 checkpoints because they are discovered through storage.
 
-With ``upload_to``, the root is the fast tier and every committed checkpoint is
+With an upload policy, the root is the fast tier and every committed checkpoint is
 also uploaded to a remote tier in the background (see :mod:`.tiering`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import re
+import os
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
 
-from stashpoint.errors import StashpointError, StorageError
-from stashpoint.manager.policy import RetentionPolicy, SavePolicy
-from stashpoint.manager.tiering import Uploader, UploadFailure, UploadPolicy
+import torch.distributed as dist
+
+from stashpoint._dist import Coordinator
+from stashpoint.engine.async_save import BackgroundWriter, SaveHandle, async_save_state, warmup
+from stashpoint.engine.load import load_state
+from stashpoint.engine.save import save_state
+from stashpoint.engine.telemetry import LoadResult, SaveResult, append_record
+from stashpoint.errors import StorageError
+from stashpoint.manager.config import ManagerConfig, manager_config
+from stashpoint.manager.housekeeping import (
+    CheckpointInfo,
+    abort_leaked_uploads,
+    checkpoint_name,
+    clean_leftovers,
+    delete_checkpoint,
+    scan_checkpoints,
+)
+from stashpoint.manager.resume import agree_on_load
+from stashpoint.manager.tiering import Uploader, UploadFailure
 from stashpoint.storage import LocalStorage, Storage, resolve
-from stashpoint.storage.commit import PARTIAL_TAG
-
-_NAME = re.compile(r"^step-(\d+)$")
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """A committed checkpoint: its URL, step and metrics, and the tier it was found in.
-
-    ``tier`` is ``"local"`` for the manager's root and ``"remote"`` for the upload tier.
-    """
-
-    path: str
-    step: int
-    metrics: dict = field(default_factory=dict)
-    tier: str = "local"
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:09d}"
 
 
 class CheckpointManager:
     """Save every N steps and/or seconds, keep what the retention policy says.
 
-    ``mode`` is ``"lazy"`` or ``"eager"`` (asynchronous saves, see
-    :func:`stashpoint.async_save`) or ``"sync"``.  Metrics passed to :meth:`save`
-    are stored in the checkpoint's metadata and drive ``keep_best``.
+    Options come as a :class:`ManagerConfig` or as keyword arguments naming its fields
+    (``save_policy``, ``retention``, ``mode``, ``if_busy``, ``device_buffer``,
+    ``timeout_s``, ``telemetry_path``, ``stale_after_s``, ``upload``), which replace
+    the config's.  ``upload_to`` (a URL, or an :class:`UploadPolicy`) and
+    ``keep_local`` are a shorter way to give ``upload``.  Metrics passed to
+    :meth:`save` are stored in the checkpoint's metadata and drive ``keep_best``.
 
-    ``upload_to`` (a URL, or an :class:`UploadPolicy`) makes ``root`` a fast tier:
-    each committed checkpoint is uploaded there in the background; ``keep_local``
-    checkpoints stay in ``root`` while ``retention`` applies to the remote tier.
-    :meth:`latest` looks at both tiers.  Failed uploads are warned about, listed in
-    :attr:`upload_failures` and raised by :meth:`wait` as ``UploadError``.
+    With a remote tier, ``root`` is a fast tier: each committed checkpoint is uploaded
+    in the background; ``keep_local`` checkpoints stay in ``root`` while ``retention``
+    applies to the remote tier.  :meth:`latest` looks at both tiers.  Failed uploads are
+    warned about, listed in :attr:`upload_failures` and raised by :meth:`wait` as
+    ``UploadError``.
     """
 
     def __init__(
         self,
-        root: str,
+        root: str | os.PathLike[str],
+        config: ManagerConfig | None = None,
         *,
-        save_policy: SavePolicy | None = None,
-        retention: RetentionPolicy | None = None,
-        mode: str = "lazy",
-        if_busy: str = "wait",
-        device_buffer: bool = False,
-        process_group=None,
-        timeout_s: float = 600.0,
-        telemetry_path: str | None = None,
-        stale_after_s: float | None = None,
-        upload_to: str | UploadPolicy | None = None,
-        keep_local: int | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        **options: object,
     ) -> None:
-        if mode not in ("lazy", "eager", "sync"):
-            raise ValueError("mode must be 'lazy', 'eager' or 'sync'")
-        from stashpoint._dist import Coordinator
-
-        self.root = root
-        self.storage, self._root = resolve(root)
-        self.save_policy = save_policy or SavePolicy(every_steps=1000)
-        self.retention = retention or RetentionPolicy()
-        self.mode, self.if_busy, self.device_buffer = mode, if_busy, device_buffer
-        self.process_group, self.timeout_s = process_group, timeout_s
-        self._coord = Coordinator(process_group, timeout_s)
+        self.config = manager_config(config, options)
+        self.root = os.fspath(root)
+        self.storage, self._root = resolve(self.root)
+        self.save_policy, self.retention = self.config.save_policy, self.config.retention
+        self.mode, self.timeout_s, self.upload = self.config.mode, self.config.timeout_s, self.config.upload
+        self.process_group = process_group
+        self._coord = Coordinator(process_group, self.timeout_s)
         # the default telemetry file sits next to a local root only: for object stores,
         # a path made from the root would land in the current directory
         local_root = isinstance(self.storage, LocalStorage)
         default_telemetry = self.storage.join(self._root, "telemetry.jsonl") if local_root else None
-        self.telemetry_path = telemetry_path or default_telemetry
-        self.upload = _upload_policy(upload_to, keep_local)
+        self.telemetry_path = self.config.telemetry_path or default_telemetry
         self._uploader: Uploader | None = None
         self._remote: tuple[Storage, str] | None = None
         if self.upload is not None:
             self._remote = resolve(self.upload.remote)
         #: names of checkpoints this manager is writing: not committed yet, and not broken
         self._saving: set[str] = set()
-        self._handles: list = []
+        self._handles: list[tuple[SaveHandle, threading.Event]] = []
         self._last_step: int | None = None
         self._last_time: float = time.monotonic()  # the seconds clock starts with the manager
         self._lock = threading.Lock()
         self._janitor: threading.Thread | None = None
-        if mode != "sync":
-            from stashpoint.engine.async_save import BackgroundWriter
-
+        if self.mode != "sync":
             BackgroundWriter.get()  # start the writer process now, not at the first save
         if self._coord.is_coordinator:
-            self.storage.make_prefix(self._root)
-            stale_s = stale_after_s if stale_after_s is not None else timeout_s
-            self._clean_stale(stale_s)
-            self._abort_leaked_uploads(self.storage, self._root)
-            if self.upload is not None:
-                self._uploader = Uploader(
-                    self.storage, self._root, self.upload, checkpoint_name, self._after_upload
-                )
-                try:
-                    self._start_remote_tier(stale_s)
-                except StorageError as exc:  # training goes on; uploads will report their own failures
-                    warnings.warn(f"remote tier {self.upload.remote}: {exc}", stacklevel=2)
+            self._start_local_tier()
+
+    def _start_local_tier(self) -> None:
+        self.storage.make_prefix(self._root)
+        clean_leftovers(self.storage, self._root, self.config.stale_s)
+        abort_leaked_uploads(self.storage, self._root)
+        if self.upload is not None:
+            self._uploader = Uploader(
+                self.storage, self._root, self.upload, checkpoint_name, self._after_upload
+            )
+            try:
+                self._start_remote_tier()
+            except StorageError as exc:  # training goes on; uploads will report their own failures
+                warnings.warn(f"remote tier {self.upload.remote}: {exc}", stacklevel=3)
 
     # ------------------------------------------------------------------ discovery
 
@@ -144,16 +128,17 @@ class CheckpointManager:
 
     def _local_checkpoints(self) -> list[CheckpointInfo]:
         with self._lock:
-            quiet = set(self._saving)
-        return _scan(self.storage, self._root, quiet, "local")
+            quiet = frozenset(self._saving)
+        return scan_checkpoints(self.storage, self._root, tier="local", quiet=quiet)
 
     def _remote_checkpoints(self) -> list[CheckpointInfo]:
         if self._remote is None:
             return []
         uploading = self._uploader.pending() if self._uploader is not None else set()
         remote, remote_root = self._remote
+        quiet = frozenset(checkpoint_name(s) for s in uploading)
         try:
-            return _scan(remote, remote_root, {checkpoint_name(s) for s in uploading}, "remote")
+            return scan_checkpoints(remote, remote_root, tier="remote", quiet=quiet)
         except StorageError as exc:
             # an unreachable remote tier must not stop a resume from the local one; retention
             # then sees no remote copies, so it deletes nothing remote and keeps more locally
@@ -169,87 +154,130 @@ class CheckpointManager:
             due = self._coord.broadcast(due, "manager: save decision")
         return due
 
-    def maybe_save(self, step: int, state: dict, metrics: dict | None = None):
+    def maybe_save(
+        self, step: int, state: dict, metrics: dict | None = None
+    ) -> SaveHandle | SaveResult | None:
         """Save if the save policy says so; every rank must get the same answer."""
         if not self.should_save(step):
             return None
         return self.save(step, state, metrics)
 
-    def save(self, step: int, state: dict, metrics: dict | None = None):
+    def save(self, step: int, state: dict, metrics: dict | None = None) -> SaveHandle | SaveResult:
         """Save now (a collective).  Returns a SaveHandle (async modes) or a SaveResult."""
-        import stashpoint
-
         name = checkpoint_name(step)
         path = self.storage.url(self.storage.join(self._root, name))
         meta = {"metrics": dict(metrics or {})}
+        common = dict(
+            step=step,
+            metadata=meta,
+            overwrite=True,
+            process_group=self.process_group,
+            timeout_s=self.timeout_s,
+        )
         self._last_step, self._last_time = step, time.monotonic()
-        kwargs = dict(step=step, metadata=meta, overwrite=True, process_group=self.process_group)
         with self._lock:
             self._saving.add(name)
         if self.mode == "sync":
             try:
-                result = stashpoint.save(state, path, timeout_s=self.timeout_s, **kwargs)
+                result = save_state(state, path, **common)
             finally:
-                with self._lock:
-                    self._saving.discard(name)
+                self._done_saving(name)
             self._record("save", step, result, stall_s=result.seconds)
             self._after_commit(step)
             return result
         try:
-            handle = stashpoint.async_save(
+            handle = async_save_state(
                 state,
                 path,
                 mode=self.mode,
-                if_busy=self.if_busy,
-                timeout_s=self.timeout_s,
-                device_buffer=self.device_buffer,
-                **kwargs,
+                if_busy=self.config.if_busy,
+                device_buffer=self.config.device_buffer,
+                **common,
             )
         except BaseException:
-            with self._lock:
-                self._saving.discard(name)
+            self._done_saving(name)
             raise
         if handle.skipped:
-            with self._lock:
-                self._saving.discard(name)
+            self._done_saving(name)
             return handle
         settled = threading.Event()  # set once the bookkeeping after the commit is done
         with self._lock:
             self._handles = [(h, e) for h, e in self._handles if not e.is_set()] + [(handle, settled)]
 
-        def committed(_fut) -> None:
+        def committed(done: SaveHandle) -> None:
             try:
-                with self._lock:
-                    self._saving.discard(name)
-                if handle.exception() is None:
-                    self._record("save", step, handle.wait(), stall_s=handle.stall_s, mode=self.mode)
+                self._done_saving(name)
+                if done.exception() is None:
+                    self._record("save", step, done.wait(), stall_s=done.stall_s, mode=self.mode)
                     self._after_commit(step)
             finally:
                 settled.set()
 
-        handle._committed.add_done_callback(committed)
+        handle.add_done_callback(committed)
         return handle
+
+    def _done_saving(self, name: str) -> None:
+        with self._lock:
+            self._saving.discard(name)
 
     def warmup(self, state: dict) -> None:
         """Allocate and page-lock staging for ``state`` now, so the first save does not stall."""
         if self.mode != "sync":
-            import stashpoint
+            warmup(state, device_buffer=self.config.device_buffer)
 
-            stashpoint.async_warmup(state, device_buffer=self.device_buffer)
+    # ------------------------------------------------------------------ resuming
 
-    def load_latest(self, state: dict, **load_kwargs) -> CheckpointInfo | None:
-        """Load the newest good checkpoint into ``state`` (a collective); None if there is none."""
-        import stashpoint
+    def load_latest(self, state: dict, **load_kwargs: object) -> CheckpointInfo | None:
+        """Load the newest good checkpoint into ``state`` (a collective); None if there is none.
 
-        info = self._coord.broadcast(self.latest() if self._coord.is_coordinator else None, "manager: latest")
-        if info is None:
-            return None
-        result = stashpoint.load(
-            state, info.path, process_group=self.process_group, timeout_s=self.timeout_s, **load_kwargs
-        )
-        self._record("load", info.step, result)
-        self._last_step, self._last_time = info.step, time.monotonic()
-        return info
+        A checkpoint that turns out damaged while loading (checksum, truncation, missing
+        file, corrupt index) or that is deleted under the load is skipped with a warning
+        naming what was wrong, and the previous one is loaded: a failed load changes
+        nothing.  Errors about the target (a missing key, another shape) are raised.
+        """
+        tried: set[str] = set()
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            # rank 0 lists (again, once every candidate failed: newer ones may have been
+            # committed meanwhile) and decides for everyone, the deadline included
+            mine = None
+            if self._coord.is_coordinator and time.monotonic() < deadline:
+                mine = self._candidates(tried)
+            candidates = self._coord.broadcast(mine, "manager: latest")
+            if not candidates:
+                return None
+            for info in candidates:
+                tried.add(info.path)
+                result = self._load_one(state, info, load_kwargs)
+                if result is not None:
+                    self._record("load", info.step, result)
+                    self._last_step, self._last_time = info.step, time.monotonic()
+                    return info
+
+    def _candidates(self, tried: set[str]) -> list[CheckpointInfo]:
+        """Checkpoints not tried yet, newest first."""
+        return [c for c in reversed(self.checkpoints()) if c.path not in tried]
+
+    def _load_one(self, state: dict, info: CheckpointInfo, load_kwargs: dict) -> LoadResult | None:
+        """Load ``info``; None (with a warning) if the ranks agree it is damaged or gone."""
+        result, failure = None, None
+        try:
+            result = load_state(
+                state, info.path, process_group=self.process_group, timeout_s=self.timeout_s, **load_kwargs
+            )
+        except Exception as exc:  # every rank reports how its load ended before anyone raises
+            failure = exc
+        outcome = agree_on_load(self._coord, failure)
+        if outcome.damage is None:
+            return result
+        if self._coord.is_coordinator:
+            warnings.warn(
+                f"not resuming from {info.path}: {outcome.damage}; trying the previous checkpoint",
+                stacklevel=3,
+            )
+        return None
+
+    # ------------------------------------------------------------------ waiting
 
     def wait(self) -> None:
         """Wait for every save in flight to commit, then for uploads and deletions to finish.
@@ -285,7 +313,7 @@ class CheckpointManager:
     def __enter__(self) -> CheckpointManager:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # ------------------------------------------------------------------ housekeeping
@@ -299,11 +327,11 @@ class CheckpointManager:
     def _after_upload(self, step: int) -> None:
         self._retain_in_background()
 
-    def _start_remote_tier(self, stale_s: float) -> None:
+    def _start_remote_tier(self) -> None:
         remote, remote_root = self._remote
         remote.make_prefix(remote_root)
-        self._clean_stale(stale_s, remote, remote_root)  # uploads a crash interrupted
-        self._abort_leaked_uploads(remote, remote_root)
+        clean_leftovers(remote, remote_root, self.config.stale_s)  # uploads a crash interrupted
+        abort_leaked_uploads(remote, remote_root)
         if self.upload.upload_existing:
             self._upload_missing()
 
@@ -331,12 +359,13 @@ class CheckpointManager:
             self._janitor.start()
 
     def _apply_retention(self) -> None:
+        """Delete what the policy does not keep, by the names the checkpoints were listed under."""
         if self._remote is None:
             found = self._local_checkpoints()
             keep = self.retention.keep([(c.step, c.metrics) for c in found])
             for c in found:
                 if c.step not in keep:
-                    self._delete(self.storage, self._root, c.step)
+                    delete_checkpoint(self.storage, self._root, c.name)
             return
         local, remote = self._local_checkpoints(), self._remote_checkpoints()
         pending = self._uploader.pending() if self._uploader is not None else set()
@@ -345,7 +374,7 @@ class CheckpointManager:
         remote_storage, remote_root = self._remote
         for c in remote:
             if c.step not in remote_keep and c.step not in pending:
-                self._delete(remote_storage, remote_root, c.step)
+                delete_checkpoint(remote_storage, remote_root, c.name)
         # local tier: the newest ``keep_local``, plus any copy that is the only one the
         # policy still wants (upload pending or failed)
         steps = sorted(c.step for c in local)
@@ -355,103 +384,12 @@ class CheckpointManager:
         for c in local:
             if c.step in keep or c.step in pending or (c.step in wanted and c.step not in uploaded):
                 continue
-            self._delete(self.storage, self._root, c.step)
+            delete_checkpoint(self.storage, self._root, c.name)
 
-    def _delete(self, storage: Storage, root: str, step: int) -> None:
-        path = storage.join(root, checkpoint_name(step))
-        storage.delete(path)
-        # a deleted checkpoint has no writer left: parts of uploads under it are leaked
-        self._abort_uploads_under(storage, path)
-
-    def _abort_leaked_uploads(self, storage: Storage, root: str) -> None:
-        """Abort leaked multipart uploads under committed checkpoints (object stores only).
-
-        Safe without an age limit: a checkpoint is only rewritten after its index was
-        deleted, so no live writer has an upload under a committed one.  Leaks under
-        checkpoints that never committed are left to a bucket lifecycle rule, since a
-        writer may still own them (see docs/STORAGE.md).
-        """
-        if not storage.multipart_uploads:
-            return
-        for info in _scan(storage, root, set(), "", warn=False):
-            self._abort_uploads_under(storage, storage.join(root, checkpoint_name(info.step)))
-
-    @staticmethod
-    def _abort_uploads_under(storage: Storage, path: str) -> None:
-        try:
-            storage.abort_incomplete_uploads(path.rstrip("/") + "/")
-        except StorageError as exc:  # housekeeping: never fail a save or a start for it
-            warnings.warn(
-                f"could not abort leftover uploads under {storage.describe(path)}: {exc}", stacklevel=2
-            )
-
-    def _clean_stale(
-        self, older_than_s: float, storage: Storage | None = None, root: str | None = None
-    ) -> None:
-        """Remove partial saves left by crashed runs (old enough that no writer still owns them)."""
-        import os
-
-        storage = storage or self.storage
-        root = root if root is not None else self._root
-        for name in storage.list(root):
-            if not name.startswith(".") or (PARTIAL_TAG not in name and ".old-" not in name):
-                continue
-            path = storage.join(root, name)
-            try:
-                age = time.time() - os.path.getmtime(path)
-            except OSError:
-                age = older_than_s  # not a local path: rely on the name alone
-            if age >= older_than_s:
-                storage.delete(path)
-
-    def _record(self, kind: str, step: int, result, **extra) -> None:
+    def _record(self, kind: str, step: int, result: SaveResult | LoadResult | None, **extra: object) -> None:
         if not self._coord.is_coordinator or result is None or self.telemetry_path is None:
             return
-        from stashpoint.engine.telemetry import append_record
-
         append_record(self.telemetry_path, kind, result, step=step, **extra)
 
 
-def _scan(storage: Storage, root: str, quiet: set[str], tier: str, warn: bool = True) -> list[CheckpointInfo]:
-    """Committed, readable checkpoints under ``root``, oldest first.
-
-    Broken ones are skipped with a warning, except those named in ``quiet``: saves or
-    uploads still being written, which look uncommitted until their index lands.
-    """
-    from stashpoint.engine.reader import check_files, read_index
-
-    out = []
-    for name in storage.list(root):
-        m = _NAME.match(name)
-        if not m:
-            continue
-        path = storage.join(root, name)
-        try:
-            index = read_index(storage, path)
-            check_files(storage, path, index, set(index.files))
-        except StashpointError as exc:
-            if warn and name not in quiet:
-                warnings.warn(f"skipping {storage.describe(path)}: {exc}", stacklevel=3)
-            continue
-        user = index.metadata.user
-        metrics = user.get("metrics", {}) if isinstance(user, dict) else {}
-        step = index.metadata.step if index.metadata.step is not None else int(m.group(1))
-        out.append(
-            CheckpointInfo(storage.url(path), step, metrics if isinstance(metrics, dict) else {}, tier)
-        )
-    out.sort(key=lambda c: c.step)
-    return out
-
-
-def _upload_policy(upload_to: str | UploadPolicy | None, keep_local: int | None) -> UploadPolicy | None:
-    if upload_to is None:
-        if keep_local is not None:
-            raise ValueError("keep_local needs upload_to (a remote tier to keep the rest)")
-        return None
-    if isinstance(upload_to, UploadPolicy):
-        return upload_to if keep_local is None else dataclasses.replace(upload_to, keep_local=keep_local)
-    return (
-        UploadPolicy(remote=str(upload_to))
-        if keep_local is None
-        else UploadPolicy(str(upload_to), keep_local)
-    )
+__all__ = ["CheckpointInfo", "CheckpointManager", "ManagerConfig", "checkpoint_name"]

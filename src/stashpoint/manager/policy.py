@@ -4,8 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from stashpoint.errors import InvalidOptionError
+from stashpoint.vocab import MetricGoal, choose
 
-@dataclass(frozen=True)
+
+def check_positive(option: str, value: object, *, integer: bool = False, or_none: bool = True) -> None:
+    """Raise :class:`InvalidOptionError` unless ``value`` is a positive number (or None if allowed)."""
+    if value is None and or_none:
+        return
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:
+        what = "a positive integer" if integer else "a positive number"
+        raise InvalidOptionError(f"{option} must be {what}{' or None' if or_none else ''}, not {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class SavePolicy:
     """Save when ``every_steps`` steps or ``every_seconds`` seconds have passed since the last save."""
 
@@ -13,10 +26,8 @@ class SavePolicy:
     every_seconds: float | None = None
 
     def __post_init__(self) -> None:
-        if self.every_steps is not None and self.every_steps <= 0:
-            raise ValueError("every_steps must be positive")
-        if self.every_seconds is not None and self.every_seconds <= 0:
-            raise ValueError("every_seconds must be positive")
+        check_positive("every_steps", self.every_steps, integer=True)
+        check_positive("every_seconds", self.every_seconds)
 
     def due(self, step: int, last_step: int | None, seconds_since_last: float | None) -> bool:
         if self.every_steps is not None:
@@ -29,7 +40,7 @@ class SavePolicy:
         return False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RetentionPolicy:
     """Which committed checkpoints to keep; everything else is deleted.
 
@@ -41,18 +52,17 @@ class RetentionPolicy:
     keep_last: int | None = 3
     keep_best: int = 0
     metric: str | None = None
-    mode: str = "min"
+    mode: MetricGoal = "min"
     keep_every: int | None = None
 
     def __post_init__(self) -> None:
-        if self.keep_last is not None and self.keep_last < 1:
-            raise ValueError("keep_last must be at least 1 (the latest checkpoint is always kept)")
-        if self.keep_best and not self.metric:
-            raise ValueError("keep_best needs a metric name")
-        if self.mode not in ("min", "max"):
-            raise ValueError("mode must be 'min' or 'max'")
-        if self.keep_every is not None and self.keep_every <= 0:
-            raise ValueError("keep_every must be positive")
+        check_positive("keep_last", self.keep_last, integer=True)  # the latest one is always kept
+        if self.keep_best != 0:
+            check_positive("keep_best", self.keep_best, integer=True, or_none=False)
+        if self.keep_best and not (isinstance(self.metric, str) and self.metric):
+            raise InvalidOptionError(f"keep_best={self.keep_best} needs a metric name, not {self.metric!r}")
+        choose("mode", self.mode, MetricGoal)
+        check_positive("keep_every", self.keep_every, integer=True)
 
     def keep(self, checkpoints: list[tuple[int, dict]]) -> set[int]:
         """Steps to keep, given ``(step, metrics)`` of every committed checkpoint."""
