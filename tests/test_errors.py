@@ -669,7 +669,7 @@ PICKLED_EXTRA = {"epoch": 3, "seen": {1, 2, 3}}  # a set has no JSON form
 def pickled(tmp_path: Path) -> Saved:
     source = make_state(0, extra=PICKLED_EXTRA)
     path = tmp_path / "ckpt"
-    sp.save(source, path)
+    sp.save(source, path, allow_pickle=True)
     assert sp.read_index(path).items["extra"].encoding == "pickle"
     return Saved(path, snapshot(source))
 
