@@ -54,6 +54,7 @@ def summarize(index: Index) -> dict:
     m = index.metadata
     return {
         "format_version": index.format_version,
+        "index_checksum": index.checksum_verified,
         "metadata": {
             "step": m.step,
             "world_size": m.world_size,
@@ -97,6 +98,7 @@ def run(path: str, as_json: bool = False) -> int:
     print(
         f"{t['items']} items ({t['tensors']} tensors), {human_bytes(t['bytes'])} in {t['files']} data files; "
         f"format v{summary['format_version']}"
+        + ("" if summary["index_checksum"] else " (index unverified: it records no checksum)")
     )
     print(
         f"step {m['step']}, saved {m['created']} by {m['world_size']} ranks "
