@@ -85,6 +85,13 @@ def test_malformed_value_is_index_corruption(text: str) -> None:
         pytest.param(lambda t: t.replace('"step": 3', '"step": 1e3'), id="step-float"),
         pytest.param(lambda t: t.replace('"created_unix": 1.5', '"created_unix": "x"'), id="created-string"),
         pytest.param(
+            lambda t: t.replace('"created_unix": 1.5', '"created_unix": 1e999'), id="created-overflow"
+        ),
+        pytest.param(
+            lambda t: t.replace('"created_unix": 1.5', '"created_unix": 1' + "0" * 400), id="created-huge"
+        ),
+        pytest.param(lambda t: t.replace('"step": 3', '"step": 1' + "0" * 5000), id="step-beyond-int-digits"),
+        pytest.param(
             lambda t: t.replace('"user": {}', '"user": {"a": {"b": ' + "[" * 70 + "]" * 70 + "}}"),
             id="deep-user",
         ),

@@ -7,6 +7,8 @@ from an index, and nothing that breaks the format's rules is loaded.
 
 from __future__ import annotations
 
+import math
+
 from stashpoint.errors import IndexCorruptError, UnsafePathError
 from stashpoint.format.records import (
     ChunkRecord,
@@ -122,7 +124,9 @@ class IndexParser:
             "an integer or null",
         )
         created, _ = self.get(meta, "created_unix", "metadata")
-        self.expect(type(created) in (int, float), "metadata.created_unix", "a number")
+        finite_float = type(created) is float and math.isfinite(created)
+        ok = finite_float or (type(created) is int and abs(created) < BYTES_LIMIT)
+        self.expect(ok, "metadata.created_unix", "a finite number")
         user = self.obj(meta, "user", "metadata")
         try:
             check_plain(user)
