@@ -179,16 +179,6 @@ def test_inspect_does_not_import_torch(ckpt):
     assert proc.stdout.strip().endswith("NO TORCH")
 
 
-def test_torch_free_itemsizes_match_the_dtype_table():
-    from stashpoint.format.dtypes import dtype_name, is_supported, itemsize
-    from stashpoint.format.itemsizes import ITEMSIZE
-
-    dtypes = [v for v in vars(torch).values() if isinstance(v, torch.dtype) and is_supported(v)]
-    assert len(dtypes) >= 12
-    for d in dtypes:
-        assert ITEMSIZE[dtype_name(d)] == itemsize(d), d
-
-
 def test_inspect_tells_what_is_not_a_checkpoint(capsys, ckpt, tmp_path):
     notes = tmp_path / "notes"
     notes.mkdir()

@@ -152,17 +152,20 @@ def test_tagged_json_round_trips_exactly(value):
 def _index(**changes) -> str:
     meta = SaveMetadata(world_size=1, created_unix=0.0, torch_version="t", stashpoint_version="s")
     rec = TensorRecord("float32", (2,), (ChunkRecord((0,), (2,), "d", "w", (8, 16), (5,)),))
-    return Index(meta, {"w": rec}).to_json()
+    return Index(meta, {"w": rec}, **changes).to_json()
 
 
 def test_index_round_trip_and_validation():
     text = _index()
     assert Index.from_json(text, "x").to_json() == text
+    old = _index(format_version=1)  # no index checksum: validation alone must catch these
     with pytest.raises(UnsupportedFormatVersionError):
-        Index.from_json(text.replace('"format_version": 1', '"format_version": 2'), "x")
+        Index.from_json(old.replace('"format_version": 1', '"format_version": 3'), "x")
     with pytest.raises(IndexCorruptError, match="byte_range"):
-        Index.from_json(text.replace("16", "17"), "x")
+        Index.from_json(old.replace("16", "17"), "x")
     with pytest.raises(IndexCorruptError, match="dtype"):
+        Index.from_json(old.replace('"float32"', '"float33"'), "x")
+    with pytest.raises(IndexCorruptError, match="checksum"):
         Index.from_json(text.replace('"float32"', '"float33"'), "x")
     with pytest.raises(IndexCorruptError):
         Index.from_json(text[:-20], "x")

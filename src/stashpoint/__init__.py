@@ -61,6 +61,7 @@ def save(
     overwrite: bool = False,
     process_group=None,
     timeout_s: float = 600.0,
+    allow_pickle: bool = False,
 ) -> SaveResult:
     """Save ``state`` to ``path``; a collective: every rank of the group calls it.
 
@@ -68,7 +69,10 @@ def save(
     ``load_state_dict()``, tensors, DTensors, nested dicts/lists and plain values.
     Each rank writes only its own shards; replicated data is written once.  The
     checkpoint appears atomically when every rank's data is durable.  Raises
-    :class:`~stashpoint.errors.CheckpointExistsError` unless ``overwrite``.
+    :class:`~stashpoint.errors.CheckpointExistsError` unless ``overwrite``.  A value
+    that JSON cannot hold exactly (a ``set``, a class instance) raises
+    :class:`~stashpoint.errors.InvalidStateError` unless ``allow_pickle=True``, which
+    stores it as pickle (and loading it then needs ``allow_pickle=True`` too).
     """
     from stashpoint.engine.save import save_state
 
@@ -80,6 +84,7 @@ def save(
         overwrite=overwrite,
         process_group=process_group,
         timeout_s=timeout_s,
+        allow_pickle=allow_pickle,
     )
 
 
@@ -96,6 +101,7 @@ def async_save(
     timeout_s: float = 600.0,
     copy_engine=None,
     device_buffer: bool = False,
+    allow_pickle: bool = False,
 ) -> SaveHandle:
     """Start a save and return a :class:`SaveHandle` at once.
 
@@ -110,6 +116,7 @@ def async_save(
     training process dies after staging.  ``device_buffer=True`` first snapshots
     CUDA tensors into a reused device buffer (fast), so the next optimizer step waits
     only for that snapshot while the copy to the host overlaps later steps.
+    ``allow_pickle`` is as for :func:`save`.
     """
     vocab.choose("mode", mode, SaveMode)
     vocab.choose("if_busy", if_busy, IfBusy)
@@ -127,6 +134,7 @@ def async_save(
         timeout_s=timeout_s,
         copy_engine=copy_engine,
         device_buffer=device_buffer,
+        allow_pickle=allow_pickle,
     )
 
 

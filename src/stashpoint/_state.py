@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from stashpoint.errors import InvalidStateError
+from stashpoint.format.values import MalformedValue, NotRepresentable, check_plain, to_json
 from stashpoint.wrappers import OptimizerState, PerRank
 
 # how a leaf is shared among ranks
@@ -60,16 +62,25 @@ class FlatState:
 
 
 def is_exact_json(value: object) -> bool:
-    """True when ``json.loads(json.dumps(value))`` gives back exactly ``value``."""
+    """True when ``json.loads(json.dumps(value))`` gives back exactly ``value``, and the value
+    keeps within the index's bounds (nesting depth, int digits; see format.values)."""
+    try:
+        check_plain(value)  # first: it bounds the depth that _plain_json recurses into
+    except MalformedValue:
+        return False
+    return _plain_json(value)
+
+
+def _plain_json(value: object) -> bool:
     t = type(value)
     if t in (type(None), bool, int, str):
         return True
     if t is float:
         return math.isfinite(value)
     if t is list:
-        return all(is_exact_json(v) for v in value)
+        return all(_plain_json(v) for v in value)
     if t is dict:
-        return all(type(k) is str and is_exact_json(v) for k, v in value.items())
+        return all(type(k) is str and _plain_json(v) for k, v in value.items())
     return False
 
 
@@ -215,16 +226,22 @@ def flatten_state(state: dict) -> FlatState:
     return out
 
 
-def encode_object(value: object, fqn: str) -> tuple[str, bytes]:
-    """("json", utf-8 text) when tagged JSON holds the value exactly, else ("pickle", bytes)."""
-    from stashpoint.format.values import NotRepresentable, to_json
+def encode_object(value: object, fqn: str, allow_pickle: bool = False) -> tuple[str, bytes]:
+    """("json", utf-8 text) when tagged JSON holds the value exactly, else ("pickle", bytes).
 
+    Pickle only with ``allow_pickle``: otherwise a value tagged JSON cannot hold raises
+    InvalidStateError naming the item and the two ways out.
+    """
     try:
         return "json", json.dumps(to_json(value), sort_keys=True, separators=(",", ":")).encode()
-    except NotRepresentable:
-        pass
-    import pickle
-
+    except NotRepresentable as exc:
+        why = str(exc)
+    if not allow_pickle:
+        raise InvalidStateError(
+            f"{fqn!r}: {why} cannot be stored as JSON; convert it to JSON types (lists, dicts "
+            "with string keys, numbers, strings; e.g. a set to a sorted list), or pass "
+            "allow_pickle=True to store it as pickle (loading it then needs allow_pickle=True too)"
+        )
     try:
         return "pickle", pickle.dumps(value, protocol=4)
     except Exception as exc:  # pickling arbitrary user objects can fail in many ways

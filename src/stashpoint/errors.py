@@ -38,6 +38,10 @@ class IndexCorruptError(StashpointError):
     """The JSON index cannot be parsed or does not follow the format."""
 
 
+class UnsafePathError(IndexCorruptError):
+    """A file name recorded in a checkpoint would lead outside it (separators, ``..``, absolute)."""
+
+
 class UnsupportedFormatVersionError(StashpointError):
     """The index was written by a format version this release cannot read."""
 

@@ -78,6 +78,7 @@ def summarize(index: Index) -> dict:
     m = index.metadata
     return {
         "format_version": index.format_version,
+        "index_checksum": index.checksum_verified,
         "metadata": {
             "step": m.step,
             "world_size": m.world_size,
@@ -155,6 +156,7 @@ def run(path: str, as_json: bool = False) -> int:
     print(
         f"{t['items']} items ({t['tensors']} tensors), {human_bytes(t['bytes'])} in {t['files']} data files; "
         f"format v{summary['format_version']}"
+        + ("" if summary["index_checksum"] else " (index unverified: it records no checksum)")
     )
     step = UNKNOWN if m["step"] is None else m["step"]
     print(

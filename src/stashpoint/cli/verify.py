@@ -24,4 +24,8 @@ def run(path: str) -> int:
         )
         return 0 if report.ok else 1
     print(f"{report.path}: {status}; {report.chunks} chunks, {human_bytes(report.bytes_checked)} checked")
+    if report.index_checksum:
+        print("index: checksum verified")
+    else:
+        print("index: unverified (written by format version 1, which records no index checksum)")
     return 0 if report.ok else 1

@@ -289,6 +289,7 @@ def export_dcp(
     chunk, so ``dcp.load`` reads it into any layout.  Keys are stashpoint's flattened
     names, which are the keys DCP flattens nested state dicts to (an optimizer's
     ``param_groups`` is written as DCP writes it, one value per group and option).
+    Per-rank items have no DCP form: they are left out and named in the summary's ``skipped``.
     """
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (
@@ -302,13 +303,20 @@ def export_dcp(
 
     from stashpoint.convert.stream import ConvertSummary, peak_rss_bytes
     from stashpoint.engine.load import iter_full
+    from stashpoint.engine.reader import read_index
     from stashpoint.engine.tensors import as_bytes
     from stashpoint.errors import CheckpointExistsError
+    from stashpoint.format.index import PerRankRecord
+    from stashpoint.storage import resolve
 
     t0 = time.perf_counter()
     dst = os.path.abspath(os.fspath(dst))
     if os.path.exists(dst) and not overwrite:
         raise CheckpointExistsError(f"{dst} already exists; pass overwrite=True")
+    # DCP has no per-rank values: iter_full skips them, and the summary says so
+    src_items = read_index(*resolve(os.fspath(src))).items
+    wanted = set(src_items if keys is None else keys)
+    per_rank = tuple(sorted(n for n, i in src_items.items() if isinstance(i, PerRankRecord) and n in wanted))
     tmp = f"{dst}.partial-{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
     sd_meta, storage_data, planner = {}, {}, {}
@@ -367,7 +375,7 @@ def export_dcp(
         bytes=total,
         files=1,
         seconds=time.perf_counter() - t0,
-        skipped=(),
+        skipped=per_rank,
         values=n_values,
         peak_rss_bytes=peak_rss_bytes(),
     )

@@ -112,7 +112,7 @@ def write_checkpoint(
         items.append(FileItem(t.name, False, entry, dtype_name(t.dtype), (0,) * len(t.shape), fetch))
         plan[t.name] = ItemPlan(t.name, True, GLOBAL, dtype_name(t.dtype), tuple(t.shape), None, "")
     for name, value in values.items():
-        encoding, payload = encode_object(value, name)
+        encoding, payload = encode_object(value, name, allow_pickle=True)  # refused below
         plan[name] = ItemPlan(name, False, GLOBAL, "", (), None, encoding)
         if encoding == "json":
             inline.append(Written(name, False, json_text=payload.decode()))

@@ -314,6 +314,7 @@ def async_save_state(
     timeout_s: float = 600.0,
     commit: CommitStrategy | None = None,
     crc_block_bytes: int = DEFAULT_CRC_BLOCK_BYTES,
+    allow_pickle: bool = False,
     if_busy: str = "wait",
     copy_engine: CopyEngine | None = None,
     device_buffer: bool = False,
@@ -335,7 +336,7 @@ def async_save_state(
     handle = SaveHandle(storage.describe(final), coord.rank, coord.world_size)
     handle.mode = mode
     with handle.timer.phase("plan"):
-        prepared = prepare_save(state, coord, storage, final, commit, overwrite)
+        prepared = prepare_save(state, coord, storage, final, commit, overwrite, allow_pickle)
     plan = prepared.plan
     writes = plan.writes[coord.rank]
 

@@ -39,7 +39,7 @@ class PreparedSave:
     flat: _state.FlatState
 
 
-def describe(leaf: _state.Leaf) -> tuple[LocalItem, Source]:
+def describe(leaf: _state.Leaf, allow_pickle: bool = False) -> tuple[LocalItem, Source]:
     """A leaf's inventory entry and the source this rank would write from."""
     v = leaf.value
     if isinstance(v, torch.Tensor):
@@ -68,7 +68,7 @@ def describe(leaf: _state.Leaf) -> tuple[LocalItem, Source]:
             layout=layout,
         )
         return item, local
-    encoding, payload = _state.encode_object(v, leaf.fqn)
+    encoding, payload = _state.encode_object(v, leaf.fqn, allow_pickle)
     item = LocalItem(
         fqn=leaf.fqn,
         is_tensor=False,
@@ -87,6 +87,7 @@ def prepare_save(
     final: str,
     commit: CommitStrategy,
     overwrite: bool,
+    allow_pickle: bool = False,
 ) -> PreparedSave:
     """Collective: every rank calls it; returns the same plan and staging path everywhere."""
     where = storage.describe(final)
@@ -101,7 +102,7 @@ def prepare_save(
                     storage.delete(storage.join(final, INDEX_FILE))
                     storage.delete(final)
             flat = _state.flatten_state(state)
-            described = {fqn: describe(leaf) for fqn, leaf in flat.leaves.items()}
+            described = {fqn: describe(leaf, allow_pickle) for fqn, leaf in flat.leaves.items()}
         except StashpointError as exc:
             if where not in str(exc):  # every message names the checkpoint
                 raise type(exc)(f"{where}: {exc}") from exc

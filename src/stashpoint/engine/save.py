@@ -65,6 +65,7 @@ def save_state(
     timeout_s: float = 600.0,
     commit: CommitStrategy | None = None,
     crc_block_bytes: int = DEFAULT_CRC_BLOCK_BYTES,
+    allow_pickle: bool = False,
 ) -> SaveResult:
     timer = PhaseTimer()
     user = check_save_args(metadata, crc_block_bytes)
@@ -73,7 +74,7 @@ def save_state(
     commit = commit or default_commit(storage)
 
     with timer.phase("plan"):
-        prepared = prepare_save(state, coord, storage, final, commit, overwrite)
+        prepared = prepare_save(state, coord, storage, final, commit, overwrite, allow_pickle)
     plan, staging = prepared.plan, prepared.staging
     writes = plan.writes[coord.rank]
 

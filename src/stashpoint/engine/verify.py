@@ -22,6 +22,8 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     #: False for other tools' checkpoints read in place (DCP, HF), which record no checksums
     checksums: bool = True
+    #: the index's own checksum matched (False: a format version 1 index, which has none)
+    index_checksum: bool = False
 
     @property
     def ok(self) -> bool:
@@ -55,7 +57,7 @@ def verify_checkpoint(path: str) -> VerifyReport:
     """
     storage, ckpt = resolve(path)
     index: Index = read_index(storage, ckpt)
-    report = VerifyReport(path=storage.describe(ckpt))
+    report = VerifyReport(path=storage.describe(ckpt), index_checksum=index.checksum_verified)
     for name, item in index.items.items():
         recs = item.ranks if isinstance(item, PerRankRecord) else (item,)
         for rec in recs:

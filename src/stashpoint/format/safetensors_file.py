@@ -60,6 +60,27 @@ def layout_file(entries: list[FileEntry], metadata: dict[str, str] | None = None
 
 
 def read_header(head: bytes) -> tuple[int, dict]:
-    """Parse the header from the first bytes of a file; returns (data start, header)."""
+    """Parse the header from the first bytes of a file; returns (data start, header).
+
+    Raises ValueError, naming what is wrong, unless ``head`` holds a whole header whose
+    entries (other than ``__metadata__``) each have ``data_offsets`` as two ordered ints.
+    """
+    if len(head) < 8:
+        raise ValueError(f"the file has {len(head)} bytes, fewer than the 8-byte header length")
     (n,) = struct.unpack("<Q", head[:8])
-    return 8 + n, json.loads(head[8 : 8 + n])
+    if len(head) < 8 + n:
+        raise ValueError(f"the header claims {n} bytes but only {len(head) - 8} were read")
+    try:
+        header = json.loads(bytes(head[8 : 8 + n]).decode("utf-8"))
+    except (UnicodeDecodeError, RecursionError, ValueError) as exc:
+        raise ValueError(f"the header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        ok = isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int for x in offsets)
+        if not ok or not 0 <= offsets[0] <= offsets[1]:
+            raise ValueError(f"entry {key[:80]!r} has no valid data_offsets")
+    return 8 + n, header

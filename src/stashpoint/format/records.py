@@ -1,0 +1,118 @@
+"""The records an index is made of, as frozen dataclasses (field names: docs/FORMAT.md §3)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Union
+
+from stashpoint.format.values import JSONValue
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    """One rectangular piece of a tensor, stored contiguously in one data file.
+
+    ``byte_range`` is absolute within ``file`` (header included), so a reader can
+    issue a ranged read without parsing the safetensors header.  ``crc32c`` holds
+    one checksum per ``crc_block_bytes`` block of that range, so that a partial read
+    can still be verified block by block.
+    """
+
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]
+    file: str
+    key: str
+    byte_range: tuple[int, int]
+    crc32c: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return self.byte_range[1] - self.byte_range[0]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a tensor was distributed when it was saved (informational only)."""
+
+    mesh_shape: tuple[int, ...]
+    mesh_dim_names: tuple[str, ...] | None
+    placements: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: tuple[ChunkRecord, ...]
+    layout: Layout | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.chunks)
+
+
+@dataclass(frozen=True)
+class ObjectRecord:
+    """A non-tensor value: inline JSON, or pickle bytes stored as a uint8 chunk.
+
+    ``"torch_pickle"`` (a ``torch.save``'d object) appears only in indexes that describe
+    other tools' checkpoints in memory, never in a stashpoint index file.
+    """
+
+    encoding: str  # "json" | "pickle" | "torch_pickle"
+    value: JSONValue = None
+    chunk: ChunkRecord | None = None
+
+    @property
+    def pickled(self) -> bool:
+        """Reading the value needs an unpickler (so the caller must opt in)."""
+        return self.encoding in ("pickle", "torch_pickle")
+
+    @property
+    def nbytes(self) -> int:
+        return self.chunk.nbytes if self.chunk else 0
+
+
+Record = Union[TensorRecord, ObjectRecord]
+
+
+@dataclass(frozen=True)
+class PerRankRecord:
+    """An item whose value differs between ranks: one record per saving rank."""
+
+    ranks: tuple[Record, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.ranks)
+
+
+Item = Union[TensorRecord, ObjectRecord, PerRankRecord]
+
+
+@dataclass(frozen=True)
+class SaveMetadata:
+    world_size: int
+    created_unix: float
+    torch_version: str
+    stashpoint_version: str
+    step: int | None = None
+    user: dict[str, JSONValue] = field(default_factory=dict)
+    #: unique per save; lets every rank recognise the index its own save committed
+    save_id: str = ""
+
+
+def records_of(items: Iterable[Item]) -> Iterator[Record]:
+    """The tensor and object records of ``items``, each rank's record of a per-rank item included."""
+    for item in items:
+        if isinstance(item, PerRankRecord):
+            yield from item.ranks
+        else:
+            yield item
+
+
+def chunks_of(rec: Record) -> tuple[ChunkRecord, ...]:
+    if isinstance(rec, TensorRecord):
+        return rec.chunks
+    return (rec.chunk,) if rec.chunk is not None else ()
