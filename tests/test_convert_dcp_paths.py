@@ -59,14 +59,25 @@ def _assert_same(a: object, b: object, where: str = "") -> None:
         assert a == b, (where, a, b)
 
 
+def _exported(tmp_path, name: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A model and Adam after one step, saved by stashpoint with a plain value and exported."""
+    model, optim = _trained()
+    stashpoint.save({"model": model, "optim": optim, "step": 7}, tmp_path / "sp")
+    export_dcp(tmp_path / "sp", tmp_path / name)
+    return model, optim
+
+
+def _assert_restored(fresh: nn.Module, fresh_optim, model: nn.Module, optim) -> None:
+    _assert_same(fresh.state_dict(), model.state_dict())
+    _assert_same(fresh_optim.state_dict(), optim.state_dict())
+
+
 def _planner(path) -> dict:
     return dict(dcp.FileSystemReader(str(path)).read_metadata().planner_data)
 
 
 def test_export_gives_torchs_nesting_and_loads_into_model_and_optimizer(tmp_path):
-    model, optim = _trained()
-    stashpoint.save({"model": model, "optim": optim, "step": 7}, tmp_path / "sp")
-    export_dcp(tmp_path / "sp", tmp_path / "dcp")
+    model, optim = _exported(tmp_path, "dcp")
     dcp_to_torch_save(tmp_path / "dcp", tmp_path / "out.pt")
     out = torch.load(tmp_path / "out.pt", weights_only=True)
 
@@ -85,19 +96,28 @@ def test_export_gives_torchs_nesting_and_loads_into_model_and_optimizer(tmp_path
     fresh_optim = torch.optim.Adam(fresh.parameters(), lr=0.5)
     fresh.load_state_dict(out["model"])
     set_state_dict(fresh, fresh_optim, model_state_dict=out["model"], optim_state_dict=out["optim"])
-    _assert_same(fresh.state_dict(), model.state_dict())
-    _assert_same(fresh_optim.state_dict(), optim.state_dict())
+    _assert_restored(fresh, fresh_optim, model, optim)
 
 
 def test_paths_equal_those_of_torchs_own_save_of_the_same_state(tmp_path):
-    model, optim = _trained()
-    stashpoint.save({"model": model, "optim": optim, "step": 7}, tmp_path / "sp")
-    export_dcp(tmp_path / "sp", tmp_path / "ours")
+    model, optim = _exported(tmp_path, "ours")
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optim)}
     dcp.save({**state, "step": 7}, checkpoint_id=tmp_path / "theirs")
     theirs = _planner(tmp_path / "theirs")
-    assert theirs[("optim.state.2.proj.weight.exp_avg")] == ("optim", "state", "2.proj.weight", "exp_avg")
+    assert theirs["optim.state.2.proj.weight.exp_avg"] == ("optim", "state", "2.proj.weight", "exp_avg")
     assert _planner(tmp_path / "ours") == theirs
+
+
+def test_plain_containers_of_tensors_nest_as_torch_nests_them(tmp_path):
+    def state():
+        return {"rng": {"cpu": torch.arange(3), "cuda": [torch.ones(2), torch.zeros(2)]}, "n": 3}
+
+    stashpoint.save(state(), tmp_path / "sp")
+    export_dcp(tmp_path / "sp", tmp_path / "ours")
+    dcp.save(state(), checkpoint_id=tmp_path / "theirs")
+    assert _planner(tmp_path / "ours") == _planner(tmp_path / "theirs")
+    dcp_to_torch_save(tmp_path / "ours", tmp_path / "out.pt")
+    _assert_same(torch.load(tmp_path / "out.pt", weights_only=True), state())
 
 
 def test_torch_state_dict_save_survives_import_and_export_with_its_paths(tmp_path):
@@ -117,14 +137,11 @@ def test_torch_state_dict_save_survives_import_and_export_with_its_paths(tmp_pat
     fresh_optim.load_state_dict(
         {**out["optim"], "state": {int(k): v for k, v in out["optim"]["state"].items()}}
     )
-    _assert_same(fresh.state_dict(), model.state_dict())
-    _assert_same(fresh_optim.state_dict(), optim.state_dict())
+    _assert_restored(fresh, fresh_optim, model, optim)
 
 
 def test_dcp_load_of_the_export_into_a_fresh_state_still_works(tmp_path):
-    model, optim = _trained()
-    stashpoint.save({"model": model, "optim": optim, "step": 7}, tmp_path / "sp")
-    export_dcp(tmp_path / "sp", tmp_path / "dcp")
+    model, optim = _exported(tmp_path, "dcp")
     fresh = _model()
     fresh_optim = torch.optim.Adam(fresh.parameters(), lr=0.5)
     target = {
@@ -135,8 +152,7 @@ def test_dcp_load_of_the_export_into_a_fresh_state_still_works(tmp_path):
     dcp.load(target, checkpoint_id=tmp_path / "dcp")
     assert target["step"] == 7
     set_state_dict(fresh, fresh_optim, model_state_dict=target["model"], optim_state_dict=target["optim"])
-    _assert_same(fresh.state_dict(), model.state_dict())
-    _assert_same(fresh_optim.state_dict(), optim.state_dict())
+    _assert_restored(fresh, fresh_optim, model, optim)
 
 
 def test_optimizer_params_reads_named_parameters_only():
