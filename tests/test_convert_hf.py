@@ -137,6 +137,14 @@ def test_convert_cli(trained, tmp_path):
     )
 
 
+def test_convert_cli_copies_files_named_relative_to_the_working_directory(trained, tmp_path):
+    _, path = trained
+    (tmp_path / "config.json").write_text('{"model_type": "net"}')
+    cli = [sys.executable, "-m", "stashpoint.cli.main", "convert", str(path), "hf", "--to", "hf"]
+    subprocess.run([*cli, "--copy", "config.json"], cwd=tmp_path, capture_output=True, check=True)
+    assert (tmp_path / "hf" / "config.json").read_text() == '{"model_type": "net"}'
+
+
 def test_copy_files_come_from_the_source_or_copy_from(trained, tmp_path):
     _, path = trained
     (path / "config.json").write_text('{"model_type": "net"}')

@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
                 max_shard_bytes=parse_size(args.max_shard_size, "--max-shard-size"),
                 dtype=getattr(torch, args.dtype) if args.dtype else None,
                 copy_files=tuple(args.copy),
+                copy_from=os.getcwd(),  # --copy names are relative to the working directory
                 progress=progress,
             )
         elif args.to == "dcp":
