@@ -70,13 +70,16 @@ def _step(part: str) -> str | int:
 
 def _optimizer_path(prefix: str, rest: str, params: Collection[str]) -> Path:
     kind, _, tail = rest.partition(".")
-    parts = tail.split(".") if tail else []
-    if kind == _STATE and parts:
-        matches = [p for p in params if tail == p or tail.startswith(p + ".")]
-        param = max(matches, key=len) if matches else parts[0]
-        inner = tail[len(param) + 1 :]
-        return (prefix, _STATE, param, *(_step(p) for p in inner.split(".") if inner))
-    return (prefix, kind, *(_step(p) for p in parts))
+    if kind != _STATE or not tail:
+        return (prefix, kind, *(_step(p) for p in tail.split(".") if tail))
+    # the longest listed parameter name that tail starts with, else its first component
+    cut = len(tail)
+    while cut != -1 and tail[:cut] not in params:
+        cut = tail.rfind(".", 0, cut)
+    if cut == -1:
+        cut = tail.find(".") if "." in tail else len(tail)
+    inner = tail[cut + 1 :]
+    return (prefix, _STATE, tail[:cut], *(_step(p) for p in inner.split(".") if inner))
 
 
 def _prefix_of(name: str, prefixes: Collection[str], pick=max) -> str | None:
@@ -110,7 +113,8 @@ def nested_paths(keys: Iterable[str], optimizers: Mapping[str, Collection[str]])
     :func:`optimizer_params` finds them.
     """
     keys = list(keys)
-    all_params = {p for names in optimizers.values() for p in names}
+    param_sets = {prefix: frozenset(names) for prefix, names in optimizers.items()}
+    all_params = frozenset().union(*param_sets.values())
     modules = _module_prefixes(keys, all_params, optimizers)
     listy = {k.partition(".")[0] for k in keys if "." in k and _is_index(k.rpartition(".")[2])}
     out: dict[str, Path] = {}
@@ -118,7 +122,7 @@ def nested_paths(keys: Iterable[str], optimizers: Mapping[str, Collection[str]])
         opt = _prefix_of(key, optimizers)
         mod = _prefix_of(key, modules, pick=min)
         if opt is not None:
-            out[key] = _optimizer_path(opt, key[len(opt) + 1 :], optimizers[opt])
+            out[key] = _optimizer_path(opt, key[len(opt) + 1 :], param_sets[opt])
         elif mod is not None:
             out[key] = (mod, key[len(mod) + 1 :])
         elif "." not in key:
