@@ -135,3 +135,59 @@ def test_convert_cli(trained, tmp_path):
         stashpoint.load_full(tmp_path / "sp", ["model.proj.weight"])["model.proj.weight"],
         stashpoint.load_full(path, ["model.proj.weight"])["model.proj.weight"],
     )
+
+
+def test_convert_cli_copies_files_named_relative_to_the_working_directory(trained, tmp_path):
+    _, path = trained
+    (tmp_path / "config.json").write_text('{"model_type": "net"}')
+    cli = [sys.executable, "-m", "stashpoint.cli.main", "convert", str(path), "hf", "--to", "hf"]
+    subprocess.run([*cli, "--copy", "config.json"], cwd=tmp_path, capture_output=True, check=True)
+    assert (tmp_path / "hf" / "config.json").read_text() == '{"model_type": "net"}'
+
+
+def test_copy_files_come_from_the_source_or_copy_from(trained, tmp_path):
+    _, path = trained
+    (path / "config.json").write_text('{"model_type": "net"}')
+    export_hf(path, tmp_path / "hf", copy_files=("config.json",))
+    assert (tmp_path / "hf" / "config.json").read_text() == '{"model_type": "net"}'
+
+    other = tmp_path / "assets"
+    (other / "tok").mkdir(parents=True)
+    (other / "tok" / "tokenizer.json").write_text("{}")
+    (other / "config.json").write_text('{"model_type": "other"}')
+    absolute = tmp_path / "generation_config.json"
+    absolute.write_text('{"do_sample": false}')
+    export_hf(
+        path, tmp_path / "hf2", copy_files=("config.json", "tok/tokenizer.json", absolute), copy_from=other
+    )
+    assert sorted(os.listdir(tmp_path / "hf2")) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
+    assert (tmp_path / "hf2" / "config.json").read_text() == '{"model_type": "other"}'
+    assert (tmp_path / "hf2" / "generation_config.json").read_text() == '{"do_sample": false}'
+
+
+def test_bad_copy_files_are_refused_before_anything_is_written(trained, tmp_path):
+    from stashpoint.errors import DataFileMissingError, InvalidOptionError, NotAFileError
+
+    _, path = trained
+    (path / "config.json").write_text("{}")
+    (path / "assets").mkdir()
+    (path / "assets" / "config.json").write_text("{}")
+    out = tmp_path / "hf"
+    with pytest.raises(DataFileMissingError, match="tokenizer.json") as info:
+        export_hf(path, out, copy_files=("config.json", "tokenizer.json"))
+    assert str(path) in str(info.value) and "source checkpoint" in str(info.value)
+    with pytest.raises(DataFileMissingError, match="config.json"):
+        export_hf(path, out, copy_files=("config.json",), copy_from=tmp_path / "nowhere")
+    with pytest.raises(NotAFileError, match="assets"):
+        export_hf(path, out, copy_files=("assets",))
+    with pytest.raises(InvalidOptionError, match="both named 'config.json'"):
+        export_hf(path, out, copy_files=("config.json", "assets/config.json"))
+    (path / "model.safetensors").write_text("not weights")
+    with pytest.raises(InvalidOptionError, match="replace the exported weights"):
+        export_hf(path, out, copy_files=("model.safetensors",))
+    assert not out.exists()

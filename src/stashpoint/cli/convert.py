@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
             max_shard_size=parse_size(args.max_shard_size, "--max-shard-size"),
             dtype=args.dtype,
             copy_files=tuple(args.copy),
+            copy_from=os.getcwd(),  # --copy names are relative to the working directory
             progress=progress,
         )
     finally:

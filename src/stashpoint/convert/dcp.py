@@ -31,6 +31,7 @@ from collections.abc import Iterable
 
 import torch
 
+from stashpoint.convert.dcp_paths import nested_paths, optimizer_params
 from stashpoint.errors import IndexCorruptError, UnsupportedFormatVersionError
 from stashpoint.format.dtypes import dtype_name, is_supported
 from stashpoint.format.index import ChunkRecord, Index, ObjectRecord, SaveMetadata, TensorRecord
@@ -319,7 +320,7 @@ def export_dcp(
     per_rank = tuple(sorted(n for n, i in src_items.items() if isinstance(i, PerRankRecord) and n in wanted))
     tmp = f"{dst}.partial-{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
-    sd_meta, storage_data, planner = {}, {}, {}
+    sd_meta, storage_data, planner, optimizers = {}, {}, {}, {}
     n_tensors = n_values = total = 0
     try:
         with open(os.path.join(tmp, DCP_DATA_FILE), "wb") as f:
@@ -343,6 +344,7 @@ def export_dcp(
                     if progress is not None:
                         progress(name, t.numel() * t.element_size())
                     continue
+                optimizers.update(optimizer_params(name, value))
                 for key, v in _expand_param_groups(name, value):
                     buf = io.BytesIO()
                     torch.save(v, buf)
@@ -354,6 +356,7 @@ def export_dcp(
                     n_values += 1
             f.flush()
             os.fsync(f.fileno())
+        planner = nested_paths(planner, optimizers)  # DCP nests keys by these paths
         md = Metadata(state_dict_metadata=sd_meta, planner_data=planner, storage_data=storage_data)
         md.version = _dcp_version()
         with open(os.path.join(tmp, DCP_METADATA), "wb") as f:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from stashpoint.convert.extra_files import copy_extra_files, resolve_extra_files
 from stashpoint.convert.stream import ConvertSummary, peak_rss_bytes
 from stashpoint.errors import InvalidStateError, MissingKeyError
 from stashpoint.format.dtypes import dtype_from_name, dtype_name, itemsize
@@ -64,6 +65,7 @@ def export_hf(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     dtype: torch.dtype | None = None,
     copy_files: tuple[str | os.PathLike, ...] = (),
+    copy_from: str | os.PathLike | None = None,
     verify: bool = True,
     progress: Callable[[str, int], None] | None = None,
 ) -> ConvertSummary:
@@ -73,7 +75,9 @@ def export_hf(
     skip a tensor, or a dict); the default keeps ``model.*`` and strips the prefix, so
     optimizer state is left out.  ``dtype`` casts floating-point tensors; integer and
     bool tensors are copied as they are.  ``copy_files`` (e.g. ``config.json``) are
-    copied into ``dst``.
+    copied into ``dst``; relative names are found in the source checkpoint, or in
+    ``copy_from`` if given, and all of them before anything is written (a missing one
+    raises :class:`~stashpoint.errors.DataFileMissingError`).
     """
     from safetensors.torch import save_file  # noqa: F401  (fails early if safetensors is missing)
 
@@ -83,6 +87,7 @@ def export_hf(
     t0 = time.perf_counter()
     mapper = _mapper(name_map)
     index = read_index(src)
+    extras = resolve_extra_files(src, copy_files, copy_from)
     chosen: list[tuple[str, str, TensorRecord]] = []
     skipped = []
     seen: dict[str, str] = {}
@@ -110,10 +115,7 @@ def export_hf(
         lambda keys: _reported(iter_full(src, keys, verify=verify), progress),
         max_shard_bytes,
     )
-    for extra in copy_files:
-        import shutil
-
-        shutil.copy(extra, os.path.join(dst, os.path.basename(extra)))
+    copy_extra_files(extras, dst)
     return ConvertSummary(
         len(chosen), total, n_files, time.perf_counter() - t0, tuple(skipped), 0, peak_rss_bytes()
     )

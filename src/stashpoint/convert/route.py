@@ -80,6 +80,7 @@ def convert(
     max_shard_size: int | str = DEFAULT_SHARD_BYTES,
     dtype: torch.dtype | str | None = None,
     copy_files: tuple[PathLike, ...] = (),
+    copy_from: PathLike | None = None,
     progress: Progress | None = None,
 ) -> ConvertSummary:
     """Convert the checkpoint at ``src`` (stashpoint, DCP, HF or ``torch.save``) into ``to``.
@@ -88,7 +89,8 @@ def convert(
     ``torch.save`` imports gain it (so the result loads into ``{"model": module}``) and
     an HF export keeps only names under it, without it.  ``max_shard_size`` (bytes or a
     size such as ``"2GB"``), ``dtype`` (floating tensors are cast to it) and
-    ``copy_files`` (e.g. ``config.json``) apply to HF exports.  Values that need
+    ``copy_files`` (e.g. ``config.json``, relative to the source checkpoint or to
+    ``copy_from``) apply to HF exports.  Values that need
     unpickling are read only with ``allow_pickle``.  Raises
     :class:`~stashpoint.errors.CheckpointExistsError` if ``dst`` exists, unless
     ``overwrite``.
@@ -118,6 +120,7 @@ def convert(
             max_shard_bytes=shard_bytes,
             dtype=cast,
             copy_files=tuple(copy_files),
+            copy_from=copy_from,
             progress=progress,
         )
 
