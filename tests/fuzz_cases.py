@@ -460,3 +460,80 @@ def _dcp_metadata(kind: str, rng, target: str, data: bytes, outside_dir: str, ck
     with open(target, "wb") as f:
         pickle.dump(meta, f)
     return Applied(detail)
+
+
+# --- telling undetectable changes of checksum-less formats -------------------------------------
+
+ST_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "BF16": 2,
+    "F16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+
+
+def _strict_json(data: bytes) -> object:
+    def pairs(items: list) -> dict:
+        keys = [k for k, _ in items]
+        if len(set(keys)) != len(keys):
+            raise ValueError("duplicate member")
+        return dict(items)
+
+    def constant(name: str) -> float:
+        raise ValueError(name)
+
+    return json.loads(data.decode("utf-8"), object_pairs_hook=pairs, parse_constant=constant)
+
+
+def _valid_safetensors(path: str) -> set[str]:
+    """The tensor names of a safetensors file that a strict reader accepts, else raises."""
+    data = open(path, "rb").read()
+    n = struct.unpack("<Q", data[:8])[0]
+    if 8 + n > len(data):
+        raise ValueError("header past the end")
+    header = _strict_json(data[8 : 8 + n])
+    header.pop("__metadata__", None)
+    spans = []
+    for meta in header.values():
+        shape, (begin, end) = meta["shape"], meta["data_offsets"]
+        if not all(type(d) is int and d >= 0 for d in shape) or type(begin) is not int:
+            raise ValueError("bad shape or offsets")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - begin != numel * ST_ITEMSIZE[meta["dtype"]]:
+            raise ValueError("size")
+        spans.append((begin, end))
+    pos = 0
+    for begin, end in sorted(spans):
+        if begin != pos:
+            raise ValueError("gap or overlap")
+        pos = end
+    if pos != len(data) - 8 - n:
+        raise ValueError("data section length")
+    return set(header)
+
+
+def hf_self_consistent(path: str) -> bool:
+    """An HF directory that a strict reader accepts: a change to it no reader can notice."""
+    try:
+        index = os.path.join(path, HF_INDEX)
+        if not os.path.exists(index):
+            _valid_safetensors(os.path.join(path, "model.safetensors"))
+            return True
+        weight_map = _strict_json(open(index, "rb").read())["weight_map"]
+        files = set(weight_map.values())
+        if not all(isinstance(f, str) and f in os.listdir(path) for f in files):
+            return False
+        held = {f: _valid_safetensors(os.path.join(path, f)) for f in files}
+        return all(name in held[f] for name, f in weight_map.items()) and sum(map(len, held.values())) == len(
+            weight_map
+        )
+    except (ValueError, KeyError, TypeError, AttributeError, OSError, struct.error, UnicodeError):
+        return False
