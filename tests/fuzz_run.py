@@ -442,3 +442,28 @@ def run_all(
     finally:
         runner.close()
     return outcomes
+
+
+def groups(failures: list[dict]) -> list[dict]:
+    """Failures grouped by (class, exception, file:line) across operations and kinds, for routing."""
+    out: dict[tuple, dict] = {}
+    for f in failures:
+        key = (f["cls"], f["exc"], f["where"] or f["origin"])
+        g = out.setdefault(
+            key, {"count": 0, "ops": set(), "kinds": set(), "example": f["case"], "message": ""}
+        )
+        g["count"] += 1
+        g["ops"].add(f["op"])
+        g["kinds"].add(f"{f['kind']}/{f['original']}")
+        g["message"] = g["message"] or f"{f['message'][:120]} [{f['detail'][:80]}]"
+    return [
+        {
+            "class": k[0],
+            "exception": k[1],
+            "where": k[2],
+            **v,
+            "ops": sorted(v["ops"]),
+            "kinds": sorted(v["kinds"]),
+        }
+        for k, v in sorted(out.items(), key=lambda kv: (kv[0][0], -kv[1]["count"]))
+    ]
