@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 import torch
 
 import stashpoint
-from fuzz_cases import Case, Original, hf_self_consistent, make_model, make_state, materialize
+from fuzz_cases import Case, Original, make_model, make_state, materialize
+from fuzz_json import hf_self_consistent
 from stashpoint.errors import StashpointError
 
 CLASSES = (
@@ -392,32 +393,6 @@ def run_case(runner: Runner, case: Case, workdir: str, canary: str, payload: dic
     return outcomes
 
 
-def tally(outcomes: list[Outcome]) -> dict:
-    by_class = {c: 0 for c in CLASSES}
-    by_op: dict[str, dict[str, int]] = {}
-    by_kind: dict[str, dict[str, int]] = {}
-    for o in outcomes:
-        by_class[o.cls] += 1
-        by_op.setdefault(o.op, {c: 0 for c in CLASSES})[o.cls] += 1
-        by_kind.setdefault(o.kind, {c: 0 for c in CLASSES})[o.cls] += 1
-    return {"by_class": by_class, "by_op": by_op, "by_kind": by_kind}
-
-
-def signatures(outcomes: list[Outcome]) -> list[dict]:
-    """Distinct failures: (class, operation, kind, exception, where), with a count and an example."""
-    groups: dict[tuple, dict] = {}
-    for o in outcomes:
-        if o.cls not in FAILURES:
-            continue
-        key = (o.cls, o.op, o.kind, o.exc, o.where or o.origin)
-        g = groups.setdefault(key, {"count": 0, "example": o.case, "message": o.message, "detail": o.detail})
-        g["count"] += 1
-    return [
-        {"class": k[0], "op": k[1], "kind": k[2], "exception": k[3], "where": k[4], **v}
-        for k, v in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[1]["count"]))
-    ]
-
-
 def run_all(
     root: str, two_ranks, seed: int, per_kind: int, deadline_s: float, progress=None, fast: bool = False
 ) -> list[Outcome]:
@@ -442,28 +417,3 @@ def run_all(
     finally:
         runner.close()
     return outcomes
-
-
-def groups(failures: list[dict]) -> list[dict]:
-    """Failures grouped by (class, exception, file:line) across operations and kinds, for routing."""
-    out: dict[tuple, dict] = {}
-    for f in failures:
-        key = (f["cls"], f["exc"], f["where"] or f["origin"])
-        g = out.setdefault(
-            key, {"count": 0, "ops": set(), "kinds": set(), "example": f["case"], "message": ""}
-        )
-        g["count"] += 1
-        g["ops"].add(f["op"])
-        g["kinds"].add(f"{f['kind']}/{f['original']}")
-        g["message"] = g["message"] or f"{f['message'][:120]} [{f['detail'][:80]}]"
-    return [
-        {
-            "class": k[0],
-            "exception": k[1],
-            "where": k[2],
-            **v,
-            "ops": sorted(v["ops"]),
-            "kinds": sorted(v["kinds"]),
-        }
-        for k, v in sorted(out.items(), key=lambda kv: (kv[0][0], -kv[1]["count"]))
-    ]

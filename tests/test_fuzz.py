@@ -21,7 +21,7 @@ def outcomes(pools, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("fuzz"))
     pool = pools(2)
     return fuzz_run.run_all(
-        root, lambda fn, path: pool.run(fn, path), SEED, per_kind=1, deadline_s=3.0, fast=True
+        root, lambda fn, path: pool.run(fn, path), SEED, per_kind=1, deadline_s=6.0, fast=True
     )
 
 
