@@ -127,6 +127,7 @@ def load(
     per_rank="error",
     process_group=None,
     timeout_s: float = 600.0,
+    follow_symlinks: bool = False,
 ) -> LoadResult:
     """Load ``path`` into ``state`` in place; a collective: every rank calls it.
 
@@ -136,7 +137,8 @@ def load(
     unexpected keys errors (keys under names not in ``state`` are ignored).
     ``per_rank`` says what to do with per-rank items saved at another world size:
     ``"error"``, ``"drop"`` (leave the target as is), ``"rank0"``, or a function
-    ``(name, values, rank, world_size) -> value``.
+    ``(name, values, rank, world_size) -> value``.  Files of the checkpoint that are
+    symbolic links to outside it are refused unless ``follow_symlinks``.
     """
     from stashpoint.engine.load import load_state
 
@@ -149,6 +151,7 @@ def load(
         per_rank=per_rank,
         process_group=process_group,
         timeout_s=timeout_s,
+        follow_symlinks=follow_symlinks,
     )
 
 

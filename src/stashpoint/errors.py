@@ -32,6 +32,11 @@ class IndexCorruptError(StashpointError):
     """The JSON index cannot be parsed or does not follow the format."""
 
 
+class UnsafePathError(IndexCorruptError):
+    """A checkpoint names a file outside itself (an absolute path, ``..``, a link out of it),
+    or a file it needs is not a regular file (a FIFO, device, socket or directory)."""
+
+
 class UnsupportedFormatVersionError(StashpointError):
     """The index was written by a format version this release cannot read."""
 

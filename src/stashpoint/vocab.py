@@ -24,6 +24,8 @@ PerRankChoice = Literal["error", "drop", "rank0", "all"]
 Scope = Literal["sharded", "replicated", "checked", "per_rank"]
 #: how a non-tensor value is stored: inline JSON, or bytes in a data file
 Encoding = Literal["json", "pickle", "torch_pickle"]
+#: what a checkpoint directory (or file) holds: ours, PyTorch DCP, HF safetensors, torch.save
+CheckpointFormat = Literal["stashpoint", "dcp", "hf", "torch_save"]
 #: what a merge produces
 OutputFormat = Literal["stashpoint", "hf"]
 #: keys missing from some merge inputs

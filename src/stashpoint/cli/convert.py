@@ -127,8 +127,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _is_hf(src: str) -> bool:
-    from stashpoint.convert.hf import is_hf_dir
+    from stashpoint.foreign import detect_format
     from stashpoint.storage import resolve
 
-    storage, path = resolve(src)
-    return not storage.exists(storage.join(path, "index.json")) and is_hf_dir(storage, path)
+    return detect_format(*resolve(src)) == "hf"

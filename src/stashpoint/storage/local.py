@@ -8,10 +8,12 @@ import errno
 import mmap
 import os
 import shutil
+import stat
 import threading
 
 import numpy as np
 
+from stashpoint.errors import UnsafePathError
 from stashpoint.storage.base import ObjectWriter, Storage
 
 #: Writes at least this large are followed by ``sync_file_range(SYNC_FILE_RANGE_WRITE)``
@@ -217,8 +219,11 @@ class LocalStorage(Storage):
         return _FileWriter(path, size, direct_io=direct)
 
     def read_into(self, path: str, offset: int, out: memoryview) -> int:
-        fd = os.open(path, os.O_RDONLY)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; only regular files are read
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UnsafePathError(f"{path} is not a regular file (a directory, FIFO, device or socket)")
             view = memoryview(out).cast("B")
             done = 0
             while done < len(view):
@@ -235,6 +240,10 @@ class LocalStorage(Storage):
 
     def exists(self, path: str) -> bool:
         return os.path.exists(path)
+
+    def escapes(self, root: str, path: str) -> bool:
+        real_root = os.path.realpath(root)
+        return os.path.commonpath([real_root, os.path.realpath(path)]) != real_root
 
     def is_prefix(self, path: str) -> bool:
         return os.path.isdir(path)
