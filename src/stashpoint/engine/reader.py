@@ -115,14 +115,15 @@ class CheckpointReader:
         """Turn a file that disappears under us (a concurrent delete) into a named error."""
         try:
             yield
-        except StashpointError:
+        except CheckpointNotFoundError:
             raise
-        except (FileNotFoundError, NotADirectoryError) as exc:
+        except (FileNotFoundError, NotADirectoryError) as exc:  # DataFileMissingError included
             if not self.storage.exists(self.path):
                 raise CheckpointNotFoundError(f"{self.where} was deleted while it was being read") from None
-            raise DataFileMissingError(
-                f"{self.where}: {getattr(exc, 'filename', None) or 'a file'} vanished while it was being read"
-            ) from None
+            if isinstance(exc, StashpointError):
+                raise
+            name = getattr(exc, "filename", None) or "a file"
+            raise DataFileMissingError(f"{self.where}: {name} vanished while it was being read") from None
 
     @property
     def crc_block(self) -> int | None:
