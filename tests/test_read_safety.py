@@ -150,7 +150,10 @@ def test_fifos_in_place_of_any_checkpoint_file_never_hang(tmp_path):
         if victim.exists():
             victim.unlink()
         os.mkfifo(victim)
-        for call in [*_every_reader(tmp_path / case), lambda: load_hf(torch.nn.Linear(1, 3), tmp_path / case)]:
+        for call in [
+            *_every_reader(tmp_path / case),
+            lambda: load_hf(torch.nn.Linear(1, 3), tmp_path / case),
+        ]:
             exc = _finishes(call)
             assert isinstance(exc, errors.StashpointError), (case, exc)
 
@@ -246,7 +249,9 @@ def test_detect_format(tmp_path):
     (tmp_path / "bin").mkdir()
     torch.save({"w": torch.ones(2)}, tmp_path / "bin" / "pytorch_model.bin")
     (tmp_path / "empty").mkdir()
-    got = {n: detect_format(s, str(tmp_path / n)) for n in ("own", "dcp", "hf", "file.pt", "bin", "empty", "no")}
+    got = {
+        n: detect_format(s, str(tmp_path / n)) for n in ("own", "dcp", "hf", "file.pt", "bin", "empty", "no")
+    }
     assert got == {
         "own": "stashpoint",
         "dcp": "dcp",

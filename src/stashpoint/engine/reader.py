@@ -93,8 +93,10 @@ class CheckpointReader:
             except FileNotFoundError:
                 raise IncompleteCheckpointError(f"{where}: {INDEX_FILE} vanished while reading") from None
             return fmt, Index.from_json(text, where)
-        index = None if fmt is None else foreign_index(
-            self.storage, self.path, fmt, follow_symlinks=self.follow_symlinks
+        index = (
+            None
+            if fmt is None
+            else foreign_index(self.storage, self.path, fmt, follow_symlinks=self.follow_symlinks)
         )
         if index is not None:
             return fmt, index

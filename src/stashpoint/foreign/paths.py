@@ -24,9 +24,7 @@ def is_relative_inside(name: str) -> bool:
     return all(part not in ("", "..") for part in re.split(r"[/\\]", name.rstrip("/")))
 
 
-def member(
-    storage: Storage, root: str, name: object, *, what: str, follow_symlinks: bool = False
-) -> str:
+def member(storage: Storage, root: str, name: object, *, what: str, follow_symlinks: bool = False) -> str:
     """The storage path of the file ``name`` of the checkpoint at ``root``.
 
     Raises :class:`~stashpoint.errors.UnsafePathError` when the name points outside the
