@@ -152,7 +152,7 @@ def test_fifos_in_place_of_any_checkpoint_file_never_hang(tmp_path):
         os.mkfifo(victim)
         for call in [
             *_every_reader(tmp_path / case),
-            lambda: load_hf(torch.nn.Linear(1, 3), tmp_path / case),
+            lambda case=case: load_hf(torch.nn.Linear(1, 3), tmp_path / case),
         ]:
             exc = _finishes(call)
             assert isinstance(exc, errors.StashpointError), (case, exc)
