@@ -110,3 +110,24 @@ def test_load_of_an_hf_directory_points_to_load_hf(tmp_path):
     model.save_pretrained(tmp_path / "hf", safe_serialization=True)
     with pytest.raises(errors.MissingKeyError, match="load_hf"):
         stashpoint.load({"model": _llama(tied=True, seed=1)}, tmp_path / "hf")
+
+
+def test_hf_export_writes_a_tied_weight_once_as_transformers_does(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    from stashpoint.convert import export_hf
+
+    model = _llama(tied=True, seed=0)
+    stashpoint.save({"model": model}, tmp_path / "ckpt")
+    model.config.save_pretrained(tmp_path / "cfg")
+    summary = export_hf(tmp_path / "ckpt", tmp_path / "hf", copy_files=(tmp_path / "cfg" / "config.json",))
+    written = load_file(tmp_path / "hf" / "model.safetensors")
+    model.save_pretrained(tmp_path / "theirs", safe_serialization=True)
+    assert written.keys() == load_file(tmp_path / "theirs" / "model.safetensors").keys()
+    assert "lm_head.weight" not in written and "model.lm_head.weight" in summary.skipped
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert torch.equal(_logits(loaded), _logits(model))
+    # without a config saying so, nothing is left out
+    export_hf(tmp_path / "ckpt", tmp_path / "plain")
+    assert "lm_head.weight" in load_file(tmp_path / "plain" / "model.safetensors")

@@ -96,6 +96,9 @@ def export_hf(
             raise InvalidStateError(f"name map sends both {seen[hf_name]!r} and {name!r} to {hf_name!r}")
         seen[hf_name] = name
         chosen.append((name, hf_name, item))
+    tied = _tied_copies(chosen, copy_files)
+    skipped += [name for name, hf, _ in chosen if hf in tied]
+    chosen = [row for row in chosen if row[1] not in tied]
     if not chosen:
         raise MissingKeyError(f"{src}: no tensor is selected by the name map")
 
@@ -118,6 +121,37 @@ def export_hf(
     return ConvertSummary(
         len(chosen), total, n_files, time.perf_counter() - t0, tuple(skipped), 0, peak_rss_bytes()
     )
+
+
+def _tied_copies(chosen, copy_files) -> set[str]:
+    """HF names of output embeddings stored as a copy of another tensor, when the model ties them.
+
+    transformers writes a tied weight once (``lm_head.weight`` is left out when
+    ``tie_word_embeddings`` is set) and ties it again on load; so do we, when a
+    ``config.json`` among ``copy_files`` says the embeddings are tied and the checkpoint's
+    checksums show the output embedding equal to another tensor.
+    """
+    configs = [f for f in copy_files if os.path.basename(os.fspath(f)) == "config.json"]
+    if not configs:
+        return set()
+    with open(configs[0]) as f:
+        config = json.load(f)
+    if not isinstance(config, dict) or not config.get("tie_word_embeddings", False):
+        return set()
+
+    def content(rec) -> tuple:
+        return (rec.dtype, tuple(rec.shape), tuple(c.crc32c for c in rec.chunks))
+
+    by_content: dict[tuple, list[str]] = {}
+    for _name, hf, rec in chosen:
+        if rec.chunks and all(c.crc32c for c in rec.chunks):
+            by_content.setdefault(content(rec), []).append(hf)
+    out = set()
+    for names in by_content.values():
+        heads = [n for n in names if n.split(".")[-2:] == ["lm_head", "weight"]]
+        if heads and len(heads) < len(names):
+            out.update(heads)
+    return out
 
 
 def write_hf_files(dst: str, rows, out_dtype, stream, max_shard_bytes: int) -> tuple[int, int]:
