@@ -276,3 +276,20 @@ def test_per_rank_words_are_checked_and_skip_is_drop(tmp_path):
         stashpoint.load_full(tmp_path / "c", per_rank="error")
     with pytest.raises(errors.InvalidOptionError, match="per_rank"):
         stashpoint.load({"w": torch.zeros(2)}, tmp_path / "c", per_rank="all")
+
+
+def test_torch_save_import_refuses_fifos_and_names_outside(tmp_path):
+    from stashpoint.convert import import_torch_save
+
+    os.mkfifo(tmp_path / "file.pt")
+    exc = _finishes(lambda: import_torch_save(tmp_path / "file.pt", tmp_path / "out"))
+    assert isinstance(exc, errors.UnsafePathError)
+    (tmp_path / "bin").mkdir()
+    os.mkfifo(tmp_path / "bin" / "pytorch_model.bin")
+    exc = _finishes(lambda: import_torch_save(tmp_path / "bin", tmp_path / "out"))
+    assert isinstance(exc, errors.UnsafePathError)
+    (tmp_path / "shards").mkdir()
+    doc = {"weight_map": {"w": "../file.pt"}}
+    (tmp_path / "shards" / "pytorch_model.bin.index.json").write_text(json.dumps(doc))
+    with pytest.raises(errors.UnsafePathError):
+        import_torch_save(tmp_path / "shards", tmp_path / "out")

@@ -2,7 +2,7 @@
 
 stashpoint also *reads* DCP checkpoints and HF safetensors directories in place:
 :func:`stashpoint.load`, :func:`stashpoint.load_full` and ``stashpoint inspect`` accept
-their directories directly (see :mod:`stashpoint.convert.dcp`, :func:`load_hf`).
+their directories directly (see :mod:`stashpoint.foreign`, :func:`load_hf`).
 """
 
 from stashpoint.convert.dcp import export_dcp, import_dcp

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from stashpoint.errors import CheckpointNotFoundError, IndexCorruptError
+from stashpoint.errors import CheckpointNotFoundError, IndexCorruptError, UnsafePathError
 from stashpoint.foreign.paths import member
 from stashpoint.storage import LocalStorage, Storage
 
@@ -21,8 +21,19 @@ def is_torch_save(storage: Storage, path: str) -> bool:
 
 
 def torch_save_files(src: str, *, follow_symlinks: bool = False) -> list[str]:
-    """The local files of a ``torch.save`` checkpoint: one file, or a directory's shards."""
-    if os.path.isfile(src):
+    """The local files of a ``torch.save`` checkpoint: one file, or a directory's shards.
+
+    Each is a regular file (a FIFO would make ``torch.load`` wait forever).
+    """
+    files = _listed(src, follow_symlinks)
+    for path in files:
+        if not os.path.isfile(path):
+            raise UnsafePathError(f"{path} is not a regular file (a directory, FIFO, device or socket)")
+    return files
+
+
+def _listed(src: str, follow_symlinks: bool) -> list[str]:
+    if os.path.isfile(src) or (os.path.exists(src) and not os.path.isdir(src)):
         return [src]
     storage = LocalStorage()
     index = os.path.join(src, BIN_INDEX)
