@@ -783,3 +783,18 @@ def test_invalid_state_message_names_path_and_key(tmp_path: Path, bad: str) -> N
     with pytest.raises(Exception) as info:
         sp.save(make_state(1, extra=value), tmp_path / "ckpt")
     assert_error(info.value, errors.InvalidStateError, tmp_path / "ckpt", key)
+
+
+def test_data_file_linked_out_of_the_checkpoint_is_unsafe(saved: Saved, tmp_path: Path) -> None:
+    name = sorted(n for n in os.listdir(saved.path) if n.endswith(".safetensors"))[0]
+    outside = tmp_path / "outside.safetensors"
+    shutil.move(saved.path / name, outside)
+    os.symlink(outside, saved.path / name)
+    expect_error_everywhere(saved.path, errors.UnsafePathError, name)
+    assert issubclass(errors.UnsafePathError, errors.IndexCorruptError)
+
+
+def test_fifo_in_place_of_the_index_is_unsafe(saved: Saved) -> None:
+    (saved.path / INDEX_FILE).unlink()
+    os.mkfifo(saved.path / INDEX_FILE)
+    expect_error_everywhere(saved.path, errors.UnsafePathError)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import stashpoint
 from stashpoint.convert import export_hf, import_dcp, import_hf, import_torch_save
-from stashpoint.errors import IndexCorruptError, PickleNotAllowedError
+from stashpoint.errors import IndexCorruptError, PickleNotAllowedError, TruncatedDataError
 
 
 class Opaque:
@@ -232,8 +232,8 @@ def test_verify_and_inspect_read_dcp_checkpoints(tmp_path):
     index = stashpoint.read_index(tmp_path / "dcp")
     assert index.metadata.user["source_format"] == "torch.distributed.checkpoint"
     data = tmp_path / "dcp" / "__0_0.distcp"
-    data.write_bytes(data.read_bytes()[:100])  # truncated: the archive cannot be found any more
-    with pytest.raises(IndexCorruptError, match="'w'"):
+    data.write_bytes(data.read_bytes()[:100])  # truncated: the records point past its end
+    with pytest.raises((IndexCorruptError, TruncatedDataError), match="'[wn]'"):
         stashpoint.load_full(tmp_path / "dcp")
 
 

@@ -17,7 +17,7 @@ import torch
 import stashpoint
 from stashpoint import errors
 from stashpoint.engine import load as load_mod
-from stashpoint.engine.reader import execute_reads
+from stashpoint.engine.reader import CheckpointReader
 from stashpoint.engine.tensors import full_box
 from stashpoint.format.index import TensorRecord
 from stashpoint.planning.layout import Box
@@ -186,7 +186,8 @@ def test_per_tensor_reads_match_execute_reads(split_ckpt, threads, boxes_of):
     reads, expected = _plan(records, full, index, boxes_of)
     assert all(len(rs) == 2 for rs in reads.values())
     jobs = [(k, r, expected[k]) for k, rs in reads.items() for r in rs]
-    n_old = execute_reads(storage, path, jobs, index.crc_block_bytes)
+    reader = CheckpointReader(storage, path)
+    n_old = reader.read_chunks(jobs)
 
     _, staged = _plan(records, full, index, boxes_of)
     finished: list[str] = []
@@ -199,9 +200,7 @@ def test_per_tensor_reads_match_execute_reads(split_ckpt, threads, boxes_of):
             finished.append(fqn)
         return host.clone()  # stands in for the copy to the device
 
-    n_new = load_mod._read_per_tensor(
-        storage, path, reads, staged, index.crc_block_bytes, finish, threads=threads
-    )
+    n_new = reader.read_per_tensor(reads, staged, finish, threads=threads)
     assert n_new == n_old
     assert sorted(finished) == sorted(reads)
     for k in reads:
@@ -212,9 +211,8 @@ def test_per_tensor_reads_finish_tensors_without_reads(split_ckpt):
     path, index, _, _ = split_ckpt
     staged = {"e": torch.empty(0, 4)}
     finished = []
-    n = load_mod._read_per_tensor(
-        LocalStorage(), path, {"e": ()}, staged, None, lambda f, h: finished.append(f) or h
-    )
+    reader = CheckpointReader(LocalStorage(), path, verify=False)
+    n = reader.read_per_tensor({"e": ()}, staged, lambda f, h: finished.append(f) or h)
     assert n == 0 and finished == ["e"]
 
 

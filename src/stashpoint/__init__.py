@@ -160,6 +160,7 @@ def load(
     per_rank: PerRankChoice | Callable[[str, list, int, int], object] = "error",
     process_group=None,
     timeout_s: float = 600.0,
+    follow_symlinks: bool = False,
 ) -> LoadResult:
     """Load ``path`` into ``state`` in place; a collective: every rank calls it.
 
@@ -169,7 +170,8 @@ def load(
     unexpected keys errors (keys under names not in ``state`` are ignored).
     ``per_rank`` says what to do with per-rank items saved at another world size:
     ``"error"``, ``"drop"`` (leave the target as is), ``"rank0"``, or a function
-    ``(name, values, rank, world_size) -> value``.
+    ``(name, values, rank, world_size) -> value``.  Files of the checkpoint that are
+    symbolic links to outside it are refused unless ``follow_symlinks``.
     """
     if not callable(per_rank):
         vocab.choose("per_rank", per_rank, PerRankChoice, allowed=LOAD_PER_RANK)
@@ -184,6 +186,7 @@ def load(
         per_rank=per_rank,
         process_group=process_group,
         timeout_s=timeout_s,
+        follow_symlinks=follow_symlinks,
     )
 
 

@@ -39,7 +39,8 @@ class IndexCorruptError(StashpointError):
 
 
 class UnsafePathError(IndexCorruptError):
-    """A file name recorded in a checkpoint would lead outside it (separators, ``..``, absolute)."""
+    """A checkpoint names a file outside itself (an absolute path, ``..``, a link out of it),
+    or a file it needs is not a regular file (a FIFO, device, socket or directory)."""
 
 
 class UnsupportedFormatVersionError(StashpointError):

@@ -24,14 +24,14 @@ PerRankChoice = Literal["error", "drop", "rank0", "all"]
 Scope = Literal["sharded", "replicated", "checked", "per_rank"]
 #: how a non-tensor value is stored: inline JSON, or bytes in a data file
 Encoding = Literal["json", "pickle", "torch_pickle"]
+#: what a checkpoint directory (or file) holds: ours, PyTorch DCP, HF safetensors, torch.save
+CheckpointFormat = Literal["stashpoint", "dcp", "hf", "torch_save"]
 #: what a merge produces
 OutputFormat = Literal["stashpoint", "hf"]
 #: keys missing from some merge inputs
 MissingPolicy = Literal["error", "intersection", "union"]
 #: what ``stashpoint.convert`` writes
 ConvertTarget = Literal["stashpoint", "hf", "dcp"]
-#: what a path holds: our checkpoint, PyTorch DCP, an HF safetensors directory, torch.save files
-SourceFormat = Literal["stashpoint", "dcp", "hf", "torch_save"]
 #: ``CheckpointManager``: an asynchronous save in one of ``async_save``'s modes, or a blocking one
 ManagerMode = Literal["eager", "lazy", "sync"]
 #: ``RetentionPolicy``: whether a lower or a higher metric is better

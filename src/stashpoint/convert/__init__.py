@@ -4,7 +4,7 @@
 the import and export functions below are the pipelines.  stashpoint also *reads* DCP
 checkpoints and HF safetensors directories in place: :func:`stashpoint.load`,
 :func:`stashpoint.load_full` and ``stashpoint inspect`` accept their directories
-directly (see :mod:`stashpoint.convert.dcp`, :func:`load_hf`).
+directly (see :mod:`stashpoint.foreign`, :func:`load_hf`).
 
 ``stashpoint.convert`` is this package and, called, the function :func:`convert`: the
 import system binds a package to its parent's attribute of the same name, so the

@@ -19,9 +19,10 @@ import torch
 from stashpoint.convert.extra_files import copy_extra_files, resolve_extra_files
 from stashpoint.convert.stream import ConvertSummary, peak_rss_bytes
 from stashpoint.errors import InvalidStateError, MissingKeyError
-from stashpoint.format.dtypes import dtype_from_name, dtype_name, itemsize
+from stashpoint.foreign.hf import HF_INDEX, hf_config
+from stashpoint.format.dtypes import dtype_from_name, itemsize
+from stashpoint.storage import resolve
 
-HF_INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
 NameMap = Callable[[str], str | None] | Mapping[str, str] | None
@@ -100,6 +101,9 @@ def export_hf(
             raise InvalidStateError(f"name map sends both {seen[hf_name]!r} and {name!r} to {hf_name!r}")
         seen[hf_name] = name
         chosen.append((name, hf_name, item))
+    tied = _tied_copies(chosen, copy_files)
+    skipped += [name for name, hf, _ in chosen if hf in tied]
+    chosen = [row for row in chosen if row[1] not in tied]
     if not chosen:
         raise MissingKeyError(f"{src}: no tensor is selected by the name map")
 
@@ -119,6 +123,37 @@ def export_hf(
     return ConvertSummary(
         len(chosen), total, n_files, time.perf_counter() - t0, tuple(skipped), 0, peak_rss_bytes()
     )
+
+
+def _tied_copies(chosen, copy_files) -> set[str]:
+    """HF names of output embeddings stored as a copy of another tensor, when the model ties them.
+
+    transformers writes a tied weight once (``lm_head.weight`` is left out when
+    ``tie_word_embeddings`` is set) and ties it again on load; so do we, when a
+    ``config.json`` among ``copy_files`` says the embeddings are tied and the checkpoint's
+    checksums show the output embedding equal to another tensor.
+    """
+    configs = [f for f in copy_files if os.path.basename(os.fspath(f)) == "config.json"]
+    if not configs:
+        return set()
+    with open(configs[0]) as f:
+        config = json.load(f)
+    if not isinstance(config, dict) or not config.get("tie_word_embeddings", False):
+        return set()
+
+    def content(rec) -> tuple:
+        return (rec.dtype, tuple(rec.shape), tuple(c.crc32c for c in rec.chunks))
+
+    by_content: dict[tuple, list[str]] = {}
+    for _name, hf, rec in chosen:
+        if rec.chunks and all(c.crc32c for c in rec.chunks):
+            by_content.setdefault(content(rec), []).append(hf)
+    out = set()
+    for names in by_content.values():
+        heads = [n for n in names if n.split(".")[-2:] == ["lm_head", "weight"]]
+        if heads and len(heads) < len(names):
+            out.update(heads)
+    return out
 
 
 def write_hf_files(dst: str, rows, out_dtype, stream, max_shard_bytes: int) -> tuple[int, int]:
@@ -204,83 +239,6 @@ def import_hf(
     )
 
 
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def _st_dtype(code: str) -> torch.dtype:
-    try:
-        return _ST_DTYPES[code]
-    except KeyError:
-        raise InvalidStateError(f"safetensors dtype {code} is not supported for import") from None
-
-
-def is_hf_dir(storage, path: str) -> bool:
-    """An HF weights directory: ``model.safetensors`` or its sharded index, and no stashpoint index."""
-    return storage.exists(storage.join(path, HF_INDEX)) or storage.exists(
-        storage.join(path, "model.safetensors")
-    )
-
-
-def hf_index(storage, path: str):
-    """Describe an HF safetensors directory as a stashpoint index (names as in the files).
-
-    Only the safetensors headers are read; each tensor becomes one chunk pointing at its
-    bytes, so :func:`stashpoint.load` reads just the ranges a rank needs.  HF files
-    carry no checksums, so nothing is verified.
-    """
-    from stashpoint.errors import IndexCorruptError
-    from stashpoint.format.index import ChunkRecord, Index, SaveMetadata, TensorRecord
-
-    where = storage.describe(path)
-    index_path = storage.join(path, HF_INDEX)
-    if storage.exists(index_path):
-        try:
-            weight_map = json.loads(storage.read_bytes(index_path))["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise IndexCorruptError(f"{where}: bad {HF_INDEX}: {exc}") from exc
-        files = sorted(set(weight_map.values()))
-    else:
-        files = ["model.safetensors"]
-    items = {}
-    for name in files:
-        fpath = storage.join(path, name)
-        head = storage.read_range(fpath, 0, 8)
-        if len(head) < 8:
-            raise IndexCorruptError(f"{where}: {name} is too short for a safetensors file")
-        n = int.from_bytes(head, "little")
-        try:
-            header = json.loads(storage.read_range(fpath, 8, 8 + n))
-        except ValueError as exc:
-            raise IndexCorruptError(f"{where}: {name} has a bad safetensors header: {exc}") from exc
-        for key, meta in header.items():
-            if key == "__metadata__":
-                continue
-            begin, end = meta["data_offsets"]
-            dtype = _st_dtype(meta["dtype"])
-            shape = tuple(meta["shape"])
-            chunk = ChunkRecord((0,) * len(shape), shape, name, key, (8 + n + begin, 8 + n + end), ())
-            items[key] = TensorRecord(dtype_name(dtype), shape, (chunk,))
-    meta = SaveMetadata(
-        world_size=1,
-        created_unix=0.0,
-        torch_version="",
-        stashpoint_version="",
-        user={"source_format": "huggingface"},
-    )
-    return Index(metadata=meta, items=items, crc_block_bytes=0)
-
-
 def load_hf(
     module: torch.nn.Module,
     path: str | os.PathLike,
@@ -289,6 +247,7 @@ def load_hf(
     strict: bool = True,
     process_group=None,
     timeout_s: float = 600.0,
+    follow_symlinks: bool = False,
 ):
     """Load an HF safetensors directory straight into ``module``, in whatever layout it has.
 
@@ -296,7 +255,9 @@ def load_hf(
     only the byte ranges of the safetensors files its shards cover.  HF names are taken
     as ``module``'s parameter and buffer names unless ``name_map`` maps them (a function
     or a table; None from a function, or a name missing from a table, leaves a tensor
-    out).  Returns the :class:`~stashpoint.LoadResult`.
+    out).  Tied weights stored once (``save_pretrained`` with ``tie_word_embeddings``)
+    fill every name of the tie: ties are found in ``module`` itself and, for transformers
+    models, in the directory's ``config.json``.  Returns the :class:`~stashpoint.LoadResult`.
     """
     from stashpoint.engine.load import load_state
 
@@ -319,4 +280,21 @@ def load_hf(
         process_group=process_group,
         timeout_s=timeout_s,
         rename=rename,
+        tied=_config_ties(module, os.fspath(path), follow_symlinks),
+        follow_symlinks=follow_symlinks,
     )
+
+
+def _config_ties(module: torch.nn.Module, path: str, follow_symlinks: bool) -> tuple[tuple[str, ...], ...]:
+    """The output embedding tied to the input embedding, when ``config.json`` says so."""
+    get_in = getattr(module, "get_input_embeddings", None)
+    get_out = getattr(module, "get_output_embeddings", None)
+    if get_in is None or get_out is None:
+        return ()
+    if not hf_config(*resolve(path), follow_symlinks=follow_symlinks).get("tie_word_embeddings", False):
+        return ()
+    emb_in, emb_out = get_in(), get_out()
+    names = {id(m): n for n, m in module.named_modules()}
+    if emb_in is None or emb_out is None or id(emb_in) not in names or id(emb_out) not in names:
+        return ()
+    return ((f"model.{names[id(emb_in)]}.weight", f"model.{names[id(emb_out)]}.weight"),)

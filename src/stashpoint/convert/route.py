@@ -26,47 +26,26 @@ from contextlib import contextmanager
 import torch
 
 from stashpoint.convert.dcp import DCP_METADATA, export_dcp, import_dcp
-from stashpoint.convert.hf import DEFAULT_SHARD_BYTES, HF_INDEX, export_hf, import_hf, strip_prefix
+from stashpoint.convert.hf import DEFAULT_SHARD_BYTES, export_hf, import_hf, strip_prefix
 from stashpoint.convert.stream import ConvertSummary, copy_to_stashpoint
-from stashpoint.convert.torch_save import BIN_INDEX, import_torch_save
+from stashpoint.convert.torch_save import import_torch_save
 from stashpoint.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     InvalidOptionError,
     NotACheckpointError,
 )
+from stashpoint.foreign import detect_format
 from stashpoint.format.dtypes import dtype_from_name
 from stashpoint.format.index import INDEX_FILE
 from stashpoint.sizes import parse_size
 from stashpoint.storage import Storage, resolve
-from stashpoint.vocab import ConvertTarget, SourceFormat, choose
+from stashpoint.vocab import CheckpointFormat, ConvertTarget, choose
 
 PathLike = str | os.PathLike
 #: ``progress(name, nbytes)`` after each tensor is copied
 Progress = Callable[[str, int], None]
 
-#: the file whose presence in a directory says which format it holds, checked in this order
-_MARKERS: tuple[tuple[str, SourceFormat], ...] = (
-    (INDEX_FILE, "stashpoint"),
-    (DCP_METADATA, "dcp"),
-    (HF_INDEX, "hf"),
-    ("model.safetensors", "hf"),
-    (BIN_INDEX, "torch_save"),
-    ("pytorch_model.bin", "torch_save"),
-)
-
-
-def detect_format(storage: Storage, path: str) -> SourceFormat | None:
-    """Which format ``path`` holds, from the files present; None for anything else.
-
-    A single object (not a directory or prefix) is a ``torch.save`` file.
-    """
-    if storage.exists(path) and not storage.is_prefix(path):
-        return "torch_save"
-    for marker, fmt in _MARKERS:
-        if storage.exists(storage.join(path, marker)):
-            return fmt
-    return None
 
 
 def convert(
@@ -135,7 +114,7 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def _import(
-    kind: SourceFormat,
+    kind: CheckpointFormat,
     src: str,
     dst: str,
     overwrite: bool,
@@ -157,7 +136,7 @@ def _import(
 
 
 @contextmanager
-def _exportable(kind: SourceFormat, src: str, dst: str, prefix: str, allow_pickle: bool) -> Iterator[str]:
+def _exportable(kind: CheckpointFormat, src: str, dst: str, prefix: str, allow_pickle: bool) -> Iterator[str]:
     """A path the exporters read: ``src`` itself, or for ``torch.save`` files a checkpoint
     imported into a hidden directory beside ``dst`` (same disk), removed afterwards."""
     if kind != "torch_save":

@@ -171,14 +171,12 @@ def copy_to_stashpoint(
     Tensors are read whole, one at a time, when the writer reaches them.  ``rename``
     maps each name to its new name, or to None to leave the item out.
     """
-    from stashpoint.engine.load import _decode_object, read_whole
-    from stashpoint.engine.reader import read_index
+    from stashpoint.engine.reader import CheckpointReader
     from stashpoint.format.dtypes import dtype_from_name
     from stashpoint.format.index import ObjectRecord, PerRankRecord, TensorRecord
-    from stashpoint.storage import resolve
 
-    storage, path = resolve(src)
-    index = read_index(storage, path)
+    reader = CheckpointReader.open(src)
+    index = reader.index
     tensors, values, skipped = [], {}, []
     for name in sorted(index.items):
         rec = index.items[name]
@@ -192,16 +190,11 @@ def copy_to_stashpoint(
                     new,
                     dtype_from_name(rec.dtype),
                     tuple(rec.shape),
-                    lambda name=name, rec=rec: read_whole(storage, path, name, rec, True, index),
+                    lambda name=name, rec=rec: reader.read_tensor(name, rec),
                 )
             )
         elif isinstance(rec, ObjectRecord):
-            if rec.pickled and not allow_pickle:
-                raise PickleNotAllowedError(
-                    f"{storage.describe(path)}: {name!r} needs unpickling; pass allow_pickle=True only "
-                    "if you trust the checkpoint"
-                )
-            values[new] = _decode_object(storage, path, rec, name, True, index)
+            values[new] = reader.read_value(name, rec, allow_pickle=allow_pickle)
     summary = write_checkpoint(
         dst, tensors, values, source=source, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress
     )

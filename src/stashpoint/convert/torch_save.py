@@ -8,7 +8,6 @@ code from the file: use it only for files you trust).
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 from collections.abc import Iterator
@@ -16,28 +15,10 @@ from collections.abc import Iterator
 import torch
 
 from stashpoint.convert.stream import ConvertSummary, SourceTensor, write_checkpoint
-from stashpoint.errors import CheckpointNotFoundError, IndexCorruptError, PickleNotAllowedError
+from stashpoint.errors import IndexCorruptError, PickleNotAllowedError
+from stashpoint.foreign.torch_save import BIN_INDEX, torch_save_files
 
-BIN_INDEX = "pytorch_model.bin.index.json"
-
-
-def torch_save_files(src: str) -> list[str]:
-    """The files of a ``torch.save`` checkpoint: one file, or a directory's shards."""
-    if os.path.isfile(src):
-        return [src]
-    index = os.path.join(src, BIN_INDEX)
-    if os.path.exists(index):
-        try:
-            with open(index) as f:
-                names = sorted(set(json.load(f)["weight_map"].values()))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise IndexCorruptError(f"{index}: {exc}") from exc
-        return [os.path.join(src, n) for n in names]
-    single = os.path.join(src, "pytorch_model.bin")
-    if os.path.exists(single):
-        return [single]
-    raise CheckpointNotFoundError(f"{src}: no torch.save file or {BIN_INDEX}")
-
+__all__ = ["BIN_INDEX", "import_torch_save", "torch_save_files"]
 
 def _load(path: str, allow_pickle: bool) -> object:
     try:

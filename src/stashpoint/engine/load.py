@@ -15,31 +15,20 @@ Call order of :func:`load_state` (every rank calls it with the same path):
 from __future__ import annotations
 
 import dataclasses
-import io
-import pickle
-import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 from torch.distributed.tensor import DTensor
 
 from stashpoint import _state
 from stashpoint._dist import Coordinator
-from stashpoint.engine import reader as _reader
-from stashpoint.engine.reader import check_files, execute_read, execute_reads, read_index
+from stashpoint.engine.reader import CheckpointReader, files_of
 from stashpoint.engine.telemetry import LoadResult, PhaseTimer, env_telemetry
 from stashpoint.engine.tensors import dtensor_boxes, full_box, local_tensor
-from stashpoint.errors import (
-    LoadApplyError,
-    MissingKeyError,
-    PickleNotAllowedError,
-    ShapeMismatchError,
-    TypeMismatchError,
-)
+from stashpoint.errors import LoadApplyError, ShapeMismatchError, StateMismatchError, TypeMismatchError
 from stashpoint.format.dtypes import dtype_from_name, dtype_name, itemsize
-from stashpoint.format.index import Index, ObjectRecord, PerRankRecord, Record, TensorRecord
-from stashpoint.format.values import from_json
+from stashpoint.format.index import Index
 from stashpoint.planning.load_plan import (
     LoadPlan,
     PerRankPolicy,
@@ -48,8 +37,8 @@ from stashpoint.planning.load_plan import (
     TargetTensor,
     plan_load,
 )
-from stashpoint.planning.read_plan import ChunkRead, plan_chunk_reads
-from stashpoint.storage import Storage, resolve
+from stashpoint.storage import resolve
+from stashpoint.vocab import PerRankChoice, choose
 
 
 def _target(leaf: _state.Leaf) -> Target:
@@ -71,35 +60,6 @@ def _target(leaf: _state.Leaf) -> Target:
         itemsize=itemsize(v.dtype),
         per_rank=per_rank,
     )
-
-
-def _decode_object(storage: Storage, path: str, rec: ObjectRecord, fqn: str, verify: bool, index: Index):
-    if rec.encoding == "json":
-        return from_json(rec.value)
-    data = read_whole(storage, path, fqn, TensorRecord("uint8", rec.chunk.shape, (rec.chunk,)), verify, index)
-    raw = data.numpy().tobytes()
-    # allow_pickle was checked by the plan
-    if rec.encoding == "torch_pickle":  # a DCP value (see stashpoint.convert.dcp)
-        return torch.load(io.BytesIO(raw), weights_only=False)
-    return pickle.loads(raw)
-
-
-def read_whole(
-    storage: Storage, path: str, fqn: str, rec: TensorRecord, verify: bool, index: Index
-) -> torch.Tensor:
-    """Assemble one whole tensor from its chunks, on the CPU."""
-    dtype = dtype_from_name(rec.dtype)
-    out = torch.empty(rec.shape, dtype=dtype)
-    crc = index.crc_block_bytes if verify else None
-    reads = plan_chunk_reads(rec.chunks, full_box(tuple(rec.shape)), itemsize(dtype), crc)
-    execute_reads(storage, path, [(fqn, r, out) for r in reads], crc)
-    return out
-
-
-def _read_record(storage, path, fqn, rec: Record, verify, index):
-    if isinstance(rec, TensorRecord):
-        return read_whole(storage, path, fqn, rec, verify, index)
-    return _decode_object(storage, path, rec, fqn, verify, index)
 
 
 #: Early device copies are made only when the device has this much free memory
@@ -154,63 +114,6 @@ def _copy_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return out
 
 
-def _read_per_tensor(
-    storage: Storage,
-    path: str,
-    reads: dict[str, Sequence[ChunkRead]],
-    staged: dict[str, torch.Tensor],
-    crc_block: int | None,
-    finish: Callable[[str, torch.Tensor], torch.Tensor],
-    threads: int | None = None,
-) -> int:
-    """Read every tensor's chunks into ``staged[fqn]``; returns bytes read.
-
-    The same reads as :func:`execute_reads` over all tensors, with the same
-    parallelism (one pool of ``READ_THREADS`` over all chunk reads, so one large
-    tensor of many chunks is still read by several threads), except that as soon
-    as the last read of a tensor has completed and been verified, the thread that
-    did it calls ``finish(fqn, staged[fqn])`` and stores what it returns in
-    ``staged[fqn]``.  The reads look their destination up in ``staged`` when they
-    run instead of holding it, so once ``finish`` has replaced a buffer nothing
-    refers to the old one and it is freed right away (host memory then peaks
-    below the sum of all staging buffers).  ``finish`` is never called for a tensor
-    with a failed read; on the first failure the reads not yet started are
-    cancelled and the error is raised once the running ones have stopped.
-    """
-    threads = _reader.READ_THREADS if threads is None else threads
-    remaining = {fqn: len(rs) for fqn, rs in reads.items()}
-    lock = threading.Lock()
-
-    def finish_one(fqn: str) -> None:
-        staged[fqn] = finish(fqn, staged[fqn])
-
-    def one(fqn: str, read: ChunkRead) -> int:
-        n = execute_read(storage, path, fqn, read, staged[fqn], crc_block)
-        with lock:  # exactly one thread sees a tensor's count reach zero
-            remaining[fqn] -= 1
-            last = remaining[fqn] == 0
-        if last:
-            finish_one(fqn)
-        return n
-
-    for fqn, rs in reads.items():
-        if not rs:  # nothing to read (an empty tensor, say): finished already
-            finish_one(fqn)
-    jobs = [(fqn, r) for fqn, rs in reads.items() for r in rs]
-    if not jobs:
-        return 0
-    if len(jobs) == 1 or threads <= 1:
-        return sum(one(fqn, r) for fqn, r in jobs)
-    with ThreadPoolExecutor(min(threads, len(jobs))) as pool:
-        futures = [pool.submit(one, fqn, r) for fqn, r in jobs]
-        try:
-            return sum(f.result() for f in futures)
-        except BaseException:
-            for f in futures:  # no point in reading (and copying) the rest
-                f.cancel()
-            raise
-
-
 def _renamed(index: Index, rename: Callable[[str], str | None]) -> Index:
     items = {}
     for name, rec in index.items.items():
@@ -218,6 +121,176 @@ def _renamed(index: Index, rename: Callable[[str], str | None]) -> Index:
         if new is not None:
             items[new] = rec
     return dataclasses.replace(index, items=items)
+
+
+
+
+def tied_groups(flat: _state.FlatState) -> list[tuple[str, ...]]:
+    """Target tensors that share their memory (tied weights), as groups of names.
+
+    A model with tied weights (an LM head sharing the input embedding) has one tensor
+    under several names; a checkpoint written by ``save_pretrained`` or safetensors'
+    ``save_model`` holds it under one of them only.
+    """
+    by_memory: dict[tuple, list[str]] = {}
+    for fqn, leaf in flat.leaves.items():
+        if not isinstance(leaf.value, torch.Tensor):
+            continue
+        t = local_tensor(leaf.value)
+        if t.numel() == 0 or t.device.type == "meta":
+            continue
+        where = (t.device, t.untyped_storage().data_ptr(), t.storage_offset())
+        key = (*where, t.dtype, tuple(t.shape), t.stride())
+        by_memory.setdefault(key, []).append(fqn)
+    return [tuple(sorted(names)) for names in by_memory.values() if len(names) > 1]
+
+
+def _with_ties(index: Index, groups: Sequence[Sequence[str]]) -> Index:
+    """Names of a tied group missing from the checkpoint read the item of one that is there."""
+    items = dict(index.items)
+    for group in groups:
+        present = [n for n in group if n in items]
+        for name in group:
+            if present and name not in items:
+                items[name] = items[present[0]]
+    return dataclasses.replace(index, items=items)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How :func:`load_state` matches and reads (see :func:`stashpoint.load`)."""
+
+    strict: bool = True
+    verify: bool = True
+    allow_pickle: bool = False
+    per_rank: PerRankPolicy = "error"
+    #: checkpoint name -> target name (None leaves the item out)
+    rename: Callable[[str], str | None] | None = None
+    #: groups of target names that hold one tensor, beyond those found in memory
+    tied: tuple[tuple[str, ...], ...] = ()
+    follow_symlinks: bool = False
+
+
+@dataclass(frozen=True)
+class _Planned:
+    reader: CheckpointReader
+    index: Index
+    flat: _state.FlatState
+    plan: LoadPlan
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    bytes_read: int
+    staged: dict[str, torch.Tensor]
+    values: dict[str, object]
+    early: dict[str, torch.device]
+
+
+def _load_per_rank(per_rank: PerRankPolicy) -> PerRankPolicy:
+    if callable(per_rank):
+        return per_rank
+    return choose("per_rank", per_rank, PerRankChoice, ("error", "drop", "rank0"))
+
+
+def _plan(storage, ckpt: str, state: dict, opts: LoadOptions, coord: Coordinator) -> _Planned:
+    """Step 1: read the index, flatten the target and match the two; check the files."""
+    reader = CheckpointReader(storage, ckpt, verify=opts.verify, follow_symlinks=opts.follow_symlinks)
+    index = reader.index if opts.rename is None else _renamed(reader.index, opts.rename)
+    flat = _state.flatten_state(state)
+    index = _with_ties(index, [*tied_groups(flat), *opts.tied])
+    targets = {fqn: _target(leaf) for fqn, leaf in flat.leaves.items()}
+    try:
+        plan = plan_load(
+            index,
+            targets,
+            flat.prefixes,
+            rank=coord.rank,
+            world_size=coord.world_size,
+            strict=opts.strict,
+            verify=opts.verify,
+            allow_pickle=opts.allow_pickle,
+            per_rank=opts.per_rank,
+            where=reader.where,
+        )
+    except StateMismatchError as exc:
+        if reader.format != "hf" or opts.rename is not None:
+            raise
+        raise type(exc)(
+            f"{exc}. {reader.where} is an HF safetensors directory, whose names carry no "
+            "'model.' prefix: stashpoint.convert.load_hf(module, path) loads it into a module"
+        ) from exc
+    records = [r.chunk for t in plan.tensors for r in t.reads]
+    reader.check_files({c.file for c in records} | files_of(o.record for o in plan.objects))
+    return _Planned(reader=reader, index=index, flat=flat, plan=plan)
+
+
+def _read_tensors(p: _Planned) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.device]]:
+    """Step 2a: every tensor's byte ranges into host staging (or early device copies)."""
+    staged = {t.fqn: torch.empty(t.local_shape, dtype=dtype_from_name(t.dtype)) for t in p.plan.tensors}
+    early = _early_copy_devices(p.plan, p.flat)
+    if not early:
+        jobs = [(t.fqn, r, staged[t.fqn]) for t in p.plan.tensors for r in t.reads]
+        return p.reader.read_chunks(jobs), staged, early
+
+    # Copy each tensor to its device as soon as its own reads are verified, while other
+    # tensors are still being read, instead of one serial host-to-device copy of
+    # everything in the apply phase.  The copies go into new device buffers, never into
+    # the targets: those are written only after every rank has read everything.
+    def finish(fqn: str, host: torch.Tensor) -> torch.Tensor:
+        dev = early.get(fqn)
+        return host if dev is None else _copy_to_device(host, dev)
+
+    n = p.reader.read_per_tensor({t.fqn: t.reads for t in p.plan.tensors}, staged, finish)
+    return n, staged, early
+
+
+def _read_values(p: _Planned, opts: LoadOptions, coord: Coordinator, staged: dict) -> dict[str, object]:
+    """Step 2b: plain values, and per-rank items combined by the caller's function."""
+    where, reader, values = p.reader.where, p.reader, {}
+    for o in p.plan.objects:
+        values[o.fqn] = reader.read_value(o.fqn, o.record, allow_pickle=opts.allow_pickle)
+        leaf = p.flat.leaves[o.fqn]
+        if leaf.keep_structure and not _state.same_structure(leaf.value, values[o.fqn]):
+            raise TypeMismatchError(
+                f"{where}: {o.fqn!r} in the checkpoint does not have the structure the "
+                "target module or optimizer expects"
+            )
+    for c in p.plan.combines:
+        saved = [reader.read_record(c.fqn, r, allow_pickle=opts.allow_pickle) for r in c.records]
+        value = opts.per_rank(c.fqn, saved, coord.rank, coord.world_size)  # type: ignore[operator]
+        if not isinstance(c.target, TargetTensor):
+            values[c.fqn] = value
+            continue
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != c.target.local_shape:
+            raise ShapeMismatchError(
+                f"{where}: per_rank function returned {type(value).__name__} "
+                f"{list(getattr(value, 'shape', []))} for {c.fqn!r}, "
+                f"expected a tensor of shape {list(c.target.local_shape)}"
+            )
+        staged[c.fqn] = value.to(dtype_from_name(c.target.dtype))
+    return values
+
+
+def _apply(p: _Planned, f: _Fetched) -> None:
+    """Step 3: write into the targets, only once every rank has everything."""
+    # with early device copies, most of these are device-to-device copies
+    for fqn, data in f.staged.items():
+        local_tensor(p.flat.leaves[fqn].value).detach().copy_(data)
+    # device-to-device copies are asynchronous: wait for them, so that the targets hold
+    # the data when load returns and this phase's time includes them
+    for dev in {d for d in f.early.values() if d.type == "cuda"}:
+        torch.cuda.synchronize(dev)
+    for fqn, value in f.values.items():
+        p.flat.leaves[fqn].assign(value)
+    for finish in p.flat.finishers:
+        try:
+            finish()
+        except Exception as exc:  # torch's set_state_dict can still refuse the values
+            raise LoadApplyError(
+                f"{p.reader.where}: handing the loaded state to its owner failed; the target may be "
+                f"partly updated: {type(exc).__name__}: {exc}"
+            ) from exc
 
 
 def load_state(
@@ -231,118 +304,49 @@ def load_state(
     process_group=None,
     timeout_s: float = 600.0,
     rename: Callable[[str], str | None] | None = None,
+    tied: tuple[tuple[str, ...], ...] = (),
+    follow_symlinks: bool = False,
 ) -> LoadResult:
-    """See :func:`stashpoint.load`; ``rename`` maps checkpoint names to target names (None drops)."""
+    """See :func:`stashpoint.load` and :class:`LoadOptions`; the module docstring gives the steps."""
+    opts = LoadOptions(
+        strict=strict,
+        verify=verify,
+        allow_pickle=allow_pickle,
+        per_rank=_load_per_rank(per_rank),
+        rename=rename,
+        tied=tied,
+        follow_symlinks=follow_symlinks,
+    )
     timer = PhaseTimer()
     coord = Coordinator(process_group, timeout_s)
     storage, ckpt = resolve(path)
-    where = storage.describe(ckpt)
-    def prepare() -> tuple[Index, _state.FlatState, LoadPlan]:
+
+    def plan() -> _Planned:
         with timer.phase("plan"):
-            index = read_index(storage, ckpt)
-            if rename is not None:
-                index = _renamed(index, rename)
-            flat = _state.flatten_state(state)
-            targets = {fqn: _target(leaf) for fqn, leaf in flat.leaves.items()}
-            plan = plan_load(
-                index,
-                targets,
-                flat.prefixes,
-                rank=coord.rank,
-                world_size=coord.world_size,
-                strict=strict,
-                verify=verify,
-                allow_pickle=allow_pickle,
-                per_rank=per_rank,
-                where=where,
-            )
-            files = {r.chunk.file for t in plan.tensors for r in t.reads}
-            for o in plan.objects:
-                if o.record.chunk is not None:
-                    files.add(o.record.chunk.file)
-            check_files(storage, ckpt, index, files)
-        return index, flat, plan
+            return _plan(storage, ckpt, state, opts, coord)
 
-    index, flat, plan = coord.run_everywhere("load: plan", prepare, share=lambda r: r[2].bytes_to_read).mine
+    p = coord.run_everywhere("load: plan", plan, share=lambda r: r.plan.bytes_to_read).mine
 
-    def fetch() -> tuple[int, dict[str, torch.Tensor], dict[str, object], dict[str, torch.device]]:
+    def fetch() -> _Fetched:
         # early device copies happen inside the reads, so their time counts as "read"
-        # (they overlap with it); "host_to_device" below is the apply phase only
         with timer.phase("read"):
-            crc_block = index.crc_block_bytes if verify else None
-            staged = {t.fqn: torch.empty(t.local_shape, dtype=dtype_from_name(t.dtype)) for t in plan.tensors}
-            early = _early_copy_devices(plan, flat)
-            if early:
-                # Copy each tensor to its device as soon as its own reads are verified,
-                # while other tensors are still being read, instead of one serial
-                # host-to-device copy of everything in the apply phase.  The copies go
-                # into new device buffers, never into the targets: those are written
-                # only after every rank has read everything (below).
-                def finish(fqn: str, host: torch.Tensor) -> torch.Tensor:
-                    dev = early.get(fqn)
-                    return host if dev is None else _copy_to_device(host, dev)
+            n, staged, early = _read_tensors(p)
+            values = _read_values(p, opts, coord, staged)
+        return _Fetched(bytes_read=n, staged=staged, values=values, early=early)
 
-                reads = {t.fqn: t.reads for t in plan.tensors}
-                n = _read_per_tensor(storage, ckpt, reads, staged, crc_block, finish)
-            else:
-                jobs = [(t.fqn, r, staged[t.fqn]) for t in plan.tensors for r in t.reads]
-                n = execute_reads(storage, ckpt, jobs, crc_block)
-            values = {}
-            for o in plan.objects:
-                values[o.fqn] = _decode_object(storage, ckpt, o.record, o.fqn, verify, index)
-                leaf = flat.leaves[o.fqn]
-                if leaf.keep_structure and not _state.same_structure(leaf.value, values[o.fqn]):
-                    raise TypeMismatchError(
-                        f"{where}: {o.fqn!r} in the checkpoint does not have the structure the "
-                        "target module or optimizer expects"
-                    )
-            for c in plan.combines:
-                saved = [_read_record(storage, ckpt, c.fqn, r, verify, index) for r in c.records]
-                values[c.fqn] = per_rank(c.fqn, saved, coord.rank, coord.world_size)
-                tgt = c.target
-                if isinstance(tgt, TargetTensor):
-                    v = values[c.fqn]
-                    if not isinstance(v, torch.Tensor) or tuple(v.shape) != tgt.local_shape:
-                        raise ShapeMismatchError(
-                            f"{where}: per_rank function returned {type(v).__name__} "
-                            f"{list(getattr(v, 'shape', []))} for {c.fqn!r}, "
-                            f"expected a tensor of shape {list(tgt.local_shape)}"
-                        )
-                    staged[c.fqn] = v.to(dtype_from_name(tgt.dtype))
-                    del values[c.fqn]
-        return n, staged, values, early
-
-    n_read, staged, values, early = coord.run_everywhere("load: read", fetch, share=lambda r: r[0]).mine
-
+    f = coord.run_everywhere("load: read", fetch, share=lambda r: r.bytes_read).mine
     with timer.phase("host_to_device"):
-        # with early device copies, most of these are device-to-device copies
-        for fqn, data in staged.items():
-            local_tensor(flat.leaves[fqn].value).detach().copy_(data)
-        # device-to-device copies are asynchronous: wait for them, so that the targets
-        # hold the data when load returns (as with the blocking host copies) and this
-        # phase's time includes them
-        for dev in {d for d in early.values() if d.type == "cuda"}:
-            torch.cuda.synchronize(dev)
-        for fqn, value in values.items():
-            flat.leaves[fqn].assign(value)
-        for finish in flat.finishers:
-            try:
-                finish()
-            except Exception as exc:  # torch's set_state_dict can still refuse the values
-                raise LoadApplyError(
-                    f"{where}: handing the loaded state to its owner failed; the target may be "
-                    f"partly updated: {type(exc).__name__}: {exc}"
-                ) from exc
+        _apply(p, f)
     result = LoadResult(
-        path=where,
+        path=p.reader.where,
         rank=coord.rank,
         world_size=coord.world_size,
-        bytes_read=n_read,
-        bytes_loaded=sum(t.numel() * t.element_size() for t in staged.values()),
-        keys=tuple(sorted(list(staged) + list(values))),
+        bytes_read=f.bytes_read,
+        bytes_loaded=sum(t.numel() * t.element_size() for t in f.staged.values()),
+        keys=tuple(sorted(list(f.staged) + list(f.values))),
         phase_seconds=dict(timer.seconds),
     )
-    env_telemetry("load", result, step=index.metadata.step)
+    env_telemetry("load", result, step=p.index.metadata.step)
     return result
 
 
@@ -352,45 +356,19 @@ def iter_full(
     *,
     verify: bool = True,
     allow_pickle: bool = False,
-    per_rank: str = "skip",
+    per_rank: str = "drop",
+    follow_symlinks: bool = False,
 ) -> Iterator[tuple[str, object]]:
     """Yield ``(name, value)`` one item at a time: full CPU tensors and plain values.
 
-    Memory stays bounded by the largest tensor.  Per-rank items are skipped unless
-    ``per_rank="all"`` (a list, one value per saved rank) or ``"rank0"``.
+    Memory stays bounded by the largest tensor.  Per-rank items are left out
+    (``per_rank="drop"``, the default; ``"skip"`` is accepted as an older name of it),
+    given as a list with one value per saved rank (``"all"``) or as rank 0's (``"rank0"``).
     """
-    storage, ckpt = resolve(path)
-    where = storage.describe(ckpt)
-    index = read_index(storage, ckpt)
-    names = sorted(index.items) if keys is None else list(keys)
-    for name in names:
-        if name not in index.items:
-            raise MissingKeyError(f"{where}: key {name!r} is not in the checkpoint")
-        item = index.items[name]
-        recs = item.ranks if isinstance(item, PerRankRecord) else (item,)
-        if not allow_pickle and any(isinstance(r, ObjectRecord) and r.pickled for r in recs):
-            raise PickleNotAllowedError(
-                f"{where}: {name!r} is stored as pickle; pass allow_pickle=True only if you "
-                "trust the checkpoint"
-            )
-    files = set()
-    for name in names:
-        item = index.items[name]
-        for rec in item.ranks if isinstance(item, PerRankRecord) else (item,):
-            chunks = rec.chunks if isinstance(rec, TensorRecord) else ((rec.chunk,) if rec.chunk else ())
-            files.update(c.file for c in chunks)
-    check_files(storage, ckpt, index, files)
-    for name in names:
-        item = index.items[name]
-        if isinstance(item, PerRankRecord):
-            if per_rank == "all":
-                yield name, [_read_record(storage, ckpt, name, r, verify, index) for r in item.ranks]
-            elif per_rank == "rank0":
-                yield name, _read_record(storage, ckpt, name, item.ranks[0], verify, index)
-            elif per_rank != "skip":
-                raise ValueError(f"per_rank must be 'skip', 'all' or 'rank0', not {per_rank!r}")
-            continue
-        yield name, _read_record(storage, ckpt, name, item, verify, index)
+    word = "drop" if per_rank == "skip" else per_rank
+    choice = choose("per_rank", word, PerRankChoice, ("drop", "all", "rank0"))
+    reader = CheckpointReader.open(path, verify=verify, follow_symlinks=follow_symlinks)
+    return reader.items(keys, per_rank=choice, allow_pickle=allow_pickle)  # type: ignore[arg-type]
 
 
 def load_full(path: str, keys: list[str] | None = None, **kwargs) -> dict[str, object]:
@@ -398,4 +376,4 @@ def load_full(path: str, keys: list[str] | None = None, **kwargs) -> dict[str, o
     return dict(iter_full(path, keys, **kwargs))
 
 
-__all__ = ["iter_full", "load_full", "load_state"]
+__all__ = ["LoadOptions", "iter_full", "load_full", "load_state", "tied_groups"]

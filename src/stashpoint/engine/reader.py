@@ -1,61 +1,277 @@
-"""Reading a checkpoint: the index, file checks, and verified ranged reads."""
+"""Reading a checkpoint of any supported format: :class:`CheckpointReader`.
+
+One reader opens one checkpoint (ours, a PyTorch DCP checkpoint or an HF safetensors
+directory, see :mod:`stashpoint.foreign`) and offers everything the engine reads from
+it: the index, file checks, verified byte-range reads, whole tensors, decoded values
+and iteration.  ``load``, ``load_full``/``iter_full``, merge inputs, conversions and
+``verify`` all read through it.
+
+Nothing is read from outside the checkpoint: every file name is checked
+(:func:`stashpoint.foreign.member`), links out of the checkpoint are followed only
+with ``follow_symlinks=True``, and a checkpoint deleted while it is read raises a
+named error (:class:`~stashpoint.errors.CheckpointNotFoundError`,
+:class:`~stashpoint.errors.DataFileMissingError`), never a bare ``OSError``.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import pickle
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from stashpoint.engine.checksum import crc32c
-from stashpoint.engine.tensors import as_bytes, region
+from stashpoint.engine.ranged import execute_read, read_in_pool
+from stashpoint.engine.tensors import full_box
 from stashpoint.errors import (
     CheckpointNotFoundError,
-    ChecksumMismatchError,
     DataFileMissingError,
     IncompleteCheckpointError,
+    MissingKeyError,
+    PickleNotAllowedError,
+    StashpointError,
     TruncatedDataError,
 )
-from stashpoint.format.index import INDEX_FILE, ChunkRecord, Index, iter_chunks
-from stashpoint.planning.read_plan import ChunkRead, contiguous_strides
-from stashpoint.storage import Storage
+from stashpoint.foreign import TORCH_PICKLE, detect_format, foreign_index, member
+from stashpoint.format.dtypes import dtype_from_name, itemsize
+from stashpoint.format.index import (
+    INDEX_FILE,
+    Index,
+    ObjectRecord,
+    PerRankRecord,
+    Record,
+    TensorRecord,
+    iter_chunks,
+)
+from stashpoint.format.values import from_json
+from stashpoint.planning.read_plan import ChunkRead, plan_chunk_reads
+from stashpoint.storage import Storage, resolve
+from stashpoint.vocab import CheckpointFormat, PerRankChoice
 
 READ_THREADS = int(os.environ.get("STASHPOINT_READ_THREADS", "8"))
 
 
-def read_index(storage: Storage, path: str) -> Index:
-    where = storage.describe(path)
-    index_path = storage.join(path, INDEX_FILE)
-    if not storage.exists(index_path):
-        foreign = _foreign_index(storage, path)
-        if foreign is not None:
-            return foreign
-        if storage.exists(path):
+class CheckpointReader:
+    """One checkpoint opened for reading; the index is read (and checked) once, here.
+
+    ``verify`` checks every byte read against the recorded checksums (where the format
+    has them); ``follow_symlinks`` allows files that are links to outside the checkpoint.
+    """
+
+    def __init__(
+        self, storage: Storage, path: str, *, verify: bool = True, follow_symlinks: bool = False
+    ) -> None:
+        self.storage = storage
+        self.path = path
+        self.where = storage.describe(path)
+        self.verify = verify
+        self.follow_symlinks = follow_symlinks
+        self._paths: dict[str, str] = {}
+        with self.vanishing():
+            self.format, self.index = self._open_index()
+            for name in self.index.files:
+                self.file_path(name)
+
+    @classmethod
+    def open(cls, location: str | os.PathLike, *, verify: bool = True, follow_symlinks: bool = False):
+        """The reader of the checkpoint at a local path or storage URL."""
+        storage, path = resolve(location)
+        return cls(storage, path, verify=verify, follow_symlinks=follow_symlinks)
+
+    def _open_index(self) -> tuple[CheckpointFormat, Index]:
+        fmt = detect_format(self.storage, self.path)
+        if fmt == "stashpoint":
+            where = self.where
+            index_path = member(
+                self.storage, self.path, INDEX_FILE, what="index", follow_symlinks=self.follow_symlinks
+            )
+            try:
+                text = self.storage.read_bytes(index_path)
+            except FileNotFoundError:
+                raise IncompleteCheckpointError(f"{where}: {INDEX_FILE} vanished while reading") from None
+            return fmt, Index.from_json(text, where)
+        index = (
+            None
+            if fmt is None
+            else foreign_index(self.storage, self.path, fmt, follow_symlinks=self.follow_symlinks)
+        )
+        if index is not None:
+            return fmt, index
+        if fmt == "torch_save":
             raise IncompleteCheckpointError(
-                f"{where} has no {INDEX_FILE}: it was never committed (a save was interrupted "
+                f"{self.where} is a torch.save checkpoint, which is not read in place: import it "
+                "with stashpoint.convert.import_torch_save (or `stashpoint convert`)"
+            )
+        if self.storage.exists(self.path):
+            raise IncompleteCheckpointError(
+                f"{self.where} has no {INDEX_FILE}: it was never committed (a save was interrupted "
                 "or is still running)"
             )
-        raise CheckpointNotFoundError(f"no checkpoint at {where}")
-    try:
-        text = storage.read_bytes(index_path)
-    except FileNotFoundError:
-        raise IncompleteCheckpointError(f"{where}: {INDEX_FILE} vanished while reading") from None
-    return Index.from_json(text, where)
+        raise CheckpointNotFoundError(f"no checkpoint at {self.where}")
+
+    @contextlib.contextmanager
+    def vanishing(self) -> Iterator[None]:
+        """Turn a file that disappears under us (a concurrent delete) into a named error."""
+        try:
+            yield
+        except CheckpointNotFoundError:
+            raise
+        except (FileNotFoundError, NotADirectoryError) as exc:  # DataFileMissingError included
+            if not self.storage.exists(self.path):
+                raise CheckpointNotFoundError(f"{self.where} was deleted while it was being read") from None
+            if isinstance(exc, StashpointError):
+                raise
+            name = getattr(exc, "filename", None) or "a file"
+            raise DataFileMissingError(f"{self.where}: {name} vanished while it was being read") from None
+
+    @property
+    def crc_block(self) -> int | None:
+        """Checksum block size when reads are verified, else None."""
+        return self.index.crc_block_bytes if self.verify and self.index.crc_block_bytes else None
+
+    def file_path(self, name: str) -> str:
+        """The storage path of data file ``name``, checked to lie inside the checkpoint."""
+        got = self._paths.get(name)
+        if got is None:
+            got = self._paths[name] = member(
+                self.storage, self.path, name, what="data file", follow_symlinks=self.follow_symlinks
+            )
+        return got
+
+    def check_files(self, files: Iterable[str] | None = None) -> None:
+        """Every data file in ``files`` (default: all) exists and is long enough for its chunks."""
+        wanted = set(self.index.files if files is None else files)
+        with self.vanishing():
+            check_files(self.storage, self.path, self.index, wanted, self.file_path)
+
+    def read_chunk(self, fqn: str, read: ChunkRead, dest: torch.Tensor) -> int:
+        """Read the runs of one chunk into ``dest`` (a CPU tensor); returns bytes read."""
+        with self.vanishing():
+            return execute_read(
+                self.storage, self.file_path(read.chunk.file), self.where, fqn, read, dest, self.crc_block
+            )
+
+    def read_chunks(self, jobs: Sequence[tuple[str, ChunkRead, torch.Tensor]]) -> int:
+        """Many chunk reads ``(fqn, read, dest)`` in parallel threads; returns bytes read."""
+        if not jobs:
+            return 0
+        if len(jobs) == 1 or READ_THREADS <= 1:
+            return sum(self.read_chunk(fqn, r, d) for fqn, r, d in jobs)
+        with ThreadPoolExecutor(min(READ_THREADS, len(jobs))) as pool:
+            futures = [pool.submit(self.read_chunk, fqn, r, d) for fqn, r, d in jobs]
+            return sum(f.result() for f in futures)
+
+    def read_per_tensor(
+        self,
+        reads: Mapping[str, Sequence[ChunkRead]],
+        staged: dict[str, torch.Tensor],
+        finish: Callable[[str, torch.Tensor], torch.Tensor],
+        threads: int | None = None,
+    ) -> int:
+        """Read every tensor's chunks into ``staged[fqn]``, calling ``finish`` per finished tensor.
+
+        See :func:`stashpoint.engine.ranged.read_in_pool`: as soon as the last read of a
+        tensor is verified, ``staged[fqn] = finish(fqn, staged[fqn])``; returns bytes read.
+        """
+
+        def finish_one(fqn: str) -> None:
+            staged[fqn] = finish(fqn, staged[fqn])
+
+        return read_in_pool(
+            lambda fqn, r: self.read_chunk(fqn, r, staged[fqn]),
+            reads,
+            finish_one,
+            READ_THREADS if threads is None else threads,
+        )
+
+    def read_tensor(self, fqn: str, rec: TensorRecord | None = None) -> torch.Tensor:
+        """One whole tensor, assembled from its chunks on the CPU."""
+        rec = self._record(fqn) if rec is None else rec
+        dtype = dtype_from_name(rec.dtype)
+        out = torch.empty(rec.shape, dtype=dtype)
+        reads = plan_chunk_reads(rec.chunks, full_box(tuple(rec.shape)), itemsize(dtype), self.crc_block)
+        self.read_chunks([(fqn, r, out) for r in reads])
+        return out
+
+    def read_value(self, fqn: str, rec: ObjectRecord, *, allow_pickle: bool = False) -> object:
+        """A plain value: inline JSON, or (only with ``allow_pickle``) unpickled bytes."""
+        if rec.encoding == "json":
+            return from_json(rec.value)
+        if not allow_pickle:
+            raise PickleNotAllowedError(_pickle_msg(self.where, fqn))
+        data = self.read_tensor(fqn, TensorRecord(dtype="uint8", shape=rec.chunk.shape, chunks=(rec.chunk,)))
+        raw = data.numpy().tobytes()
+        if rec.encoding == TORCH_PICKLE:  # a DCP value (see stashpoint.foreign.dcp)
+            return torch.load(io.BytesIO(raw), weights_only=False)
+        return pickle.loads(raw)
+
+    def read_record(self, fqn: str, rec: Record, *, allow_pickle: bool = False) -> object:
+        if isinstance(rec, TensorRecord):
+            return self.read_tensor(fqn, rec)
+        return self.read_value(fqn, rec, allow_pickle=allow_pickle)
+
+    def _record(self, fqn: str) -> TensorRecord:
+        rec = self.index.items.get(fqn)
+        if not isinstance(rec, TensorRecord):
+            raise MissingKeyError(f"{self.where}: {fqn!r} is not a tensor of the checkpoint")
+        return rec
+
+    def items(
+        self, names: Sequence[str] | None, *, per_rank: PerRankChoice, allow_pickle: bool
+    ) -> Iterator[tuple[str, object]]:
+        """``(name, value)`` of the named items (all by default), one at a time, in order.
+
+        Per-rank items are left out (``"drop"``), given as rank 0's value (``"rank0"``)
+        or as a list of every saved rank's value (``"all"``).  Every key, pickle and
+        data file is checked before the first value is yielded.
+        """
+        names = sorted(self.index.items) if names is None else list(names)
+        records: list[Record] = []
+        for name in names:
+            if name not in self.index.items:
+                raise MissingKeyError(f"{self.where}: key {name!r} is not in the checkpoint")
+            item = self.index.items[name]
+            recs = item.ranks if isinstance(item, PerRankRecord) else (item,)
+            if not allow_pickle and any(isinstance(r, ObjectRecord) and r.pickled for r in recs):
+                raise PickleNotAllowedError(_pickle_msg(self.where, name))
+            records += recs
+        self.check_files(files_of(records))
+        for name in names:
+            item = self.index.items[name]
+            if not isinstance(item, PerRankRecord):
+                yield name, self.read_record(name, item, allow_pickle=allow_pickle)
+            elif per_rank == "all":
+                yield name, [self.read_record(name, r, allow_pickle=allow_pickle) for r in item.ranks]
+            elif per_rank == "rank0":
+                yield name, self.read_record(name, item.ranks[0], allow_pickle=allow_pickle)
 
 
-def _foreign_index(storage: Storage, path: str) -> Index | None:
-    """Other tools' checkpoints that stashpoint reads in place: PyTorch DCP and HF safetensors."""
-    from stashpoint.convert.dcp import dcp_index, is_dcp
-    from stashpoint.convert.hf import hf_index, is_hf_dir
+def files_of(records: Iterable[Record]) -> set[str]:
+    """The data files that hold the bytes of ``records``."""
+    out: set[str] = set()
+    for rec in records:
+        if isinstance(rec, TensorRecord):
+            out.update(c.file for c in rec.chunks)
+        elif rec.chunk is not None:
+            out.add(rec.chunk.file)
+    return out
 
-    if is_dcp(storage, path):
-        return dcp_index(storage, path)
-    if is_hf_dir(storage, path):
-        return hf_index(storage, path)
-    return None
+
+def read_index(storage: Storage, path: str, *, follow_symlinks: bool = False) -> Index:
+    """The index of the checkpoint at ``path``, whatever its format."""
+    return CheckpointReader(storage, path, follow_symlinks=follow_symlinks).index
 
 
-def check_files(storage: Storage, path: str, index: Index, files: set[str]) -> None:
+def check_files(
+    storage: Storage,
+    path: str,
+    index: Index,
+    files: set[str],
+    file_path: Callable[[str], str] | None = None,
+) -> None:
     """Every data file in ``files`` exists and is long enough for every chunk in it."""
     where = storage.describe(path)
     need: dict[str, tuple[int, str, str]] = {}
@@ -63,8 +279,9 @@ def check_files(storage: Storage, path: str, index: Index, files: set[str]) -> N
         if chunk.file in files and chunk.byte_range[1] > need.get(chunk.file, (0,))[0]:
             need[chunk.file] = (chunk.byte_range[1], fqn, chunk.key)
     for name in sorted(files):
+        full = file_path(name) if file_path is not None else storage.join(path, name)
         try:
-            size = storage.size(storage.join(path, name))
+            size = storage.size(full)
         except FileNotFoundError:
             raise DataFileMissingError(f"{where}: data file {name!r} is missing") from None
         end, fqn, key = need.get(name, (0, "", ""))
@@ -75,96 +292,8 @@ def check_files(storage: Storage, path: str, index: Index, files: set[str]) -> N
             )
 
 
-def _verify(fqn: str, chunk: ChunkRecord, run_start: int, data: memoryview, block: int, where: str):
-    first = run_start // block
-    for i in range(0, len(data), block):
-        b = first + i // block
-        if b >= len(chunk.crc32c) or crc32c(data[i : i + block]) != chunk.crc32c[b]:
-            lo = chunk.byte_range[0] + run_start + i
-            raise ChecksumMismatchError(
-                f"{where}: checksum mismatch in {fqn!r} (chunk {chunk.key!r} of "
-                f"{chunk.file!r}, bytes {lo}..{lo + min(block, len(data) - i)})"
-            )
-
-
-def execute_read(
-    storage: Storage,
-    path: str,
-    fqn: str,
-    read: ChunkRead,
-    dest: torch.Tensor,
-    crc_block: int | None,
-) -> int:
-    """Read the runs of one chunk and copy the overlaps into ``dest`` (a CPU tensor)."""
-    where = storage.describe(path)
-    chunk = read.chunk
-    file_path = storage.join(path, chunk.file)
-    itemsize = dest.element_size()
-    strides = contiguous_strides(chunk.shape)
-    total = 0
-    direct = _direct_target(read, dest, strides, itemsize)
-    for a, b in read.runs:
-        if direct is not None:
-            buf = direct
-        else:
-            buf = torch.empty(b - a, dtype=torch.uint8)
-        view = as_bytes(buf) if direct is None else as_bytes(direct)
-        try:
-            got = storage.read_into(file_path, chunk.byte_range[0] + a, view)
-        except FileNotFoundError:
-            raise DataFileMissingError(f"{where}: data file {chunk.file!r} is missing") from None
-        if got < b - a:
-            raise TruncatedDataError(
-                f"{where}: data file {chunk.file!r} ended early while reading {fqn!r} "
-                f"(wanted bytes {chunk.byte_range[0] + a}..{chunk.byte_range[0] + b})"
-            )
-        total += got
-        if crc_block:
-            _verify(fqn, chunk, a, view, crc_block, where)
-        if direct is not None:
-            continue
-        typed = buf.view(dest.dtype) if dest.dtype != torch.uint8 else buf
-        run_first = a // itemsize
-        for cp in read.copies:
-            first = sum(o * s for o, s in zip(cp.chunk_offsets, strides))
-            last = sum((o + n - 1) * s for o, n, s in zip(cp.chunk_offsets, cp.shape, strides))
-            if not (a <= first * itemsize and (last + 1) * itemsize <= b):
-                continue
-            src = torch.as_strided(typed, cp.shape, strides, first - run_first)
-            region(dest, cp.dest_offsets, cp.shape).copy_(src)
-    return total
-
-
-def _direct_target(read: ChunkRead, dest: torch.Tensor, strides, itemsize: int) -> torch.Tensor | None:
-    """The destination bytes, when one run maps one-to-one onto a contiguous region of it."""
-    if len(read.runs) != 1 or len(read.copies) != 1:
-        return None
-    (a, b), cp = read.runs[0], read.copies[0]
-    first = sum(o * s for o, s in zip(cp.chunk_offsets, strides))
-    n = 1
-    for s in cp.shape:
-        n *= s
-    # the copy lies inside the run, so a run of exactly n elements means the copy is
-    # contiguous in the chunk and nothing else was read
-    if a != first * itemsize or b != (first + n) * itemsize:
-        return None
-    target = region(dest, cp.dest_offsets, cp.shape)
-    if not target.is_contiguous():
-        return None
-    return target.reshape(-1).view(torch.uint8)
-
-
-def execute_reads(
-    storage: Storage,
-    path: str,
-    jobs: list[tuple[str, ChunkRead, torch.Tensor]],
-    crc_block: int | None,
-) -> int:
-    """Run many chunk reads in parallel threads; returns bytes read."""
-    if not jobs:
-        return 0
-    if len(jobs) == 1 or READ_THREADS <= 1:
-        return sum(execute_read(storage, path, f, r, d, crc_block) for f, r, d in jobs)
-    with ThreadPoolExecutor(min(READ_THREADS, len(jobs))) as pool:
-        futures = [pool.submit(execute_read, storage, path, f, r, d, crc_block) for f, r, d in jobs]
-        return sum(f.result() for f in futures)
+def _pickle_msg(where: str, fqn: str) -> str:
+    return (
+        f"{where}: {fqn!r} is stored as pickle; pass allow_pickle=True only if you trust the "
+        "checkpoint (unpickling can run arbitrary code)"
+    )

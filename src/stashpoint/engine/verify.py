@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 
 from stashpoint.engine.checksum import crc32c
-from stashpoint.engine.reader import read_index
-from stashpoint.errors import StashpointError
-from stashpoint.format.index import Index, PerRankRecord, TensorRecord, iter_chunks
+from stashpoint.engine.reader import CheckpointReader
+from stashpoint.errors import ChecksumMismatchError, StashpointError, TruncatedDataError
+from stashpoint.format.index import TensorRecord, iter_chunks
 from stashpoint.format.safetensors_file import read_header
-from stashpoint.storage import resolve
 
 _READ_BLOCK = 16 << 20
 
@@ -50,39 +50,21 @@ def _tiling_problems(name: str, rec: TensorRecord) -> list[str]:
     return []
 
 
-def verify_checkpoint(path: str) -> VerifyReport:
+def verify_checkpoint(path: str, *, follow_symlinks: bool = False) -> VerifyReport:
     """Check everything; collects every problem instead of stopping at the first.
 
-    Raises only when the index itself cannot be read (nothing else can be checked).
+    Raises only when the index itself cannot be read (nothing else can be checked),
+    or names files outside the checkpoint.
     """
-    storage, ckpt = resolve(path)
-    index: Index = read_index(storage, ckpt)
-    report = VerifyReport(path=storage.describe(ckpt), index_checksum=index.checksum_verified)
+    reader = CheckpointReader.open(path, follow_symlinks=follow_symlinks)
+    index = reader.index
+    report = VerifyReport(path=reader.where, index_checksum=index.checksum_verified)
     for name, item in index.items.items():
-        recs = item.ranks if isinstance(item, PerRankRecord) else (item,)
-        for rec in recs:
-            if isinstance(rec, TensorRecord) and not isinstance(item, PerRankRecord):
-                report.problems += _tiling_problems(name, rec)
+        if isinstance(item, TensorRecord):
+            report.problems += _tiling_problems(name, item)
     if not index.crc_block_bytes:
-        return _check_lengths(storage, ckpt, index, report)
-    headers: dict[str, dict | None] = {}
-    for name in index.files:
-        try:
-            head = storage.read_range(storage.join(ckpt, name), 0, 1 << 16)
-            start, header = read_header(head)
-            if start > len(head):
-                start, header = read_header(storage.read_range(storage.join(ckpt, name), 0, start))
-            headers[name] = {
-                k: (start + v["data_offsets"][0], start + v["data_offsets"][1])
-                for k, v in header.items()
-                if k != "__metadata__"
-            }
-        except FileNotFoundError:
-            report.problems.append(f"data file {name!r} is missing")
-            headers[name] = None
-        except (ValueError, KeyError, TypeError) as exc:
-            report.problems.append(f"data file {name!r} has no valid safetensors header ({exc})")
-            headers[name] = {}  # still check the chunks' bytes through the index
+        return _check_lengths(reader, report)
+    headers = {name: _file_ranges(reader, name, report) for name in index.files}
     for name, chunk in iter_chunks(index):
         ranges = headers.get(chunk.file)
         if ranges is None:
@@ -94,20 +76,55 @@ def verify_checkpoint(path: str) -> VerifyReport:
             )
             continue
         try:
-            _check_crc(storage, storage.join(ckpt, chunk.file), chunk, index.crc_block_bytes)
+            with reader.vanishing():
+                _check_crc(reader.storage, reader.file_path(chunk.file), chunk, index.crc_block_bytes)
             report.bytes_checked += chunk.nbytes
         except StashpointError as exc:
             report.problems.append(f"{name!r}: {exc}")
     return report
 
 
-def _check_lengths(storage, ckpt: str, index: Index, report: VerifyReport) -> VerifyReport:
+def _file_ranges(reader: CheckpointReader, name: str, report: VerifyReport) -> dict | None:
+    """``key -> (start, end)`` from a data file's whole safetensors header.
+
+    None when the file is missing; empty (the chunks are still checked through the
+    index) when its header is unreadable.  A file longer than its last chunk is a
+    problem too: the format says a data file ends there.
+    """
+    storage, fpath = reader.storage, reader.file_path(name)
+    try:
+        size = storage.size(fpath)
+        head = storage.read_range(fpath, 0, 8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if n < 0 or 8 + n > size:
+            report.problems.append(f"data file {name!r} is too short for its safetensors header")
+            return {}
+        start, header = read_header(head + storage.read_range(fpath, 8, 8 + n))
+        ranges = {
+            k: (start + v["data_offsets"][0], start + v["data_offsets"][1])
+            for k, v in header.items()
+            if k != "__metadata__"
+        }
+    except FileNotFoundError:
+        report.problems.append(f"data file {name!r} is missing")
+        return None
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error) as exc:
+        report.problems.append(f"data file {name!r} has no valid safetensors header ({exc})")
+        return {}
+    end = max((e for _, e in ranges.values()), default=start)
+    if size > end:
+        report.problems.append(f"data file {name!r} has {size - end} bytes after its last chunk")
+    return ranges
+
+
+def _check_lengths(reader: CheckpointReader, report: VerifyReport) -> VerifyReport:
     """Without checksums, all that can be checked is that every chunk's bytes are there."""
     report.checksums = False
+    index = reader.index
     sizes: dict[str, int | None] = {}
     for name in index.files:
         try:
-            sizes[name] = storage.size(storage.join(ckpt, name))
+            sizes[name] = reader.storage.size(reader.file_path(name))
         except FileNotFoundError:
             report.problems.append(f"data file {name!r} is missing")
             sizes[name] = None
@@ -122,8 +139,6 @@ def _check_lengths(storage, ckpt: str, index: Index, report: VerifyReport) -> Ve
 
 
 def _check_crc(storage, file_path: str, chunk, block: int) -> None:
-    from stashpoint.errors import ChecksumMismatchError, TruncatedDataError
-
     start, end = chunk.byte_range
     step = max(block, _READ_BLOCK // block * block)
     for pos in range(start, end, step):

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from stashpoint.engine.reader import CheckpointReader
 from stashpoint.errors import CheckpointNotFoundError, IncompleteCheckpointError, MergeInputError
+from stashpoint.format.dtypes import dtype_from_name
+from stashpoint.format.index import PerRankRecord, TensorRecord
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class Source:
 
 
 class CheckpointSource(Source):
-    """Anything :func:`~stashpoint.engine.reader.read_index` reads: stashpoint checkpoints and,
+    """Anything :class:`~stashpoint.engine.reader.CheckpointReader` reads: stashpoint checkpoints and,
     in place, HF safetensors directories and DCP checkpoints.
 
     HF names gain ``hf_prefix`` so they line up with the ``model.*`` names of training
@@ -59,34 +62,27 @@ class CheckpointSource(Source):
     """
 
     def __init__(self, path: str, hf_prefix: str, verify: bool = True) -> None:
-        from stashpoint.engine.reader import check_files, read_index
-        from stashpoint.format.dtypes import dtype_from_name
-        from stashpoint.format.index import TensorRecord
-        from stashpoint.storage import resolve
-
-        self._storage, self._path = resolve(path)
-        super().__init__(self._storage.describe(self._path))
-        self._index = read_index(self._storage, self._path)
-        check_files(self._storage, self._path, self._index, set(self._index.files))
-        self.kind = self._index.metadata.user.get("source_format", "stashpoint")
-        prefix = hf_prefix if self.kind == "huggingface" else ""
-        self._verify = verify
+        self._reader = CheckpointReader.open(path, verify=verify)
+        super().__init__(self._reader.where)
+        index = self._reader.index
+        self._reader.check_files()
+        self.kind = index.metadata.user.get("source_format", "stashpoint")
+        prefix = hf_prefix if self._reader.format == "hf" else ""
         self._records: dict[str, tuple[str, TensorRecord]] = {}
-        for name, item in self._index.items.items():
+        for name, item in index.items.items():
             if isinstance(item, TensorRecord):
                 self._records[prefix + name] = (name, item)
                 self.tensors[prefix + name] = TensorInfo(dtype_from_name(item.dtype), tuple(item.shape))
             else:
-                self.others[prefix + name] = "per-rank item" if hasattr(item, "ranks") else "plain value"
-        self.step = self._index.metadata.step
-        self.user = self._index.metadata.user
+                per_rank = isinstance(item, PerRankRecord)
+                self.others[prefix + name] = "per-rank item" if per_rank else "plain value"
+        self.step = index.metadata.step
+        self.user = index.metadata.user
 
     def read(self, name: str) -> torch.Tensor:
-        from stashpoint.engine.load import read_whole
-
         stored, rec = self._records[name]
         self.bytes_read += rec.nbytes
-        return read_whole(self._storage, self._path, stored, rec, self._verify, self._index)
+        return self._reader.read_tensor(stored, rec)
 
 
 def open_input(path: str, *, prefix: str, verify: bool = True) -> Source:

@@ -151,6 +151,13 @@ class Storage(abc.ABC):
     def delete(self, path: str) -> None:
         """Remove an object or, recursively, a prefix.  Missing paths are ignored."""
 
+    def escapes(self, root: str, path: str) -> bool:
+        """True when ``path`` resolves (through symbolic links) to somewhere outside ``root``.
+
+        Object stores have no links: nothing escapes.  Local files override this.
+        """
+        return False
+
     def rename(self, src: str, dst: str) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot rename")
 

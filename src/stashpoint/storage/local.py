@@ -235,6 +235,10 @@ class LocalStorage(Storage):
     def exists(self, path: str) -> bool:
         return os.path.exists(path)
 
+    def escapes(self, root: str, path: str) -> bool:
+        real_root = os.path.realpath(root)
+        return os.path.commonpath([real_root, os.path.realpath(path)]) != real_root
+
     def is_prefix(self, path: str) -> bool:
         return os.path.isdir(path)
 
