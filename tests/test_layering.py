@@ -20,7 +20,7 @@ SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src", "sta
 #: from other units of its own layer unless the pair is in FORBIDDEN.  A unit is a
 #: top-level module or subpackage of stashpoint; "__init__" is the package itself.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "vocab", "sizes", "_version", "wrappers"),
+    ("errors", "vocab", "sizes", "_version", "wrappers", "textfmt"),
     ("format",),
     ("planning",),
     ("storage",),
@@ -28,8 +28,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("foreign",),  # other tools' formats (DCP, HF): detection and indexing
     ("engine",),
     ("convert", "merging", "manager"),
-    ("cli", "demo"),
-    ("__init__",),
+    ("__init__",),  # the public API
+    ("cli", "demo"),  # applications of the public API
 )
 #: same-layer imports that are not allowed (importer, imported)
 FORBIDDEN = {("convert", "merging"), ("merging", "convert"), ("demo", "cli")}

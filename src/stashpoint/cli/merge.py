@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from stashpoint.errors import MergeConfigError
+from stashpoint.sizes import parse_size
 from stashpoint.textfmt import human_bytes
 
 #: flags that set a method parameter of the same name
@@ -70,8 +72,6 @@ def _value(text: str) -> bool | int | float | str:
 
 
 def _parameters(args: argparse.Namespace) -> dict[str, bool | int | float | str]:
-    from stashpoint.errors import MergeConfigError
-
     out: dict[str, bool | int | float | str] = {}
     for name in PARAM_FLAGS:
         value = getattr(args, "lambda_" if name == "lambda" else name)
@@ -97,9 +97,7 @@ def _list_methods() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stashpoint.errors import MergeConfigError
     from stashpoint.merging import build_config, merge
-    from stashpoint.sizes import parse_size
 
     if args.list_methods:
         return _list_methods()

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stashpoint._dist import Coordinator
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -94,15 +96,10 @@ def batch(cfg: GPTConfig, step: int, global_batch: int, rank: int, world: int, s
 
 def train_step(model, optim, cfg: GPTConfig, step: int, global_batch: int, rank: int, world: int) -> float:
     """One step; returns the global mean loss (all ranks agree on it)."""
-    import torch.distributed as dist
-
     x, y = batch(cfg, step, global_batch, rank, world)
     loss = F.cross_entropy(model(x).reshape(-1, cfg.vocab), y.reshape(-1))
     optim.zero_grad(set_to_none=True)
     loss.backward()
     optim.step()
-    value = loss.detach().clone()
-    if dist.is_initialized() and world > 1:
-        dist.all_reduce(value)
-        value /= world
-    return float(value)
+    losses = Coordinator().all_gather(float(loss.detach()), "demo: mean loss")
+    return sum(losses) / len(losses)

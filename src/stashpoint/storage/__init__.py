@@ -6,6 +6,7 @@ import importlib
 import os
 from collections.abc import Callable
 
+from stashpoint.errors import UnsupportedStorageError
 from stashpoint.storage.base import ObjectWriter, Storage
 from stashpoint.storage.commit import AtomicRenameCommit, CommitStrategy, MarkerCommit
 from stashpoint.storage.local import LocalStorage
@@ -39,8 +40,6 @@ def _resolve_s3(url: str) -> tuple[Storage, str]:
     try:
         from stashpoint.storage.s3 import resolve_s3
     except ImportError as exc:
-        from stashpoint.errors import UnsupportedStorageError
-
         raise UnsupportedStorageError(
             f"{url!r} needs boto3 ({exc}); install it with: pip install 'stashpoint[s3]'"
         ) from exc
