@@ -201,5 +201,5 @@ def hf_self_consistent(path: str) -> bool:
         return all(name in held[f] for name, f in weight_map.items()) and sum(map(len, held.values())) == len(
             weight_map
         )
-    except (ValueError, KeyError, TypeError, AttributeError, OSError, struct.error, UnicodeError):
+    except (ValueError, KeyError, TypeError, AttributeError, OSError, struct.error, UnicodeError, RecursionError):
         return False

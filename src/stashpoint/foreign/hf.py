@@ -10,14 +10,13 @@ anything is allocated.  HF files carry no checksums, so nothing is verified.
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 from stashpoint.errors import DataFileMissingError, IndexCorruptError, TruncatedDataError
 from stashpoint.foreign.paths import member
 from stashpoint.format.dtypes import dtype_name, itemsize
 from stashpoint.format.index import ChunkRecord, Index, SaveMetadata, TensorRecord
+from stashpoint.format.index_json import parse_strict
 from stashpoint.storage import Storage
 
 HF_INDEX = "model.safetensors.index.json"
@@ -52,10 +51,7 @@ def _read_json(storage: Storage, path: str, name: str, follow_symlinks: bool) ->
     fpath = member(storage, path, name, what="HF file", follow_symlinks=follow_symlinks)
     if storage.size(fpath) > _MAX_JSON_BYTES:
         raise IndexCorruptError(f"{where}: {name} is larger than {_MAX_JSON_BYTES} bytes")
-    try:
-        return json.loads(storage.read_bytes(fpath))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise IndexCorruptError(f"{where}: bad {name}: {exc}") from exc
+    return parse_strict(storage.read_bytes(fpath), f"{where}: {name}")
 
 
 def hf_config(storage: Storage, path: str, *, follow_symlinks: bool = False) -> dict:
@@ -95,10 +91,7 @@ def _header(storage: Storage, fpath: str, name: str, where: str) -> tuple[int, i
         raise TruncatedDataError(
             f"{where}: {name} claims a {n}-byte safetensors header but has {size} bytes in all"
         )
-    try:
-        header = json.loads(storage.read_range(fpath, 8, 8 + n))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise IndexCorruptError(f"{where}: {name} has a bad safetensors header: {exc}") from exc
+    header = parse_strict(storage.read_range(fpath, 8, 8 + n), f"{where}: safetensors header of {name}")
     if not isinstance(header, dict):
         raise IndexCorruptError(f"{where}: {name} has a safetensors header that is not a JSON object")
     return 8 + n, size, header

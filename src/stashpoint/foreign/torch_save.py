@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 from stashpoint.errors import CheckpointNotFoundError, IndexCorruptError, UnsafePathError
 from stashpoint.foreign.paths import member
+from stashpoint.format.index_json import parse_strict
 from stashpoint.storage import LocalStorage, Storage
 
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -39,7 +39,7 @@ def _listed(src: str, follow_symlinks: bool) -> list[str]:
     index = os.path.join(src, BIN_INDEX)
     if os.path.exists(index):
         try:
-            doc = json.loads(storage.read_bytes(index))
+            doc = parse_strict(storage.read_bytes(index), index)
             names = sorted(set(doc["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise IndexCorruptError(f"{index}: {exc}") from exc
