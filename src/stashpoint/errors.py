@@ -134,6 +134,10 @@ class StorageWriteError(StashpointError, OSError):
     """Storage refused a write (disk full, permission, I/O error)."""
 
 
+class DiskFullError(StorageWriteError):
+    """The storage ran out of space or inodes (``ENOSPC``, ``EDQUOT``) while writing a checkpoint."""
+
+
 class RemoteRankError(StashpointError):
     """Another rank failed; this rank stops too so that all ranks agree."""
 

@@ -302,18 +302,14 @@ def export_dcp(
 
     from stashpoint.convert.stream import ConvertSummary, peak_rss_bytes
     from stashpoint.engine.load import iter_full
+    from stashpoint.engine.publish import staged_directory
     from stashpoint.engine.tensors import as_bytes
-    from stashpoint.errors import CheckpointExistsError
 
     t0 = time.perf_counter()
-    dst = os.path.abspath(os.fspath(dst))
-    if os.path.exists(dst) and not overwrite:
-        raise CheckpointExistsError(f"{dst} already exists; pass overwrite=True")
-    tmp = f"{dst}.partial-{os.getpid()}"
-    os.makedirs(tmp, exist_ok=True)
     sd_meta, storage_data, planner = {}, {}, {}
     n_tensors = n_values = total = 0
-    try:
+    # written beside dst and swapped in at once: an existing dst is refused without overwrite
+    with staged_directory(dst, overwrite=overwrite) as tmp:
         with open(os.path.join(tmp, DCP_DATA_FILE), "wb") as f:
             for name, value in iter_full(os.fspath(src), keys, allow_pickle=allow_pickle):
                 if isinstance(value, torch.Tensor):
@@ -352,16 +348,6 @@ def export_dcp(
             pickle.dump(md, f)
             f.flush()
             os.fsync(f.fileno())
-        if os.path.exists(dst):
-            import shutil
-
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ConvertSummary(
         tensors=n_tensors,
         bytes=total,

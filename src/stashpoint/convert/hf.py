@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping
 
 import torch
 
 from stashpoint.convert.stream import ConvertSummary, peak_rss_bytes
+from stashpoint.engine.publish import staged_directory
 from stashpoint.errors import InvalidStateError, MissingKeyError
 from stashpoint.format.dtypes import dtype_from_name, dtype_name, itemsize
 
@@ -66,6 +68,7 @@ def export_hf(
     copy_files: tuple[str | os.PathLike, ...] = (),
     verify: bool = True,
     progress: Callable[[str, int], None] | None = None,
+    overwrite: bool = False,
 ) -> ConvertSummary:
     """Write the tensors of a stashpoint checkpoint as an HF safetensors directory.
 
@@ -73,7 +76,9 @@ def export_hf(
     skip a tensor, or a dict); the default keeps ``model.*`` and strips the prefix, so
     optimizer state is left out.  ``dtype`` casts floating-point tensors; integer and
     bool tensors are copied as they are.  ``copy_files`` (e.g. ``config.json``) are
-    copied into ``dst``.
+    copied into ``dst``.  The directory is written beside ``dst`` and swapped in at once
+    (:func:`~stashpoint.engine.publish.staged_directory`): an existing ``dst`` is refused
+    without ``overwrite`` and, with it, replaced whole, never mixed with new shards.
     """
     from safetensors.torch import save_file  # noqa: F401  (fails early if safetensors is missing)
 
@@ -102,18 +107,16 @@ def export_hf(
         t = dtype_from_name(rec.dtype)
         return dtype if dtype is not None and t.is_floating_point else t
 
-    os.makedirs(dst, exist_ok=True)
-    total, n_files = write_hf_files(
-        dst,
-        [(hf, name, rec) for name, hf, rec in chosen],
-        out_dtype,
-        lambda keys: _reported(iter_full(src, keys, verify=verify), progress),
-        max_shard_bytes,
-    )
-    for extra in copy_files:
-        import shutil
-
-        shutil.copy(extra, os.path.join(dst, os.path.basename(extra)))
+    with staged_directory(dst, overwrite=overwrite) as staging:
+        total, n_files = write_hf_files(
+            staging,
+            [(hf, name, rec) for name, hf, rec in chosen],
+            out_dtype,
+            lambda keys: _reported(iter_full(src, keys, verify=verify), progress),
+            max_shard_bytes,
+        )
+        for extra in copy_files:
+            shutil.copy(extra, os.path.join(staging, os.path.basename(extra)))
     return ConvertSummary(
         len(chosen), total, n_files, time.perf_counter() - t0, tuple(skipped), 0, peak_rss_bytes()
     )

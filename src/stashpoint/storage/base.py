@@ -90,8 +90,18 @@ class Storage(abc.ABC):
     def delete(self, path: str) -> None:
         """Remove an object or, recursively, a prefix.  Missing paths are ignored."""
 
-    def rename(self, src: str, dst: str) -> None:
+    def rename(self, src: str, dst: str, *, replace: bool = True) -> None:
+        """Move ``src`` to ``dst`` in one step.
+
+        With ``replace=False`` an existing ``dst`` is never replaced: the call raises
+        ``FileExistsError`` instead, atomically where the backend can (a race of two
+        renames to one name has exactly one winner).
+        """
         raise NotImplementedError(f"{type(self).__name__} cannot rename")
+
+    def exchange(self, src: str, dst: str) -> bool:
+        """Atomically swap two existing paths; False where the backend cannot."""
+        return False
 
     def make_prefix(self, path: str) -> None:
         """Create a directory-like prefix (a no-op for flat object stores)."""
