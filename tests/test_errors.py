@@ -731,3 +731,20 @@ def test_invalid_state_message_names_path_and_key(tmp_path: Path, bad: str) -> N
     with pytest.raises(Exception) as info:
         sp.save(make_state(1, extra=value), tmp_path / "ckpt")
     assert_error(info.value, errors.InvalidStateError, tmp_path / "ckpt", key)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a full disk
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_disk_full_while_saving(saved: Saved) -> None:
+    """ENOSPC while writing a data file (``faulty://enospc-N`` fails past N bytes) is named."""
+    before = dir_bytes(saved.path)
+    url = f"faulty://enospc-64{saved.path}"
+    with pytest.raises(Exception) as info:
+        sp.save(make_state(1), url, overwrite=True)
+    assert_error(info.value, errors.DiskFullError, url, DATA_FILE)
+    assert isinstance(info.value, errors.StorageWriteError) and "No space left" in str(info.value)
+    assert dir_bytes(saved.path) == before
+    assert os.listdir(saved.path.parent) == [saved.path.name]

@@ -48,7 +48,7 @@ def write_error(where: str, what: str, exc: OSError) -> StorageWriteError:
     """The named error for a failed write: :class:`DiskFullError` when space or inodes ran out."""
     cls = DiskFullError if exc.errno in DISK_FULL_ERRNOS else StorageWriteError
     hint = " (the storage is full: free space or inodes, or save elsewhere)" if cls is DiskFullError else ""
-    err = cls(f"{where}: writing {what} failed: {exc}{hint}")
+    err = cls(f"{where}: writing {what!r} failed: {exc}{hint}")
     err.errno = exc.errno
     return err
 
@@ -75,8 +75,12 @@ def write_data_file(
     crc_block: int,
     timer: PhaseTimer,
     threads: int = WRITE_THREADS,
+    where: str = "",
 ) -> tuple[list[Written], int]:
-    """Write ``items`` into one safetensors file, durably; returns records and file size."""
+    """Write ``items`` into one safetensors file, durably; returns records and file size.
+
+    ``where`` names the checkpoint in errors (default: the directory written to).
+    """
     if not items:
         return [], 0
     items = unique_keys(items)
@@ -103,7 +107,7 @@ def write_data_file(
     except OSError as exc:  # disk full, permissions, I/O errors: name the file
         if writer is not None:
             writer.abort()
-        raise write_error(storage.describe(directory), file_name, exc) from exc
+        raise write_error(where or storage.describe(directory), file_name, exc) from exc
     except BaseException:
         if writer is not None:
             writer.abort()

@@ -122,9 +122,9 @@ class Publisher:
         except StashpointError:
             raise
         except OSError as exc:
-            raise write_error(self.where, "the staging directory", exc) from exc
+            raise write_error(self.where, self.staging, exc) from exc
         return write_data_file(
-            self.storage, self.staging, data_file_name(rank), items, crc_block, timer, threads
+            self.storage, self.staging, data_file_name(rank), items, crc_block, timer, threads, self.where
         )
 
     def finish(
@@ -344,5 +344,5 @@ def staged_directory(dst: str | os.PathLike, *, overwrite: bool) -> Iterator[str
             and not isinstance(exc, StashpointError)
             and exc.errno in DISK_FULL_ERRNOS
         ):
-            raise write_error(final, "the export", exc) from exc
+            raise write_error(final, staging, exc) from exc
         raise
