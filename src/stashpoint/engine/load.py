@@ -237,7 +237,6 @@ def load_state(
     coord = Coordinator(process_group, timeout_s)
     storage, ckpt = resolve(path)
     where = storage.describe(ckpt)
-
     def prepare() -> tuple[Index, _state.FlatState, LoadPlan]:
         with timer.phase("plan"):
             index = read_index(storage, ckpt)
