@@ -20,9 +20,11 @@ from stashpoint import errors
 from stashpoint._version import __version__
 from stashpoint.engine.telemetry import LoadResult, SaveResult
 from stashpoint.format.index import Index
+from stashpoint.vocab import IfBusy, SaveMode
 from stashpoint.wrappers import OptimizerState, PerRank
 
-if TYPE_CHECKING:  # the merge package is imported on first use only
+if TYPE_CHECKING:  # the merge package and the async engine are imported on first use only
+    from stashpoint.engine.async_save import SaveHandle
     from stashpoint.merging.config import MergeConfig
     from stashpoint.merging.run import MergeReport
 
@@ -64,16 +66,16 @@ def async_save(
     state: dict,
     path: PathLike,
     *,
-    mode: str = "eager",
+    mode: SaveMode = "eager",
     step: int | None = None,
     metadata: dict | None = None,
     overwrite: bool = False,
-    if_busy: str = "wait",
+    if_busy: IfBusy = "wait",
     process_group=None,
     timeout_s: float = 600.0,
     copy_engine=None,
     device_buffer: bool = False,
-):
+) -> SaveHandle:
     """Start a save and return a :class:`~stashpoint.engine.async_save.SaveHandle` at once.
 
     A collective like :func:`save`.  Tensors are copied into a host staging pool that

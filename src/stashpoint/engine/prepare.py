@@ -80,7 +80,7 @@ def prepare_save(
     coord: Coordinator,
     storage: Storage,
     final: str,
-    commit: CommitStrategy,
+    commit: CommitStrategy | None,
     overwrite: bool,
 ) -> PreparedSave:
     """Collective: every rank calls it; returns the same plan and publisher everywhere."""
