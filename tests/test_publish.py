@@ -13,6 +13,7 @@ import os
 import pickle
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,29 @@ def test_rename_without_replace_refuses_an_existing_target(tmp_path: Path) -> No
     assert (tmp_path / "c" / "x").read_text() == "new" and not (tmp_path / "a").exists()
 
 
+def _race(fn: Callable[[int], None], timeout_s: float) -> tuple[int, BaseException]:
+    """Run ``fn(0)`` and ``fn(1)`` from one barrier; exactly one must return: (its number, the
+    other's exception)."""
+    barrier, outcomes = threading.Barrier(2), [None, None]
+
+    def run(who: int) -> None:
+        barrier.wait(timeout_s)
+        try:
+            fn(who)
+            outcomes[who] = "won"
+        except BaseException as exc:
+            outcomes[who] = exc
+
+    threads = [threading.Thread(target=run, args=(who,)) for who in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+    assert [str(o) for o in outcomes].count("won") == 1, outcomes
+    winner = outcomes.index("won")
+    return winner, outcomes[1 - winner]
+
+
 def test_commits_racing_to_one_path_have_exactly_one_winner(tmp_path: Path) -> None:
     """Two staged checkpoints committed to one path at once, without overwrite, 100 times."""
     storage, commit = LocalStorage(), AtomicRenameCommit()
@@ -89,26 +113,13 @@ def test_commits_racing_to_one_path_have_exactly_one_winner(tmp_path: Path) -> N
             os.makedirs(staging)
             Path(staging, INDEX_FILE).write_text(str(who))
             stagings.append(staging)
-        barrier, outcomes = threading.Barrier(2), [None, None]
-
-        def run(who: int, final=final, stagings=stagings, barrier=barrier, outcomes=outcomes) -> None:
-            barrier.wait(10)
-            try:
-                commit.commit(storage, stagings[who], final, overwrite=False)
-                outcomes[who] = "won"
-            except BaseException as exc:
-                outcomes[who] = exc
-
-        threads = [threading.Thread(target=run, args=(who,)) for who in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-        assert sorted(map(str, outcomes)).count("won") == 1, outcomes
-        lost = next(o for o in outcomes if o != "won")
-        assert isinstance(lost, errors.CheckpointExistsError), repr(lost)
-        assert final in str(lost)
-        winner = outcomes.index("won")
+        winner, lost = _race(
+            lambda who, final=final, stagings=stagings: commit.commit(
+                storage, stagings[who], final, overwrite=False
+            ),
+            30,
+        )
+        assert isinstance(lost, errors.CheckpointExistsError) and final in str(lost), repr(lost)
         assert Path(final, INDEX_FILE).read_text() == str(winner)
         commit.abort(storage, stagings[1 - winner], final)
     assert sorted(os.listdir(tmp_path)) == sorted(f"c{i}" for i in range(100))
@@ -117,26 +128,9 @@ def test_commits_racing_to_one_path_have_exactly_one_winner(tmp_path: Path) -> N
 def test_saves_racing_to_one_path_have_exactly_one_winner(tmp_path: Path) -> None:
     for round_ in range(12):
         path = tmp_path / f"c{round_}"
-        barrier, outcomes = threading.Barrier(2), [None, None]
-
-        def run(who: int, path=path, barrier=barrier, outcomes=outcomes) -> None:
-            state = {"w": torch.full((1000,), float(who)), "who": who}
-            barrier.wait(30)
-            try:
-                sp.save(state, path)
-                outcomes[who] = "won"
-            except BaseException as exc:
-                outcomes[who] = exc
-
-        threads = [threading.Thread(target=run, args=(who,)) for who in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert [str(o) for o in outcomes].count("won") == 1, outcomes
-        lost = next(o for o in outcomes if o != "won")
-        assert isinstance(lost, errors.CheckpointExistsError), repr(lost)
-        winner = outcomes.index("won")
+        states = [{"w": torch.full((1000,), float(who)), "who": who} for who in range(2)]
+        winner, lost = _race(lambda who, path=path, states=states: sp.save(states[who], path), 120)
+        assert isinstance(lost, errors.CheckpointExistsError) and str(path) in str(lost), repr(lost)
         got = _loaded(path)
         assert got["who"] == winner and torch.equal(got["w"], torch.full((1000,), float(winner)))
     assert sorted(os.listdir(tmp_path)) == sorted(f"c{i}" for i in range(12))  # no debris

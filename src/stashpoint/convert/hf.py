@@ -118,7 +118,13 @@ def export_hf(
         for extra in copy_files:
             shutil.copy(extra, os.path.join(staging, os.path.basename(extra)))
     return ConvertSummary(
-        len(chosen), total, n_files, time.perf_counter() - t0, tuple(skipped), 0, peak_rss_bytes()
+        tensors=len(chosen),
+        bytes=total,
+        files=n_files,
+        seconds=time.perf_counter() - t0,
+        skipped=tuple(skipped),
+        values=0,
+        peak_rss_bytes=peak_rss_bytes(),
     )
 
 
@@ -150,6 +156,8 @@ def write_hf_files(dst: str, rows, out_dtype, stream, max_shard_bytes: int) -> t
         doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         with open(os.path.join(dst, HF_INDEX), "w") as f:
             json.dump(doc, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
     return total, len(shards)
 
 
@@ -173,8 +181,8 @@ def _write_shard(path: str, members, out_dtype, stream) -> int:
         t = out_dtype(rec)
         entries.append(FileEntry(hf, t, tuple(rec.shape), numel * itemsize(t)))
     layout = layout_file(entries, metadata={"format": "pt"})
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    # the directory is staged (see staged_directory): a half-written shard is never seen
+    with open(path, "wb") as f:
         f.write(layout.header)
         wanted = {name: (hf, rec) for hf, name, rec in members}
         for name, tensor in stream(list(wanted)):
@@ -182,7 +190,6 @@ def _write_shard(path: str, members, out_dtype, stream) -> int:
             f.write(as_bytes(tensor.to(out_dtype(rec)).contiguous()))
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)  # a half-written shard never carries the final name
     return layout.size - len(layout.header)
 
 
