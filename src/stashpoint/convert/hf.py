@@ -58,6 +58,25 @@ def _plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]
     return [s for s in shards if s]
 
 
+def _select(index, mapper: Callable[[str], str | None], src) -> tuple[list[tuple], list[str]]:
+    """``(name, hf_name, record)`` of each tensor the name map keeps, and the names left out."""
+    from stashpoint.format.index import TensorRecord
+
+    chosen, skipped, seen = [], [], {}
+    for name, item in sorted(index.items.items()):
+        hf_name = mapper(name)
+        if hf_name is None or not isinstance(item, TensorRecord):
+            skipped.append(name)
+            continue
+        if hf_name in seen:
+            raise InvalidStateError(f"name map sends both {seen[hf_name]!r} and {name!r} to {hf_name!r}")
+        seen[hf_name] = name
+        chosen.append((name, hf_name, item))
+    if not chosen:
+        raise MissingKeyError(f"{src}: no tensor is selected by the name map")
+    return chosen, skipped
+
+
 def export_hf(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -86,22 +105,7 @@ def export_hf(
     from stashpoint.format.index import TensorRecord
 
     t0 = time.perf_counter()
-    mapper = _mapper(name_map)
-    index = read_index(src)
-    chosen: list[tuple[str, str, TensorRecord]] = []
-    skipped = []
-    seen: dict[str, str] = {}
-    for name, item in sorted(index.items.items()):
-        hf_name = mapper(name)
-        if hf_name is None or not isinstance(item, TensorRecord):
-            skipped.append(name)
-            continue
-        if hf_name in seen:
-            raise InvalidStateError(f"name map sends both {seen[hf_name]!r} and {name!r} to {hf_name!r}")
-        seen[hf_name] = name
-        chosen.append((name, hf_name, item))
-    if not chosen:
-        raise MissingKeyError(f"{src}: no tensor is selected by the name map")
+    chosen, skipped = _select(read_index(src), _mapper(name_map), src)
 
     def out_dtype(rec: TensorRecord) -> torch.dtype:
         t = dtype_from_name(rec.dtype)

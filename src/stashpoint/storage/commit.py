@@ -55,25 +55,29 @@ class AtomicRenameCommit(CommitStrategy):
 
     def commit(self, storage: Storage, staging: str, final: str, overwrite: bool) -> None:
         parent = storage.parent(final)
-        old = None
-        if overwrite and storage.exists(final):
-            if storage.exchange(staging, final):
-                # swapped in one step: the old checkpoint now sits at the staging name
+        if not overwrite or not storage.exists(final):
+            try:
+                storage.rename(staging, final, replace=False)
                 storage.sync_prefix(parent)
-                storage.delete(staging)
                 return
-            # the previous checkpoint stays whole until the new one is in place
-            old = storage.join(parent, f".{storage.basename(final)}.old-{uuid.uuid4().hex[:8]}")
-            storage.rename(final, old)
+            except FileExistsError as exc:  # another save committed to the same path meanwhile
+                if not overwrite:
+                    raise _exists_error(storage, final, "appeared during the save") from exc
+        if storage.exchange(staging, final):
+            # swapped in one step: the old checkpoint now sits at the staging name
+            storage.sync_prefix(parent)
+            storage.delete(staging)
+            return
+        # the previous checkpoint stays whole until the new one is in place
+        old = storage.join(parent, f".{storage.basename(final)}.old-{uuid.uuid4().hex[:8]}")
+        storage.rename(final, old)
         try:
             storage.rename(staging, final, replace=False)
-        except FileExistsError as exc:  # another save committed to the same path meanwhile
-            if old is not None:
-                storage.rename(old, final, replace=False)
+        except FileExistsError as exc:
+            storage.rename(old, final, replace=False)
             raise _exists_error(storage, final, "appeared during the save") from exc
         storage.sync_prefix(parent)
-        if old is not None:
-            storage.delete(old)
+        storage.delete(old)
 
     def abort(self, storage: Storage, staging: str, final: str) -> None:
         storage.delete(staging)
