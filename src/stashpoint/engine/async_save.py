@@ -38,7 +38,7 @@ from stashpoint.engine.publish import save_metadata
 from stashpoint.engine.records import Chunk, Source
 from stashpoint.engine.save import check_save_args
 from stashpoint.engine.staging import CopyEngine, CudaCopyEngine, InlineCopyEngine, Ticket, align, pack
-from stashpoint.engine.staging_pool import _Slot, staging_pool
+from stashpoint.engine.staging_pool import Slot, staging_pool
 from stashpoint.engine.telemetry import PhaseTimer, SaveResult, env_telemetry
 from stashpoint.engine.tensors import local_tensor, region
 from stashpoint.engine.writer_client import BackgroundWriter
@@ -211,7 +211,7 @@ def _agree_on_slot(
 
 
 def _copy_in(
-    slot: _Slot, pieces: list[_Piece], offsets: list[int], copy_engine: CopyEngine | None, device_buffer: bool
+    slot: Slot, pieces: list[_Piece], offsets: list[int], copy_engine: CopyEngine | None, device_buffer: bool
 ) -> list[Ticket]:
     """Queue the copies of every piece into the slot's buffer; one ticket per copy engine."""
     engines: dict[torch.device, CopyEngine] = {}
@@ -239,7 +239,7 @@ def _copy_in(
 def _launch(
     handle: SaveHandle,
     job: Job,
-    slot: _Slot,
+    slot: Slot,
     tickets: list[Ticket],
     writer: BackgroundWriter,
     coord: Coordinator,

@@ -20,7 +20,9 @@ SLACK_BYTES = 64 << 20
 
 
 @dataclass
-class _Slot:
+class Slot:
+    """One staging buffer of the pool; ``busy`` while a save stages into it or persists it."""
+
     tag: str
     buffer: SharedBuffer
     writer: BackgroundWriter  # the process that owns the buffer
@@ -32,7 +34,7 @@ class StagingPool:
     """Staging buffers reused across saves; at most ``max_in_flight`` in use at once."""
 
     max_in_flight: int = 1
-    slots: list[_Slot] = field(default_factory=list)
+    slots: list[Slot] = field(default_factory=list)
     cond: threading.Condition = field(default_factory=threading.Condition)
     counter: itertools.count = field(default_factory=itertools.count)
 
@@ -44,7 +46,7 @@ class StagingPool:
     def staged_bytes(self) -> int:
         return sum(s.buffer.size for s in self.slots)
 
-    def acquire(self, writer: BackgroundWriter, size: int, if_busy: IfBusy, timeout_s: float) -> _Slot | None:
+    def acquire(self, writer: BackgroundWriter, size: int, if_busy: IfBusy, timeout_s: float) -> Slot | None:
         """A free buffer of at least ``size`` bytes; None when busy and ``if_busy="skip"``."""
         with self.cond:
             # buffers of a writer process that died went with it
@@ -69,12 +71,12 @@ class StagingPool:
                 tag = f"slot{next(self.counter)}"
                 buf = writer.allocate(tag, align(size + SLACK_BYTES), timeout_s)
                 buf.pin()
-                slot = _Slot(tag=tag, buffer=buf, writer=writer)
+                slot = Slot(tag=tag, buffer=buf, writer=writer)
                 self.slots.append(slot)
             slot.busy = True
             return slot
 
-    def release(self, slot: _Slot) -> None:
+    def release(self, slot: Slot) -> None:
         with self.cond:
             slot.busy = False
             self.cond.notify_all()
