@@ -101,11 +101,14 @@ def export_hf(
     """
     from safetensors.torch import save_file  # noqa: F401  (fails early if safetensors is missing)
 
-    from stashpoint import iter_full, read_index
+    # the engine's readers still import this module (format detection): imported here
+    from stashpoint.engine.load import iter_full
+    from stashpoint.engine.reader import read_index
     from stashpoint.format.index import TensorRecord
+    from stashpoint.storage import resolve
 
     t0 = time.perf_counter()
-    chosen, skipped = _select(read_index(src), _mapper(name_map), src)
+    chosen, skipped = _select(read_index(*resolve(src)), _mapper(name_map), src)
 
     def out_dtype(rec: TensorRecord) -> torch.dtype:
         t = dtype_from_name(rec.dtype)
@@ -116,7 +119,7 @@ def export_hf(
             staging,
             [(hf, name, rec) for name, hf, rec in chosen],
             out_dtype,
-            lambda keys: _reported(iter_full(src, keys, verify=verify), progress),
+            lambda keys: _reported(iter_full(os.fspath(src), keys, verify=verify), progress),
             max_shard_bytes,
         )
         for extra in copy_files:
