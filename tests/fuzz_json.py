@@ -201,5 +201,7 @@ def hf_self_consistent(path: str) -> bool:
         return all(name in held[f] for name, f in weight_map.items()) and sum(map(len, held.values())) == len(
             weight_map
         )
-    except (ValueError, KeyError, TypeError, AttributeError, OSError, struct.error, UnicodeError, RecursionError):
+    except (ValueError, KeyError, TypeError, AttributeError, OSError, struct.error, UnicodeError):
+        return False
+    except RecursionError:
         return False

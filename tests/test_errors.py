@@ -798,3 +798,20 @@ def test_fifo_in_place_of_the_index_is_unsafe(saved: Saved) -> None:
     (saved.path / INDEX_FILE).unlink()
     os.mkfifo(saved.path / INDEX_FILE)
     expect_error_everywhere(saved.path, errors.UnsafePathError)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a full disk
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_disk_full_while_saving(saved: Saved) -> None:
+    """ENOSPC while writing a data file (``faulty://enospc-N`` fails past N bytes) is named."""
+    before = dir_bytes(saved.path)
+    url = f"faulty://enospc-64{saved.path}"
+    with pytest.raises(Exception) as info:
+        sp.save(make_state(1), url, overwrite=True)
+    assert_error(info.value, errors.DiskFullError, url, DATA_FILE)
+    assert isinstance(info.value, errors.StorageWriteError) and "No space left" in str(info.value)
+    assert dir_bytes(saved.path) == before
+    assert os.listdir(saved.path.parent) == [saved.path.name]

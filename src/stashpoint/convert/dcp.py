@@ -10,12 +10,28 @@ import io
 import os
 import pickle
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import BinaryIO
 
 import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 
 from stashpoint.convert.dcp_paths import nested_paths, optimizer_params
+from stashpoint.convert.stream import ConvertSummary, copy_to_stashpoint, peak_rss_bytes
+from stashpoint.engine.load import iter_full
+from stashpoint.engine.publish import staged_directory
+from stashpoint.engine.reader import read_index
 from stashpoint.foreign.dcp import DCP_DATA_FILE, DCP_METADATA
+from stashpoint.format.index import PerRankRecord
+from stashpoint.storage import resolve
 
 
 def _expand_param_groups(name: str, value: object) -> Iterable[tuple[str, object]]:
@@ -28,6 +44,54 @@ def _expand_param_groups(name: str, value: object) -> Iterable[tuple[str, object
     yield name, value
 
 
+class _DcpFile:
+    """One DCP data file being appended to, and the metadata that describes it."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.sd_meta: dict = {}
+        self.storage_data: dict = {}
+        self.planner: dict[str, tuple] = {}
+        self.optimizers: dict = {}
+        self.tensors = self.values = self.bytes = 0
+
+    def _append(self, obj: object) -> _StorageInfo:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        offset = self.f.tell()
+        self.f.write(buf.getbuffer())
+        return _StorageInfo(DCP_DATA_FILE, offset, self.f.tell() - offset)
+
+    def add_tensor(self, name: str, tensor: torch.Tensor) -> int:
+        """Append one whole tensor as one chunk; returns its bytes."""
+        t = tensor.contiguous()
+        zero = torch.Size([0] * t.dim())
+        self.storage_data[MetadataIndex(name, zero)] = self._append(t)
+        self.sd_meta[name] = TensorStorageMetadata(
+            TensorProperties(dtype=t.dtype), t.shape, [ChunkStorageMetadata(zero, t.shape)]
+        )
+        self.planner[name] = (name,)
+        nbytes = t.numel() * t.element_size()
+        self.tensors += 1
+        self.bytes += nbytes
+        return nbytes
+
+    def add_value(self, name: str, value: object) -> None:
+        self.optimizers.update(optimizer_params(name, value))
+        for key, v in _expand_param_groups(name, value):
+            self.storage_data[MetadataIndex(key)] = self._append(v)
+            self.sd_meta[key] = BytesStorageMetadata()
+            self.planner[key] = (key,)
+            self.values += 1
+
+    def metadata(self) -> Metadata:
+        # DCP nests the flattened keys by these paths (dcp_to_torch_save rebuilds them)
+        planner = nested_paths(self.planner, self.optimizers)
+        md = Metadata(state_dict_metadata=self.sd_meta, planner_data=planner, storage_data=self.storage_data)
+        md.version = _dcp_version()
+        return md
+
+
 def export_dcp(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -35,104 +99,45 @@ def export_dcp(
     keys: list[str] | None = None,
     overwrite: bool = False,
     allow_pickle: bool = False,
-    progress=None,
-):
+    progress: Callable[[str, int], None] | None = None,
+) -> ConvertSummary:
     """Write the checkpoint at ``src`` as a DCP checkpoint at ``dst`` (a local directory).
 
     Streams one whole tensor at a time into one ``__0_0.distcp`` file; each tensor is one
     chunk, so ``dcp.load`` reads it into any layout.  Keys are stashpoint's flattened
     names, which are the keys DCP flattens nested state dicts to (an optimizer's
-    ``param_groups`` is written as DCP writes it, one value per group and option).
-    Per-rank items have no DCP form: they are left out and named in the summary's ``skipped``.
+    ``param_groups`` is written as DCP writes it, one value per group and option), and
+    the metadata records how they nest.  Per-rank items have no DCP form: they are left
+    out and named in the summary's ``skipped``.  The directory is written beside ``dst``
+    and swapped in at once; an existing ``dst`` is refused without ``overwrite``.
     """
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import (
-        BytesStorageMetadata,
-        ChunkStorageMetadata,
-        Metadata,
-        MetadataIndex,
-        TensorProperties,
-        TensorStorageMetadata,
-    )
-
-    from stashpoint.convert.stream import ConvertSummary, peak_rss_bytes
-    from stashpoint.engine.load import iter_full
-    from stashpoint.engine.reader import read_index
-    from stashpoint.engine.tensors import as_bytes
-    from stashpoint.errors import CheckpointExistsError
-    from stashpoint.format.index import PerRankRecord
-    from stashpoint.storage import resolve
-
     t0 = time.perf_counter()
-    dst = os.path.abspath(os.fspath(dst))
-    if os.path.exists(dst) and not overwrite:
-        raise CheckpointExistsError(f"{dst} already exists; pass overwrite=True")
-    # DCP has no per-rank values: iter_full skips them, and the summary says so
-    src_items = read_index(*resolve(os.fspath(src))).items
-    wanted = set(src_items if keys is None else keys)
-    per_rank = tuple(sorted(n for n, i in src_items.items() if isinstance(i, PerRankRecord) and n in wanted))
-    tmp = f"{dst}.partial-{os.getpid()}"
-    os.makedirs(tmp, exist_ok=True)
-    sd_meta, storage_data, planner, optimizers = {}, {}, {}, {}
-    n_tensors = n_values = total = 0
-    try:
+    items = read_index(*resolve(os.fspath(src))).items
+    wanted = set(items if keys is None else keys)
+    per_rank = tuple(sorted(n for n, i in items.items() if isinstance(i, PerRankRecord) and n in wanted))
+    with staged_directory(dst, overwrite=overwrite) as tmp:
         with open(os.path.join(tmp, DCP_DATA_FILE), "wb") as f:
+            out = _DcpFile(f)
             for name, value in iter_full(os.fspath(src), keys, allow_pickle=allow_pickle):
-                if isinstance(value, torch.Tensor):
-                    t = value.contiguous()
-                    zero = torch.Size([0] * t.dim())
-                    buf = io.BytesIO()
-                    torch.save(t, buf)
-                    offset = f.tell()
-                    f.write(buf.getbuffer())
-                    sd_meta[name] = TensorStorageMetadata(
-                        TensorProperties(dtype=t.dtype), t.shape, [ChunkStorageMetadata(zero, t.shape)]
-                    )
-                    storage_data[MetadataIndex(name, zero)] = _StorageInfo(
-                        DCP_DATA_FILE, offset, f.tell() - offset
-                    )
-                    planner[name] = (name,)
-                    n_tensors += 1
-                    total += len(as_bytes(t))
-                    if progress is not None:
-                        progress(name, t.numel() * t.element_size())
+                if not isinstance(value, torch.Tensor):
+                    out.add_value(name, value)
                     continue
-                optimizers.update(optimizer_params(name, value))
-                for key, v in _expand_param_groups(name, value):
-                    buf = io.BytesIO()
-                    torch.save(v, buf)
-                    offset = f.tell()
-                    f.write(buf.getbuffer())
-                    sd_meta[key] = BytesStorageMetadata()
-                    storage_data[MetadataIndex(key)] = _StorageInfo(DCP_DATA_FILE, offset, f.tell() - offset)
-                    planner[key] = (key,)
-                    n_values += 1
+                nbytes = out.add_tensor(name, value)
+                if progress is not None:
+                    progress(name, nbytes)
             f.flush()
             os.fsync(f.fileno())
-        planner = nested_paths(planner, optimizers)  # DCP nests keys by these paths
-        md = Metadata(state_dict_metadata=sd_meta, planner_data=planner, storage_data=storage_data)
-        md.version = _dcp_version()
         with open(os.path.join(tmp, DCP_METADATA), "wb") as f:
-            pickle.dump(md, f)
+            pickle.dump(out.metadata(), f)
             f.flush()
             os.fsync(f.fileno())
-        if os.path.exists(dst):
-            import shutil
-
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ConvertSummary(
-        tensors=n_tensors,
-        bytes=total,
+        tensors=out.tensors,
+        bytes=out.bytes,
         files=1,
         seconds=time.perf_counter() - t0,
         skipped=per_rank,
-        values=n_values,
+        values=out.values,
         peak_rss_bytes=peak_rss_bytes(),
     )
 
@@ -158,8 +163,6 @@ def import_dcp(
 
     Values DCP stored as arbitrary pickles are copied only with ``allow_pickle``.
     """
-    from stashpoint.convert.stream import copy_to_stashpoint
-
     return copy_to_stashpoint(
         src,
         dst,

@@ -16,11 +16,16 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from stashpoint.convert.extra_files import copy_extra_files, resolve_extra_files
+from stashpoint.convert.extra_files import ExtraFile, copy_extra_files, resolve_extra_files
 from stashpoint.convert.stream import ConvertSummary, peak_rss_bytes
+from stashpoint.engine.load import iter_full
+from stashpoint.engine.publish import staged_directory
+from stashpoint.engine.reader import read_index
 from stashpoint.errors import InvalidStateError, MissingKeyError
 from stashpoint.foreign.hf import HF_INDEX, hf_config
 from stashpoint.format.dtypes import dtype_from_name, itemsize
+from stashpoint.format.index import Index, TensorRecord
+from stashpoint.format.index_json import parse_strict
 from stashpoint.storage import resolve
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -58,6 +63,21 @@ def _plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]
     return [s for s in shards if s]
 
 
+def _select(index: Index, mapper: Callable[[str], str | None], src) -> tuple[list[tuple], list[str]]:
+    """``(name, hf_name, record)`` of each tensor the name map keeps, and the names left out."""
+    chosen, skipped, seen = [], [], {}
+    for name, item in sorted(index.items.items()):
+        hf_name = mapper(name)
+        if hf_name is None or not isinstance(item, TensorRecord):
+            skipped.append(name)
+            continue
+        if hf_name in seen:
+            raise InvalidStateError(f"name map sends both {seen[hf_name]!r} and {name!r} to {hf_name!r}")
+        seen[hf_name] = name
+        chosen.append((name, hf_name, item))
+    return chosen, skipped
+
+
 def export_hf(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -69,6 +89,7 @@ def export_hf(
     copy_from: str | os.PathLike | None = None,
     verify: bool = True,
     progress: Callable[[str, int], None] | None = None,
+    overwrite: bool = False,
 ) -> ConvertSummary:
     """Write the tensors of a stashpoint checkpoint as an HF safetensors directory.
 
@@ -78,30 +99,16 @@ def export_hf(
     bool tensors are copied as they are.  ``copy_files`` (e.g. ``config.json``) are
     copied into ``dst``; relative names are found in the source checkpoint, or in
     ``copy_from`` if given, and all of them before anything is written (a missing one
-    raises :class:`~stashpoint.errors.DataFileMissingError`).
+    raises :class:`~stashpoint.errors.DataFileMissingError`).  The directory is written
+    beside ``dst`` and swapped in at once
+    (:func:`~stashpoint.engine.publish.staged_directory`): an existing ``dst`` is refused
+    without ``overwrite`` and, with it, replaced whole, never mixed with new shards.
     """
-    from safetensors.torch import save_file  # noqa: F401  (fails early if safetensors is missing)
-
-    from stashpoint import iter_full, read_index
-    from stashpoint.format.index import TensorRecord
-
     t0 = time.perf_counter()
-    mapper = _mapper(name_map)
-    index = read_index(src)
+    index = read_index(*resolve(os.fspath(src)))
     extras = resolve_extra_files(src, copy_files, copy_from)
-    chosen: list[tuple[str, str, TensorRecord]] = []
-    skipped = []
-    seen: dict[str, str] = {}
-    for name, item in sorted(index.items.items()):
-        hf_name = mapper(name)
-        if hf_name is None or not isinstance(item, TensorRecord):
-            skipped.append(name)
-            continue
-        if hf_name in seen:
-            raise InvalidStateError(f"name map sends both {seen[hf_name]!r} and {name!r} to {hf_name!r}")
-        seen[hf_name] = name
-        chosen.append((name, hf_name, item))
-    tied = _tied_copies(chosen, copy_files)
+    chosen, skipped = _select(index, _mapper(name_map), src)
+    tied = _tied_copies(chosen, extras)
     skipped += [name for name, hf, _ in chosen if hf in tied]
     chosen = [row for row in chosen if row[1] not in tied]
     if not chosen:
@@ -111,33 +118,39 @@ def export_hf(
         t = dtype_from_name(rec.dtype)
         return dtype if dtype is not None and t.is_floating_point else t
 
-    os.makedirs(dst, exist_ok=True)
-    total, n_files = write_hf_files(
-        dst,
-        [(hf, name, rec) for name, hf, rec in chosen],
-        out_dtype,
-        lambda keys: _reported(iter_full(src, keys, verify=verify), progress),
-        max_shard_bytes,
-    )
-    copy_extra_files(extras, dst)
+    with staged_directory(dst, overwrite=overwrite) as staging:
+        total, n_files = write_hf_files(
+            staging,
+            [(hf, name, rec) for name, hf, rec in chosen],
+            out_dtype,
+            lambda keys: _reported(iter_full(os.fspath(src), keys, verify=verify), progress),
+            max_shard_bytes,
+        )
+        copy_extra_files(extras, staging)
     return ConvertSummary(
-        len(chosen), total, n_files, time.perf_counter() - t0, tuple(skipped), 0, peak_rss_bytes()
+        tensors=len(chosen),
+        bytes=total,
+        files=n_files,
+        seconds=time.perf_counter() - t0,
+        skipped=tuple(skipped),
+        values=0,
+        peak_rss_bytes=peak_rss_bytes(),
     )
 
 
-def _tied_copies(chosen, copy_files) -> set[str]:
+def _tied_copies(chosen: list[tuple], extras: tuple[ExtraFile, ...]) -> set[str]:
     """HF names of output embeddings stored as a copy of another tensor, when the model ties them.
 
     transformers writes a tied weight once (``lm_head.weight`` is left out when
     ``tie_word_embeddings`` is set) and ties it again on load; so do we, when a
-    ``config.json`` among ``copy_files`` says the embeddings are tied and the checkpoint's
-    checksums show the output embedding equal to another tensor.
+    ``config.json`` among the copied files says the embeddings are tied and the
+    checkpoint's checksums show the output embedding equal to another tensor.
     """
-    configs = [f for f in copy_files if os.path.basename(os.fspath(f)) == "config.json"]
+    configs = [f for f in extras if f.name == "config.json"]
     if not configs:
         return set()
-    with open(configs[0]) as f:
-        config = json.load(f)
+    cfg = configs[0]
+    config = parse_strict(cfg.storage.read_bytes(cfg.path), cfg.storage.describe(cfg.path))
     if not isinstance(config, dict) or not config.get("tie_word_embeddings", False):
         return set()
 
@@ -184,6 +197,8 @@ def write_hf_files(dst: str, rows, out_dtype, stream, max_shard_bytes: int) -> t
         doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         with open(os.path.join(dst, HF_INDEX), "w") as f:
             json.dump(doc, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
     return total, len(shards)
 
 
@@ -207,8 +222,8 @@ def _write_shard(path: str, members, out_dtype, stream) -> int:
         t = out_dtype(rec)
         entries.append(FileEntry(hf, t, tuple(rec.shape), numel * itemsize(t)))
     layout = layout_file(entries, metadata={"format": "pt"})
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    # the directory is staged (see staged_directory): a half-written shard is never seen
+    with open(path, "wb") as f:
         f.write(layout.header)
         wanted = {name: (hf, rec) for hf, name, rec in members}
         for name, tensor in stream(list(wanted)):
@@ -216,7 +231,6 @@ def _write_shard(path: str, members, out_dtype, stream) -> int:
             f.write(as_bytes(tensor.to(out_dtype(rec)).contiguous()))
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)  # a half-written shard never carries the final name
     return layout.size - len(layout.header)
 
 

@@ -1,5 +1,7 @@
 """Writing a stashpoint checkpoint from a stream of tensors and values (used by every import).
 
+The checkpoint is published by :class:`~stashpoint.engine.publish.StreamedCheckpoint`
+(staged, then committed atomically; an existing one is refused without ``overwrite``).
 Each tensor is fetched only when the writer reaches it and dropped after its bytes are
 written, so peak memory is about one tensor, whatever the size of the model.
 """
@@ -14,7 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from stashpoint.errors import CheckpointExistsError, PickleNotAllowedError
+from stashpoint._state import encode_object
+from stashpoint.engine.publish import StreamedCheckpoint
+from stashpoint.engine.records import EncodedValue
+from stashpoint.engine.tensors import as_bytes
+from stashpoint.errors import InvalidStateError, PickleNotAllowedError
 
 
 @dataclass(frozen=True)
@@ -63,42 +69,13 @@ def write_checkpoint(
     Values that tagged JSON cannot hold exactly are pickled only with ``allow_pickle``.
     ``progress(name, nbytes)`` is called after each tensor is fetched.
     """
-    from stashpoint._state import encode_object
-    from stashpoint.engine.persist import (
-        FileItem,
-        Written,
-        build_index,
-        commit_index,
-        data_file_name,
-        write_data_file,
-    )
-    from stashpoint.engine.save import save_metadata
-    from stashpoint.engine.telemetry import PhaseTimer
-    from stashpoint.engine.tensors import as_bytes
-    from stashpoint.format.dtypes import dtype_name, itemsize
-    from stashpoint.format.index import DEFAULT_CRC_BLOCK_BYTES
-    from stashpoint.format.safetensors_file import FileEntry
-    from stashpoint.planning.save_plan import GLOBAL, ItemPlan
-    from stashpoint.storage import resolve
-    from stashpoint.storage.commit import default_commit
-
     t0 = time.perf_counter()
-    storage, final = resolve(dst)
-    if storage.exists(final) and not overwrite:
-        raise CheckpointExistsError(f"{storage.describe(final)} already exists; pass overwrite=True")
-    items: list[FileItem] = []
-    plan: dict[str, ItemPlan] = {}
-    inline: list[Written] = []
+    out = StreamedCheckpoint(dst, overwrite=overwrite, user={"imported_from": source})
     for t in tensors:
-        numel = 1
-        for n in t.shape:
-            numel *= n
 
         def fetch(t: SourceTensor = t) -> memoryview:
             data = t.fetch()
             if data.dtype != t.dtype or tuple(data.shape) != tuple(t.shape):
-                from stashpoint.errors import InvalidStateError
-
                 raise InvalidStateError(
                     f"{t.name!r}: source gave {data.dtype}{list(data.shape)}, "
                     f"expected {t.dtype}{list(t.shape)}"
@@ -108,47 +85,20 @@ def write_checkpoint(
                 progress(t.name, len(view))
             return view
 
-        entry = FileEntry(t.name, t.dtype, tuple(t.shape), numel * itemsize(t.dtype))
-        items.append(FileItem(t.name, False, entry, dtype_name(t.dtype), (0,) * len(t.shape), fetch))
-        plan[t.name] = ItemPlan(t.name, True, GLOBAL, dtype_name(t.dtype), tuple(t.shape), None, "")
+        out.add_tensor(t.name, t.dtype, tuple(t.shape), fetch)
     for name, value in values.items():
         encoding, payload = encode_object(value, name, allow_pickle=True)  # refused below
-        plan[name] = ItemPlan(name, False, GLOBAL, "", (), None, encoding)
-        if encoding == "json":
-            inline.append(Written(name, False, json_text=payload.decode()))
-            continue
-        if not allow_pickle:
+        if encoding != "json" and not allow_pickle:
             raise PickleNotAllowedError(
                 f"{name!r} ({type(value).__name__}) can only be stored pickled; pass allow_pickle=True "
                 "to store it that way"
             )
-        blob = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        entry = FileEntry(name, torch.uint8, (len(payload),), len(payload))
-        items.append(FileItem(name, False, entry, "", (0,), lambda blob=blob: as_bytes(blob)))
-
-    commit = default_commit(storage)
-    staging = commit.staging_path(storage, final, f"import{os.getpid()}-{int(t0 * 1000) % 10**9}")
-    storage.make_prefix(staging)
-    timer = PhaseTimer()
-    try:
-        written, size = write_data_file(
-            storage, staging, data_file_name(0), items, DEFAULT_CRC_BLOCK_BYTES, timer, threads=1
-        )
-        index = build_index(
-            plan,
-            [written + inline],
-            save_metadata(1, None, {"imported_from": source}),
-            DEFAULT_CRC_BLOCK_BYTES,
-        )
-        commit_index(storage, staging, final, commit, index, overwrite, timer)
-    except BaseException:
-        if staging != final:
-            commit.abort(storage, staging, final)
-        raise
+        out.add_value(name, EncodedValue(encoding=encoding, payload=payload))
+    size = out.publish()
     return ConvertSummary(
         tensors=len(tensors),
         bytes=size,
-        files=1 if items else 0,
+        files=out.file_count,
         seconds=time.perf_counter() - t0,
         skipped=(),
         values=len(values),

@@ -1,7 +1,8 @@
 """Writing one rank's data file and turning every rank's records into the index.
 
-Shared by the synchronous save (sources are live tensors) and the background
-writer (sources are slices of shared staging memory): a :class:`FileItem` only
+Used only through :mod:`~stashpoint.engine.publish`.  Shared by the synchronous save
+(sources are live tensors), the background writer (slices of shared staging
+memory), imports and merges: a :class:`~stashpoint.engine.records.FileItem` only
 needs a way to produce its bytes.  Files are written with positional writes from
 several threads where the backend allows it, each thread computing the checksums
 of the bytes it writes.
@@ -9,16 +10,16 @@ of the bytes it writes.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 
 from stashpoint.engine.checksum import block_crcs
+from stashpoint.engine.records import Contribution, FileItem, Inline, Written
 from stashpoint.engine.telemetry import PhaseTimer
+from stashpoint.errors import DiskFullError, StorageWriteError
 from stashpoint.format.index import (
-    INDEX_FILE,
     ChunkRecord,
     Index,
     ObjectRecord,
@@ -26,67 +27,30 @@ from stashpoint.format.index import (
     SaveMetadata,
     TensorRecord,
 )
-from stashpoint.format.safetensors_file import FileEntry, layout_file
+from stashpoint.format.safetensors_file import layout_file
 from stashpoint.planning.save_plan import GLOBAL, ItemPlan
 from stashpoint.storage import Storage
-from stashpoint.storage.commit import CommitStrategy
 
 WRITE_THREADS = int(os.environ.get("STASHPOINT_WRITE_THREADS", "4"))
 #: a thread's share is cut into pieces of this size so checksums and writes interleave
 _PIECE = 64 << 20
 #: bytes fetched but not yet written, at most (bounds host memory of a GPU save)
 _MAX_INFLIGHT = 512 << 20
-
-MANIFEST_PREFIX = ".manifest-"
+#: errnos that mean the storage is out of space or inodes
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def data_file_name(rank: int) -> str:
     return f"data-{rank:05d}.safetensors"
 
 
-def manifest_name(rank: int) -> str:
-    return f"{MANIFEST_PREFIX}{rank:05d}.json"
-
-
-@dataclass(frozen=True)
-class Written:
-    """A chunk or inline value one rank produced; what the index is built from."""
-
-    fqn: str
-    per_rank: bool
-    dtype: str = ""
-    shape: tuple[int, ...] = ()
-    chunk: ChunkRecord | None = None
-    json_text: str | None = None
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> Written:
-        chunk = d.get("chunk")
-        if chunk is not None:
-            chunk = ChunkRecord(
-                offsets=tuple(chunk["offsets"]),
-                shape=tuple(chunk["shape"]),
-                file=chunk["file"],
-                key=chunk["key"],
-                byte_range=tuple(chunk["byte_range"]),
-                crc32c=tuple(chunk["crc32c"]),
-            )
-        return cls(d["fqn"], d["per_rank"], d["dtype"], tuple(d["shape"]), chunk, d["json_text"])
-
-
-@dataclass(frozen=True)
-class FileItem:
-    """One chunk to write: where it goes in the file and how to get its bytes."""
-
-    fqn: str
-    per_rank: bool
-    entry: FileEntry
-    dtype_name: str  # "" for pickled objects
-    offsets: tuple[int, ...]
-    fetch: Callable[[], memoryview]
+def write_error(where: str, what: str, exc: OSError) -> StorageWriteError:
+    """The named error for a failed write: :class:`DiskFullError` when space or inodes ran out."""
+    cls = DiskFullError if exc.errno in DISK_FULL_ERRNOS else StorageWriteError
+    hint = " (the storage is full: free space or inodes, or save elsewhere)" if cls is DiskFullError else ""
+    err = cls(f"{where}: writing {what!r} failed: {exc}{hint}")
+    err.errno = exc.errno
+    return err
 
 
 def unique_keys(items: list[FileItem]) -> list[FileItem]:
@@ -94,22 +58,12 @@ def unique_keys(items: list[FileItem]) -> list[FileItem]:
     seen: set[str] = set()
     out = []
     for it in items:
-        key, n = it.entry.key, 0
+        key, n = it.chunk.key, 0
         while key in seen:
             n += 1
-            key = f"{it.entry.key}~{n}"
+            key = f"{it.chunk.key}~{n}"
         seen.add(key)
-        e = it.entry
-        out.append(
-            FileItem(
-                it.fqn,
-                it.per_rank,
-                FileEntry(key, e.dtype, e.shape, e.nbytes),
-                it.dtype_name,
-                it.offsets,
-                it.fetch,
-            )
-        )
+        out.append(it if key == it.chunk.key else FileItem(chunk=it.chunk.with_key(key), fetch=it.fetch))
     return out
 
 
@@ -121,13 +75,17 @@ def write_data_file(
     crc_block: int,
     timer: PhaseTimer,
     threads: int = WRITE_THREADS,
+    where: str = "",
 ) -> tuple[list[Written], int]:
-    """Write ``items`` into one safetensors file, durably; returns records and file size."""
+    """Write ``items`` into one safetensors file, durably; returns records and file size.
+
+    ``where`` names the checkpoint in errors (default: the directory written to).
+    """
     if not items:
         return [], 0
     items = unique_keys(items)
     # "pt" lets tools that check the safetensors metadata (e.g. transformers) open the files
-    layout = layout_file([it.entry for it in items], metadata={"format": "pt", "writer": "stashpoint"})
+    layout = layout_file([it.chunk.entry for it in items], metadata={"format": "pt", "writer": "stashpoint"})
     crcs: list[list[int]] = [[] for _ in items]
     writer = None
     try:
@@ -149,24 +107,21 @@ def write_data_file(
     except OSError as exc:  # disk full, permissions, I/O errors: name the file
         if writer is not None:
             writer.abort()
-        from stashpoint.errors import StorageWriteError
-
-        raise StorageWriteError(f"{storage.describe(directory)}: writing {file_name} failed: {exc}") from exc
+        raise write_error(where or storage.describe(directory), file_name, exc) from exc
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
     out = [
         Written(
-            fqn=it.fqn,
-            per_rank=it.per_rank,
-            dtype=it.dtype_name,
-            shape=tuple(it.entry.shape) if it.dtype_name else (),
-            chunk=ChunkRecord(
-                offsets=it.offsets,
-                shape=tuple(it.entry.shape),
+            fqn=it.chunk.fqn,
+            per_rank=it.chunk.per_rank,
+            dtype=it.chunk.dtype,
+            record=ChunkRecord(
+                offsets=it.chunk.offsets,
+                shape=tuple(it.chunk.shape),
                 file=file_name,
-                key=it.entry.key,
+                key=it.chunk.key,
                 byte_range=rng,
                 crc32c=tuple(c),
             ),
@@ -218,66 +173,41 @@ def _parallel_write(writer, items, ranges, crcs, crc_block, timer, threads) -> N
         merged: list[int] = []
         for _, sums in got:
             merged += sums
-        crcs[i] = merged if items[i].entry.nbytes else [0]
+        crcs[i] = merged if items[i].chunk.nbytes else [0]
 
 
 def build_index(
-    items: dict[str, ItemPlan], written: list[list[Written]], meta: SaveMetadata, crc_block: int
+    items: dict[str, ItemPlan], contributions: list[list[Contribution]], meta: SaveMetadata, crc_block: int
 ) -> Index:
-    """The index from the plan and what every rank wrote (``written[rank]``)."""
-    by_fqn: dict[str, list[tuple[int, Written]]] = {}
-    for rank, ws in enumerate(written):
-        for w in ws:
-            by_fqn.setdefault(w.fqn, []).append((rank, w))
+    """The index from the plan and what every rank contributed (``contributions[rank]``)."""
+    by_fqn: dict[str, list[tuple[int, Contribution]]] = {}
+    for rank, cs in enumerate(contributions):
+        for c in cs:
+            by_fqn.setdefault(c.fqn, []).append((rank, c))
     out = {}
     for fqn, ip in items.items():
         got = by_fqn.get(fqn, [])
         if ip.scope == GLOBAL:
             if ip.is_tensor:
-                chunks = sorted((w.chunk for _, w in got), key=lambda c: c.offsets)
-                out[fqn] = TensorRecord(ip.dtype, ip.shape, tuple(chunks), ip.layout)
+                chunks = sorted((c.record for _, c in got), key=lambda r: r.offsets)
+                out[fqn] = TensorRecord(
+                    dtype=ip.dtype, shape=ip.shape, chunks=tuple(chunks), layout=ip.layout
+                )
             else:
-                ((_, w),) = got
-                out[fqn] = _object_record(w)
+                ((_, c),) = got
+                out[fqn] = _object_record(c)
             continue
         records = []
-        for _, w in sorted(got, key=lambda x: x[0]):  # each rank's own dtype, shape and encoding
-            records.append(TensorRecord(w.dtype, w.shape, (w.chunk,)) if w.dtype else _object_record(w))
-        out[fqn] = PerRankRecord(tuple(records))
+        for _, c in sorted(got, key=lambda x: x[0]):  # each rank's own dtype, shape and encoding
+            if isinstance(c, Written) and c.dtype:
+                records.append(TensorRecord(dtype=c.dtype, shape=c.record.shape, chunks=(c.record,)))
+            else:
+                records.append(_object_record(c))
+        out[fqn] = PerRankRecord(ranks=tuple(records))
     return Index(metadata=meta, items=out, crc_block_bytes=crc_block)
 
 
-def _object_record(w: Written) -> ObjectRecord:
-    if w.json_text is not None:
-        return ObjectRecord(encoding="json", value=json.loads(w.json_text))
-    return ObjectRecord(encoding="pickle", chunk=w.chunk)
-
-
-def commit_index(
-    storage: Storage,
-    staging: str,
-    final: str,
-    commit: CommitStrategy,
-    index: Index,
-    overwrite: bool,
-    timer: PhaseTimer,
-) -> None:
-    """Write the index into the staging location and publish the checkpoint."""
-    from stashpoint.errors import CheckpointExistsError
-
-    with timer.phase("commit"):
-        storage.write_bytes(storage.join(staging, INDEX_FILE), index.to_json().encode())
-        storage.sync_prefix(staging)
-        if storage.exists(final) and staging != final and not overwrite:
-            raise CheckpointExistsError(f"{storage.describe(final)} appeared during the save")
-        commit.commit(storage, staging, final, overwrite)
-
-
-def write_manifest(storage: Storage, staging: str, rank: int, written: list[Written]) -> None:
-    doc = json.dumps([w.to_json() for w in written]).encode()
-    storage.write_bytes(storage.join(staging, manifest_name(rank)), doc)
-
-
-def read_manifest(storage: Storage, staging: str, rank: int) -> list[Written]:
-    doc = json.loads(storage.read_bytes(storage.join(staging, manifest_name(rank))))
-    return [Written.from_json(d) for d in doc]
+def _object_record(c: Contribution) -> ObjectRecord:
+    if isinstance(c, Inline):
+        return ObjectRecord(encoding="json", value=json.loads(c.json_text))
+    return ObjectRecord(encoding="pickle", chunk=c.record)

@@ -1,13 +1,13 @@
 """The first, collective step of every save: inventory, exchange, plan.
 
 Every rank flattens its state, describes what it holds, and the inventories are
-exchanged over gloo; every rank then computes the same save plan.  Used by the
-synchronous and the asynchronous save alike.
+exchanged over gloo; every rank then computes the same save plan and the same
+:class:`~stashpoint.engine.publish.Publisher` (the coordinator prepares it first).
+Used by the synchronous and the asynchronous save alike.
 """
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 
 import torch
@@ -16,27 +16,21 @@ from torch.distributed.tensor import DTensor
 from stashpoint import _state
 from stashpoint._dist import Coordinator
 from stashpoint.engine.checksum import crc32c
-from stashpoint.engine.persist import FileItem
+from stashpoint.engine.publish import Publisher, new_token
+from stashpoint.engine.records import Chunk, EncodedValue, FileItem, Inline, Source
 from stashpoint.engine.tensors import as_bytes, dtensor_boxes, dtensor_layout, full_box, local_tensor, region
-from stashpoint.errors import CheckpointExistsError, InvalidStateError, StashpointError
+from stashpoint.errors import InvalidStateError, StashpointError
 from stashpoint.format.dtypes import dtype_name, is_supported, itemsize
-from stashpoint.format.index import INDEX_FILE
-from stashpoint.format.safetensors_file import FileEntry
 from stashpoint.planning.save_plan import LocalItem, SavePlan, WriteItem, build_save_plan
 from stashpoint.storage import Storage
 from stashpoint.storage.commit import CommitStrategy
 
-#: what a rank writes from: its local tensor, or an encoded object (encoding, bytes)
-Source = torch.Tensor | tuple[str, bytes]
 
-
-@dataclass
+@dataclass(frozen=True)
 class PreparedSave:
     plan: SavePlan
-    token: str  # agreed by all ranks: names the staging location and the save
-    staging: str
+    publisher: Publisher  # the same on every rank: its token names the staging location and the save
     sources: dict[str, Source]
-    flat: _state.FlatState
 
 
 def describe(leaf: _state.Leaf, allow_pickle: bool = False) -> tuple[LocalItem, Source]:
@@ -69,6 +63,7 @@ def describe(leaf: _state.Leaf, allow_pickle: bool = False) -> tuple[LocalItem, 
         )
         return item, local
     encoding, payload = _state.encode_object(v, leaf.fqn, allow_pickle)
+    value = EncodedValue(encoding=encoding, payload=payload)
     item = LocalItem(
         fqn=leaf.fqn,
         is_tensor=False,
@@ -77,7 +72,7 @@ def describe(leaf: _state.Leaf, allow_pickle: bool = False) -> tuple[LocalItem, 
         encoding=encoding,
         payload_bytes=len(payload),
     )
-    return item, (encoding, payload)
+    return item, value
 
 
 def prepare_save(
@@ -85,22 +80,19 @@ def prepare_save(
     coord: Coordinator,
     storage: Storage,
     final: str,
-    commit: CommitStrategy,
+    commit: CommitStrategy | None,
     overwrite: bool,
     allow_pickle: bool = False,
 ) -> PreparedSave:
-    """Collective: every rank calls it; returns the same plan and staging path everywhere."""
+    """Collective: every rank calls it; returns the same plan and publisher everywhere."""
     where = storage.describe(final)
-    token = uuid.uuid4().hex[:12]
-    def inventory() -> tuple[list[LocalItem], str, dict[str, Source], _state.FlatState]:
+
+    def inventory() -> tuple[list[LocalItem], str, dict[str, Source]]:
+        token = ""
         try:
-            if coord.is_coordinator and storage.exists(final):
-                if not overwrite:
-                    raise CheckpointExistsError(f"{where} already exists; pass overwrite=True to replace it")
-                if commit.staging_path(storage, final, "x") == final:
-                    # writing in place: drop the old index first so no reader mixes the two
-                    storage.delete(storage.join(final, INDEX_FILE))
-                    storage.delete(final)
+            if coord.is_coordinator:
+                token = new_token()
+                Publisher(storage, final, token=token, overwrite=overwrite, commit=commit).prepare()
             flat = _state.flatten_state(state)
             described = {fqn: describe(leaf, allow_pickle) for fqn, leaf in flat.leaves.items()}
         except StashpointError as exc:
@@ -108,43 +100,60 @@ def prepare_save(
                 raise type(exc)(f"{where}: {exc}") from exc
             raise
         sources = {f: d[1] for f, d in described.items()}
-        return [d[0] for d in described.values()], token, sources, flat
+        return [d[0] for d in described.values()], token, sources
 
     agreed = coord.run_everywhere("save: exchange inventories", inventory, share=lambda r: (r[0], r[1]))
     plan = build_save_plan([g[0] for g in agreed.everyone])
-    token = agreed.everyone[0][1]
-    staging = commit.staging_path(storage, final, token)
-    _, _, sources, flat = agreed.mine
-    return PreparedSave(plan=plan, token=token, staging=staging, sources=sources, flat=flat)
+    publisher = Publisher(storage, final, token=agreed.everyone[0][1], overwrite=overwrite, commit=commit)
+    return PreparedSave(plan=plan, publisher=publisher, sources=agreed.mine[2])
 
 
-def file_items(plan: SavePlan, writes: tuple[WriteItem, ...], sources: dict[str, Source]) -> list[FileItem]:
+def chunk_of(w: WriteItem, src: Source) -> Chunk | None:
+    """The data-file chunk a write produces (None for a value stored inline in the index)."""
+    if isinstance(src, torch.Tensor):
+        box = w.box
+        return Chunk(
+            fqn=w.fqn,
+            per_rank=w.per_rank,
+            key=w.file_key,
+            dtype=dtype_name(src.dtype),
+            shape=tuple(box.shape),
+            offsets=tuple(box.offsets),
+            nbytes=box.numel * src.element_size(),
+        )
+    if src.inline:
+        return None
+    n = len(src.payload)
+    return Chunk(fqn=w.fqn, per_rank=w.per_rank, key=w.file_key, dtype="", shape=(n,), offsets=(0,), nbytes=n)
+
+
+def file_items(writes: tuple[WriteItem, ...], sources: dict[str, Source]) -> list[FileItem]:
     """What goes into this rank's data file, fetching bytes straight from the sources."""
     items = []
     for w in writes:
         src = sources[w.fqn]
+        chunk = chunk_of(w, src)
+        if chunk is None:
+            continue
         if isinstance(src, torch.Tensor):
-            box = w.box
-            entry = FileEntry(w.file_key, src.dtype, box.shape, box.numel * src.element_size())
 
-            def fetch(src=src, box=box) -> memoryview:
+            def fetch(src=src, box=w.box) -> memoryview:
                 return as_bytes(region(src, box.local_offsets, box.shape).to("cpu").contiguous())
 
-            items.append(FileItem(w.fqn, w.per_rank, entry, dtype_name(src.dtype), tuple(box.offsets), fetch))
-        elif src[0] != "json":
-            payload = src[1]
-            entry = FileEntry(w.file_key, torch.uint8, (len(payload),), len(payload))
-            items.append(FileItem(w.fqn, w.per_rank, entry, "", (0,), lambda p=payload: memoryview(p)))
+        else:
+
+            def fetch(payload=src.payload) -> memoryview:
+                return memoryview(payload)
+
+        items.append(FileItem(chunk=chunk, fetch=fetch))
     return items
 
 
-def inline_values(writes: tuple[WriteItem, ...], sources: dict[str, Source]):
+def inline_values(writes: tuple[WriteItem, ...], sources: dict[str, Source]) -> list[Inline]:
     """The JSON values this rank contributes to the index (they are not in data files)."""
-    from stashpoint.engine.persist import Written
-
     out = []
     for w in writes:
         src = sources[w.fqn]
-        if not isinstance(src, torch.Tensor) and src[0] == "json":
-            out.append(Written(w.fqn, w.per_rank, json_text=src[1].decode()))
+        if isinstance(src, EncodedValue) and src.inline:
+            out.append(Inline(fqn=w.fqn, per_rank=w.per_rank, json_text=src.payload.decode()))
     return out

@@ -16,38 +16,20 @@ previous checkpoint at the path, if any, is untouched.
 
 from __future__ import annotations
 
-import time
-
-import torch
-
+from stashpoint import _state
 from stashpoint._dist import Coordinator
-from stashpoint._version import __version__
-from stashpoint.engine.persist import build_index, commit_index, data_file_name, write_data_file
 from stashpoint.engine.prepare import file_items, inline_values, prepare_save
+from stashpoint.engine.publish import save_metadata
 from stashpoint.engine.telemetry import PhaseTimer, SaveResult, env_telemetry
 from stashpoint.errors import InvalidStateError
-from stashpoint.format.index import DEFAULT_CRC_BLOCK_BYTES, SaveMetadata
+from stashpoint.format.index import DEFAULT_CRC_BLOCK_BYTES
 from stashpoint.storage import resolve
-from stashpoint.storage.commit import CommitStrategy, default_commit
-
-
-def save_metadata(world_size: int, step: int | None, user: dict, save_id: str = "") -> SaveMetadata:
-    return SaveMetadata(
-        save_id=save_id,
-        world_size=world_size,
-        created_unix=time.time(),
-        torch_version=torch.__version__,
-        stashpoint_version=__version__,
-        step=step,
-        user=user,
-    )
+from stashpoint.storage.commit import CommitStrategy
 
 
 def check_save_args(metadata: dict | None, crc_block_bytes: int) -> dict:
-    from stashpoint._state import is_exact_json
-
     user = dict(metadata or {})
-    if not is_exact_json(user):
+    if not _state.is_exact_json(user):
         raise InvalidStateError("metadata must be a JSON-serialisable dict with string keys")
     if crc_block_bytes <= 0 or crc_block_bytes % 64:
         raise ValueError("crc_block_bytes must be a positive multiple of 64")
@@ -71,44 +53,32 @@ def save_state(
     user = check_save_args(metadata, crc_block_bytes)
     coord = Coordinator(process_group, timeout_s)
     storage, final = resolve(path)
-    commit = commit or default_commit(storage)
 
     with timer.phase("plan"):
         prepared = prepare_save(state, coord, storage, final, commit, overwrite, allow_pickle)
-    plan, staging = prepared.plan, prepared.staging
+    plan, publisher = prepared.plan, prepared.publisher
     writes = plan.writes[coord.rank]
 
     def write():
-        storage.make_prefix(staging)
-        items = file_items(plan, writes, prepared.sources)
-        written, size = write_data_file(
-            storage, staging, data_file_name(coord.rank), items, crc_block_bytes, timer
-        )
+        items = file_items(writes, prepared.sources)
+        written, size = publisher.write_file(coord.rank, items, crc_block_bytes, timer)
         return written + inline_values(writes, prepared.sources), size
-
-    try:
-        results = coord.run_everywhere("save: write data", write).everyone
-    except BaseException:
-        if coord.is_coordinator:
-            commit.abort(storage, staging, final)
-        raise
 
     def finish():
         if not coord.is_coordinator:
             return None
-        meta = save_metadata(coord.world_size, step, user, prepared.token)
-        index = build_index(plan.items, [r[0] for r in results], meta, crc_block_bytes)
-        commit_index(storage, staging, final, commit, index, overwrite, timer)
-        return index.total_bytes
+        meta = save_metadata(coord.world_size, step, user, publisher.token)
+        return publisher.finish(plan.items, [r[0] for r in results], meta, crc_block_bytes, timer).total_bytes
 
     try:
+        results = coord.run_everywhere("save: write data", write).everyone
         total = coord.run_everywhere("save: commit", finish).everyone[0]
     except BaseException:
         if coord.is_coordinator:
-            commit.abort(storage, staging, final)
+            publisher.abort()
         raise
     result = SaveResult(
-        path=storage.describe(final),
+        path=publisher.where,
         rank=coord.rank,
         world_size=coord.world_size,
         bytes_written=results[coord.rank][1],

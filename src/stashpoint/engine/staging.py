@@ -35,6 +35,16 @@ def align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+def pack(sizes: list[int]) -> tuple[list[int], int]:
+    """Where blocks of ``sizes`` go one after the other in a buffer, each at an aligned
+    offset, and the bytes they span (trainer and writer agree on it without sending it)."""
+    offsets, end = [], 0
+    for n in sizes:
+        offsets.append(end)
+        end = align(end + n)
+    return offsets, end
+
+
 class SharedBuffer:
     """A named, file-backed shared mapping; ``create`` in the owner, ``attach`` elsewhere."""
 

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from stashpoint.engine.publish import Publisher, new_token
 from stashpoint.errors import TruncatedDataError, UploadError
 from stashpoint.format.index import INDEX_FILE
 from stashpoint.storage import Storage, resolve
-from stashpoint.storage.commit import CommitStrategy, MarkerCommit, default_commit
+from stashpoint.storage.commit import CommitStrategy, default_commit
 
 
 @dataclass(frozen=True)
@@ -88,38 +88,24 @@ def copy_file(src: Storage, src_path: str, dst: Storage, dst_path: str, buf: mem
 def copy_checkpoint(
     src: Storage, src_path: str, dst: Storage, final: str, commit: CommitStrategy, buf: memoryview
 ) -> None:
-    """Copy a committed checkpoint and commit it at ``final``: data files first, index last.
+    """Copy a committed checkpoint and publish it at ``final``: data files first, index last.
 
     On failure whatever was written is removed again, and an existing remote copy at
-    ``final`` is gone too (it was being replaced), never left half-replaced.
+    ``final`` is either untouched (rename commits) or gone (in-place commits replace it),
+    never left half-replaced.
     """
     index = src.read_bytes(src.join(src_path, INDEX_FILE))  # FileNotFoundError: not committed
     names = [n for n in src.list(src_path) if n != INDEX_FILE]
-    staging = commit.staging_path(dst, final, uuid.uuid4().hex[:12])
-    if staging == final and dst.exists(final):
-        # marker commit writes in place: drop the old index first, so that no reader
-        # takes the old index for a commit of the new files
-        dst.delete(dst.join(final, INDEX_FILE))
-        dst.delete(final)
+    publisher = Publisher(dst, final, token=new_token(), overwrite=True, commit=commit)
     try:
-        dst.make_prefix(staging)
+        publisher.prepare()
+        dst.make_prefix(publisher.staging)
         for name in names:
-            copy_file(src, src.join(src_path, name), dst, dst.join(staging, name), buf)
-        dst.write_bytes(dst.join(staging, INDEX_FILE), index)
-        dst.sync_prefix(staging)
-        commit.commit(dst, staging, final, overwrite=True)
+            copy_file(src, src.join(src_path, name), dst, dst.join(publisher.staging, name), buf)
     except BaseException:
-        try:
-            if isinstance(commit, MarkerCommit):
-                dst.delete(dst.join(final, INDEX_FILE))
-                dst.delete(final)
-            else:
-                commit.abort(dst, staging, final)
-        except Exception as cleanup:  # the original error matters more; the leftovers are uncommitted
-            warnings.warn(
-                f"cleaning up after a failed upload to {dst.describe(final)}: {cleanup}", stacklevel=2
-            )
+        publisher.abort()
         raise
+    publisher.finish_with(index)
 
 
 class Uploader:

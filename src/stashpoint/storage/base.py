@@ -158,7 +158,13 @@ class Storage(abc.ABC):
         """
         return False
 
-    def rename(self, src: str, dst: str) -> None:
+    def rename(self, src: str, dst: str, *, replace: bool = True) -> None:
+        """Move ``src`` to ``dst`` in one step.
+
+        With ``replace=False`` an existing ``dst`` is never replaced: the call raises
+        ``FileExistsError`` instead, atomically where the backend can (a race of two
+        renames to one name has exactly one winner).
+        """
         raise NotImplementedError(f"{type(self).__name__} cannot rename")
 
     def make_prefix(self, path: str) -> None:

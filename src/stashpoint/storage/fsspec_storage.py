@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from stashpoint.errors import UnsupportedStorageError
 from stashpoint.storage.base import ObjectWriter, Storage, disk_full_as_named_error
 from stashpoint.storage.files import check_regular, read_regular_into, regular_size
+from stashpoint.storage.local import rename_path
 
 if TYPE_CHECKING:  # fsspec is optional; the type is only named here
     from fsspec import AbstractFileSystem
@@ -212,12 +213,12 @@ class FsspecStorage(Storage):
 
     # -- local filesystems only: atomic commit ----------------------------------------------
 
-    def rename(self, src: str, dst: str) -> None:
+    def rename(self, src: str, dst: str, *, replace: bool = True) -> None:
         if not self.is_local:
             raise NotImplementedError(f"{self.describe(src)}: not a local filesystem, cannot rename")
         # fsspec's ``mv`` moves into an existing directory and may copy; the commit
         # needs POSIX rename: one step, and an error if the target exists
-        os.rename(src, dst)
+        rename_path(src, dst, replace=replace)
 
     def sync_prefix(self, path: str) -> None:
         if not self.is_local:

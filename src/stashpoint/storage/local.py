@@ -257,16 +257,15 @@ class LocalStorage(Storage):
             except FileNotFoundError:
                 pass
 
-    def rename(self, src: str, dst: str) -> None:
-        os.rename(src, dst)
+    def rename(self, src: str, dst: str, *, replace: bool = True) -> None:
+        rename_path(src, dst, replace=replace)
 
-    def exchange(self, a: str, b: str) -> bool:
+    def exchange(self, src: str, dst: str) -> bool:
         """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
         fn = _renameat2()
         if fn is None:
             return False
-        at_fdcwd, rename_exchange = -100, 2
-        rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+        rc = fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_EXCHANGE)
         return rc == 0
 
     def make_prefix(self, path: str) -> None:
@@ -317,6 +316,45 @@ def _renameat2():
                 fn.restype = ctypes.c_int
         _RENAMEAT2.append(fn)
     return _RENAMEAT2[0]
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+#: renameat2 is missing or the filesystem does not support the flag
+_NO_RENAMEAT2 = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
+
+
+def rename_path(src: str, dst: str, *, replace: bool = True) -> None:
+    """POSIX rename; with ``replace=False`` an existing ``dst`` raises ``FileExistsError``.
+
+    On Linux ``renameat2(RENAME_NOREPLACE)`` makes the refusal atomic: of two renames
+    racing to one name exactly one wins.  Elsewhere a check-then-rename is used; its
+    only window is an *empty* directory created at ``dst`` in between (a non-empty one
+    makes the rename fail, a file is never replaced: files are linked, not renamed).
+    """
+    if replace:
+        os.rename(src, dst)
+        return
+    fn = _renameat2()
+    if fn is not None:
+        if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in _NO_RENAMEAT2:
+            raise OSError(err, os.strerror(err), src, None, dst)  # EEXIST: FileExistsError
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+    if not os.path.isdir(src):
+        os.link(src, dst)  # fails if dst appeared meanwhile
+        os.unlink(src)
+        return
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst) from exc
+        raise
 
 
 _SYNC_FILE_RANGE: list = []

@@ -82,7 +82,7 @@ class MemoryStorage(Storage):
             for k in [k for k in self._objects if k == path or k.startswith(pre)]:
                 del self._objects[k]
 
-    def rename(self, src: str, dst: str) -> None:
+    def rename(self, src: str, dst: str, *, replace: bool = True) -> None:
         pre = src.rstrip("/") + "/"
         with _LOCK:
             if any(k.startswith(dst.rstrip("/") + "/") for k in self._objects):

@@ -1,0 +1,191 @@
+"""This process's connection to its background writer process (started on first use).
+
+The client sends the typed messages of :mod:`~stashpoint.engine.messages` and turns
+the writer's answers into futures: one per staging allocation, and a pair per job
+(persisted, committed).  A future is dropped from the client as soon as it is
+settled, so a long run of saves holds nothing for the saves that are over.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+
+from stashpoint import errors
+from stashpoint.engine.messages import (
+    Alloc,
+    Allocated,
+    AllocFailed,
+    Committed,
+    Failed,
+    Free,
+    Job,
+    Outcome,
+    Persisted,
+    Shutdown,
+    Submit,
+    ToWriter,
+)
+from stashpoint.engine.staging import SharedBuffer
+
+
+@dataclass(frozen=True)
+class JobFutures:
+    """The two stages of a submitted job: ``persisted`` (this rank's data file is
+    durable; its staging buffer may be reused) and ``committed`` (an :class:`Outcome`)."""
+
+    persisted: Future = field(default_factory=Future)
+    committed: Future = field(default_factory=Future)
+
+
+class BackgroundWriter:
+    """This process's connection to its writer process (started on first use)."""
+
+    _instance: BackgroundWriter | None = None
+    _lock = threading.Lock()
+
+    @classmethod
+    def get(cls) -> BackgroundWriter:
+        with cls._lock:
+            if cls._instance is None or not cls._instance.alive:
+                cls._instance = cls()
+            return cls._instance
+
+    def __init__(self) -> None:
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        env = dict(os.environ)
+        # the writer only moves bytes: keep it off the GPU and out of the trainer's thread pools
+        env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+        src_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (src_root, env.get("PYTHONPATH", "")) if p)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stashpoint.engine.writer", str(to_child_r), str(from_child_w)],
+            pass_fds=(to_child_r, from_child_w),
+            env=env,
+            start_new_session=True,  # a signal to the trainer's process group spares the writer
+        )
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self._out = Connection(to_child_w, readable=False)
+        self._in = Connection(from_child_r, writable=False)
+        self._send_lock = threading.Lock()
+        self._allocations: dict[str, Future] = {}
+        self._jobs: dict[int, JobFutures] = {}
+        self._waiters_lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True, name="stashpoint-writer-client")
+        self._reader.start()
+        atexit.register(self.shutdown)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    @property
+    def outstanding(self) -> int:
+        """Allocations and jobs still waiting for the writer's answer."""
+        with self._waiters_lock:
+            return len(self._allocations) + len(self._jobs)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self._in.recv()
+            except (EOFError, OSError):
+                break
+            self._settle(msg)
+        dead = errors.WriterError("the background writer process exited")
+        with self._waiters_lock:
+            pending = [*self._allocations.values()]
+            for futs in self._jobs.values():
+                pending += [futs.persisted, futs.committed]
+            self._allocations.clear()
+            self._jobs.clear()
+        for fut in pending:
+            if not fut.done():
+                fut.set_exception(dead)
+
+    def _settle(self, msg: Allocated | AllocFailed | Persisted | Committed | Failed) -> None:
+        with self._waiters_lock:
+            if isinstance(msg, (Allocated, AllocFailed)):
+                alloc = self._allocations.pop(msg.tag, None)
+                futs = None
+            else:
+                alloc = None
+                # Persisted leaves the job registered until it is committed or failed
+                futs = (
+                    self._jobs.get(msg.job_id)
+                    if isinstance(msg, Persisted)
+                    else self._jobs.pop(msg.job_id, None)
+                )
+        if alloc is not None:
+            if isinstance(msg, Allocated):
+                alloc.set_result(msg.path)
+            else:
+                alloc.set_exception(msg.error.rebuild())
+        if futs is None:
+            return
+        if isinstance(msg, Persisted):
+            futs.persisted.set_result(msg.bytes_written)
+        elif isinstance(msg, Committed):
+            if not futs.persisted.done():
+                futs.persisted.set_result(msg.outcome.bytes_written)
+            futs.committed.set_result(msg.outcome)
+        elif isinstance(msg, Failed):
+            exc = msg.error.rebuild()
+            for fut in (futs.persisted, futs.committed):
+                if not fut.done():
+                    fut.set_exception(exc)
+
+    def send(self, msg: ToWriter) -> None:
+        with self._send_lock:
+            try:
+                self._out.send(msg)
+            except (BrokenPipeError, OSError) as exc:
+                raise errors.WriterError(f"the background writer process is gone: {exc}") from exc
+
+    def allocate(self, tag: str, size: int, timeout_s: float) -> SharedBuffer:
+        fut: Future = Future()
+        with self._waiters_lock:
+            self._allocations[tag] = fut
+        try:
+            self.send(Alloc(tag=tag, size=size))
+            path = fut.result(timeout=timeout_s)
+        finally:
+            with self._waiters_lock:
+                self._allocations.pop(tag, None)
+        return SharedBuffer(path, size, create=False)
+
+    def free(self, tag: str) -> None:
+        """The writer unlinks the buffer once the jobs queued before are done."""
+        self.send(Free(tag=tag))
+
+    def submit(self, job: Job) -> JobFutures:
+        futs = JobFutures()
+        with self._waiters_lock:
+            self._jobs[job.job_id] = futs
+        try:
+            self.send(Submit(job=job))
+        except BaseException:
+            with self._waiters_lock:
+                self._jobs.pop(job.job_id, None)
+            raise
+        return futs
+
+    def shutdown(self) -> None:
+        """Let the writer finish what it holds, then exit (called at interpreter exit)."""
+        if self.alive:
+            try:
+                self.send(Shutdown())
+            except errors.WriterError:
+                return
+            self.proc.wait()
+
+
+__all__ = ["BackgroundWriter", "JobFutures", "Outcome"]
