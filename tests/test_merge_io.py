@@ -236,7 +236,7 @@ def test_config_validation():
             {"merge_method": "ties", "base_model": "/b", "models": ["/x"], "parameters": {"density": 2}},
             "density",
         ),
-        ({"merge_method": "slerp", "models": ["/x", "/y", "/z"]}, "exactly two"),
+        ({"merge_method": "slerp", "models": ["/x", "/y", "/z"]}, "exactly 2 inputs"),
         ({"merge_method": "model_stock", "base_model": "/b", "models": ["/x"]}, "at least 2"),
         ({"merge_method": "uniform", "models": ["/x"], "missing": "maybe"}, "missing must be"),
         (
