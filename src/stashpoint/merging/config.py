@@ -84,6 +84,25 @@ class MergeConfig:
         out.update(self.parameters)
         return out
 
+    def to_doc(self) -> dict[str, object]:
+        """The configuration as a mapping :func:`parse_config` reads back (mergekit's keys first)."""
+        return {
+            "merge_method": self.method,
+            "base_model": self.base_model,
+            "models": [{"model": m.path, "parameters": dict(m.parameters)} for m in self.models],
+            "parameters": dict(self.parameters),
+            "dtype": self.dtype,
+            "out_dtype": self.out_dtype,
+            "missing": self.missing,
+            "prefix": self.prefix,
+            "optimizer_prefix": self.optimizer_prefix,
+            "output_format": self.output_format,
+            "max_shard_size": self.max_shard_size,
+            "device": self.device,
+            "evaluate": self.evaluate,
+            "verify": self.verify,
+        }
+
 
 def _params(where: str, value: object, allowed: set[str]) -> Params:
     if value is None:
