@@ -68,11 +68,13 @@ def copy_hf_files(
     tensor, or None when they differ.  Returns the names written, the config included.
     """
     written = []
-    for name in (*MODEL_FILES, *TOKENIZER_FILES) if reference is not None else ():
-        src = os.path.join(reference, name)
-        if not _regular(src):
-            continue
+    for name in (*MODEL_FILES, *TOKENIZER_FILES):
         dst = os.path.join(out, name)
+        src = os.path.join(reference, name) if reference is not None else None
+        if src is None or not _regular(src):
+            if _regular(dst):  # left by an earlier output overwritten here: it belongs to another model
+                os.remove(dst)
+            continue
         if name == "config.json" and dtype is not None:
             with open(src, encoding="utf-8") as f:
                 text = _with_dtype(f.read(), dtype)

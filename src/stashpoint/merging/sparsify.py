@@ -42,11 +42,11 @@ def masked(delta: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tens
 
 
 def top_k(mag: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask of the ``k`` largest entries of ``mag``.
+    """Mask of the ``k`` largest entries of ``mag``, chosen as mergekit chooses them.
 
-    Entries equal to the k-th largest are taken in flat order until ``k`` are kept,
-    which is the order of a stable descending sort (mergekit's argsort on the CPU).
-    Uses a selection, not a sort, so memory stays at a few masks.
+    Exactly ``k`` entries are kept.  Equal magnitudes at the cut are taken in the
+    order of torch's descending argsort run on the CPU in float32, which is the call
+    mergekit makes, so the same torch picks the same entries (whatever the device).
     """
     flat = mag.reshape(-1)
     n = flat.numel()
@@ -54,12 +54,10 @@ def top_k(mag: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(mag, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(mag, dtype=torch.bool)
-    cut = flat.kthvalue(n - k + 1).values
-    keep = flat > cut
-    need = k - int(keep.sum())
-    if need > 0:
-        keep[(flat == cut).nonzero().squeeze(1)[:need]] = True
-    return keep.reshape(mag.shape)
+    top = torch.argsort(flat.to("cpu", torch.float32), descending=True)[:k]
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[top] = True
+    return keep.reshape(mag.shape).to(mag.device)
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
@@ -79,8 +77,8 @@ def outliers(delta: torch.Tensor, density: float, gamma: float, rescale: bool) -
     n = delta.numel()
     keep_n = int(density * n)
     bottom = max(0, n - keep_n - int(gamma * n))
-    order = torch.sort(delta.abs().reshape(-1), stable=True).indices
-    keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    order = torch.sort(delta.abs().reshape(-1).to("cpu", torch.float32)).indices  # mergekit's sort
+    keep = torch.zeros(n, dtype=torch.bool)
     keep[order[bottom : bottom + keep_n]] = True
     return masked(delta, keep.reshape(delta.shape), rescale)
 
@@ -107,8 +105,8 @@ def magprune(
     if density <= 0.0:
         return torch.zeros_like(delta)
     rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)
-    order = torch.argsort(rows.abs().cpu(), dim=1, stable=True)
-    ranks = torch.argsort(order, dim=1, stable=True).to(torch.float32)
+    order = torch.argsort(rows.abs().to("cpu", torch.float32), dim=1)  # as mergekit ranks
+    ranks = torch.argsort(order, dim=1).to(torch.float32)
     span = rows.shape[1] - 1
     rank = ranks / span if span > 0 else torch.full_like(ranks, 0.5)
     probs = rank.mul_(2 * epsilon).add_(density - epsilon)
