@@ -42,7 +42,9 @@ stashpoint.save({"model": {"w": torch.ones(4)}}, f"{d}/tiny")
 tiny = [f"{d}/tiny"] * 2
 stashpoint.merge(out=f"{d}/w1", models=tiny, method="uniform")
 stashpoint.save({"model": {"w": torch.zeros(4)}}, f"{d}/tiny0")
-stashpoint.merge(out=f"{d}/w2", models=tiny, base_model=f"{d}/tiny0", method="ties", parameters={"density": 0.5})
+stashpoint.merge(
+    out=f"{d}/w2", models=tiny, base_model=f"{d}/tiny0", method="ties", parameters={"density": 0.5}
+)
 small = [f"{d}/small{i}" for i in range(3)]
 big = [f"{d}/big{i}" for i in range(3)]
 out = {}
