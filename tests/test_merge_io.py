@@ -176,7 +176,7 @@ def test_hf_inputs_single_and_sharded_hf_output_sharded(tmp_path):
         tmp_path / "out",
     )
     files = sorted(os.listdir(tmp_path / "out"))
-    assert "model.safetensors.index.json" in files and len(files) == 4
+    assert "model.safetensors.index.json" in files and "mergekit_config.yml" in files and len(files) == 5
     got = {}
     for f in files:
         if f.endswith(".safetensors"):
@@ -192,7 +192,7 @@ def test_hf_inputs_single_and_sharded_hf_output_sharded(tmp_path):
     stashpoint.merge(
         out=tmp_path / "out", models=[str(single)], method="uniform", output_format="hf", overwrite=True
     )
-    assert sorted(os.listdir(tmp_path / "out")) == ["model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["mergekit_config.yml", "model.safetensors"]
 
 
 def test_output_exists_and_bad_inputs(tmp_path):
@@ -236,7 +236,7 @@ def test_config_validation():
             {"merge_method": "ties", "base_model": "/b", "models": ["/x"], "parameters": {"density": 2}},
             "density",
         ),
-        ({"merge_method": "slerp", "models": ["/x", "/y", "/z"]}, "exactly two"),
+        ({"merge_method": "slerp", "models": ["/x", "/y", "/z"]}, "exactly 2 inputs"),
         ({"merge_method": "model_stock", "base_model": "/b", "models": ["/x"]}, "at least 2"),
         ({"merge_method": "uniform", "models": ["/x"], "missing": "maybe"}, "missing must be"),
         (

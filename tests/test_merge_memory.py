@@ -41,7 +41,10 @@ d = sys.argv[1]
 stashpoint.save({"model": {"w": torch.ones(4)}}, f"{d}/tiny")
 tiny = [f"{d}/tiny"] * 2
 stashpoint.merge(out=f"{d}/w1", models=tiny, method="uniform")
-stashpoint.merge(out=f"{d}/w2", models=tiny, base_model=f"{d}/tiny", method="ties")
+stashpoint.save({"model": {"w": torch.zeros(4)}}, f"{d}/tiny0")
+stashpoint.merge(
+    out=f"{d}/w2", models=tiny, base_model=f"{d}/tiny0", method="ties", parameters={"density": 0.5}
+)
 small = [f"{d}/small{i}" for i in range(3)]
 big = [f"{d}/big{i}" for i in range(3)]
 out = {}
@@ -49,7 +52,9 @@ out["uniform_small"], _ = growth(lambda: stashpoint.merge(out=f"{d}/o1", models=
 out["uniform_big"], r = growth(lambda: stashpoint.merge(out=f"{d}/o2", models=big, method="uniform"))
 out["bytes_read"] = r.bytes_read
 out["ties_big"], _ = growth(
-    lambda: stashpoint.merge(out=f"{d}/o3", models=big[1:], base_model=big[0], method="ties")
+    lambda: stashpoint.merge(
+        out=f"{d}/o3", models=big[1:], base_model=big[0], method="ties", parameters={"density": 0.5}
+    )
 )
 print(json.dumps(out))
 """

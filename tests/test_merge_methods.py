@@ -9,8 +9,9 @@ import torch
 
 import stashpoint
 from stashpoint.errors import MergeConfigError, MergeWeightsError
-from stashpoint.merging.methods import TensorInputs, dare_drop, disjoint_merge, trim
+from stashpoint.merging.methods import TensorInputs, consensus
 from stashpoint.merging.registry import get_method
+from stashpoint.merging.sparsify import generator, magnitude, random_drop
 from stashpoint.merging.weights import WeightContext, wsm_weights
 
 
@@ -124,11 +125,17 @@ def test_task_arithmetic_is_linear_with_a_base_coefficient():
 # --- per-tensor methods ----------------------------------------------------------------------
 
 
-def test_trim_keeps_top_density():
-    close(trim(torch.tensor(D1), 0.5), [0, -2, 0, 3])
-    close(trim(torch.tensor(D1), 1.0), D1)
-    close(trim(torch.tensor(D1), 0.0), [0, 0, 0, 0])
-    close(trim(torch.tensor([1.0, 1.0, 1.0, 2.0]), 0.5), [1, 1, 1, 2])  # ties at the cut are kept
+def test_magnitude_trim_keeps_int_density_n_and_breaks_ties_in_order():
+    close(magnitude(torch.tensor(D1), 0.5, False), [0, -2, 0, 3])
+    close(magnitude(torch.tensor(D1), 0.7, False), [0, -2, 0, 3])  # k = int(2.8) = 2, not round
+    close(magnitude(torch.tensor(D1), 1.0, False), D1)
+    close(magnitude(torch.tensor(D1), 0.0, False), [0, 0, 0, 0])
+    close(magnitude(torch.tensor(D1), 0.1, False), [0, 0, 0, 3])  # at least one entry is kept
+    # exactly k are kept, even with equal magnitudes at the cut
+    tied = magnitude(torch.tensor([1.0, -1.0, 1.0, 2.0]), 0.5, False)
+    assert tied[3] == 2 and int((tied != 0).sum()) == 2
+    # rescale keeps the L1 norm: |D1| = 6.5, kept |-2| + |3| = 5
+    close(magnitude(torch.tensor(D1), 0.5, True), [0, -2 * 6.5 / 5, 0, 3 * 6.5 / 5])
 
 
 def test_ties_on_three_four_element_deltas():
@@ -147,23 +154,30 @@ def test_ties_on_three_four_element_deltas():
     close(got, [2.0, 0.0, 0.125, 2.5])
 
 
-def test_ties_sign_election_tie_elects_plus_and_no_normalisation():
-    close(disjoint_merge([torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.0])], [1.0, 1.0], True), [1.0, 0.0])
-    close(
-        disjoint_merge([torch.tensor([1.0, 2.0]), torch.tensor([3.0, -1.0])], [1.0, 1.0], False), [4.0, 2.0]
-    )
+def test_sign_election_on_weighted_deltas_tie_elects_plus():
+    mixed, divisor = consensus([torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.0])], [1.0, 1.0])
+    close(mixed, [1.0, 0.0])
+    close(divisor, [1.0, 1.0])  # nothing agrees at [1]: the divisor is 1, as in mergekit
+    mixed, divisor = consensus([torch.tensor([1.0, 2.0]), torch.tensor([3.0, -1.0])], [1.0, 2.0])
+    close(mixed, [4.0, 2.0])
+    close(divisor, [3.0, 1.0])
+    # a negative weight flips the delta's vote: weighted deltas (1, -2) elect -
+    got = apply("ties", [0.0], [[1.0], [2.0]], model_params=[{"weight": 1.0}, {"weight": -1.0}])
+    close(got, [2.0])  # -2 / -1: the agreeing weighted delta over its weight
 
 
-def test_dare_drop_is_seeded_and_rescales():
+def test_random_drop_is_seeded_and_rescales_to_the_l1_norm():
     d = torch.ones(10_000)
-    a = dare_drop(d.clone(), 0.3, seed=7, name="w", index=0)
-    assert set(a.unique().tolist()) <= {0.0, float(torch.tensor(1 / 0.3))}
-    assert abs(float((a != 0).float().mean()) - 0.3) < 0.03
-    assert torch.equal(a, dare_drop(d.clone(), 0.3, seed=7, name="w", index=0))
-    assert not torch.equal(a, dare_drop(d.clone(), 0.3, seed=8, name="w", index=0))
-    assert not torch.equal(a, dare_drop(d.clone(), 0.3, seed=7, name="w", index=1))  # each model its own mask
-    close(dare_drop(torch.tensor(D1), 1.0, 0, "w", 0), D1)
-    close(dare_drop(torch.tensor(D1), 0.0, 0, "w", 0), [0, 0, 0, 0])
+    a = random_drop(d.clone(), 0.3, False, generator(7, 0, "w"))
+    assert set(a.unique().tolist()) <= {0.0, 1.0}
+    assert abs(float(a.mean()) - 0.3) < 0.03
+    assert torch.equal(a, random_drop(d.clone(), 0.3, False, generator(7, 0, "w")))
+    assert not torch.equal(a, random_drop(d.clone(), 0.3, False, generator(8, 0, "w")))
+    assert not torch.equal(a, random_drop(d.clone(), 0.3, False, generator(7, 1, "w")))  # per model
+    r = random_drop(d.clone(), 0.3, True, generator(7, 0, "w"))
+    assert float(r.sum()) == pytest.approx(10_000, rel=1e-5)  # mergekit's rescale: the L1 norm is kept
+    close(random_drop(torch.tensor(D1), 1.0, True, generator(0, 0, "w")), D1)
+    close(random_drop(torch.tensor(D1), 0.0, True, generator(0, 0, "w")), [0, 0, 0, 0])
 
 
 def test_dare_linear_and_dare_ties_by_hand():
@@ -171,13 +185,15 @@ def test_dare_linear_and_dare_ties_by_hand():
     # density 1 keeps every delta: task arithmetic, base + .5 ((1, 0) + (0, 2))
     close(apply("dare_linear", base, [[2.0, 1.0], [1.0, 3.0]], {"density": 1.0, "lambda": 0.5}), [1.5, 2.0])
     close(apply("dare_linear", base, [[2.0, 1.0], [1.0, 3.0]], {"drop_rate": 1.0}), base)
-    # dare_ties with density 1 is TIES without trimming: signs +,-,-,+ ;
-    # means (1+2)/2, -2, (-1.5-2)/2, (3+.25)/2
+    # dare_ties with density 1 is TIES without trimming: signs +,-,-,+ ; mergekit's default
+    # normalize: false sums the agreeing deltas, normalize: true takes their mean
     got = apply("dare_ties", [0.0] * 4, [D1, D2, D3], {"density": 1.0})
+    close(got, [3.0, -2.0, -3.5, 3.25])
+    got = apply("dare_ties", [0.0] * 4, [D1, D2, D3], {"density": 1.0, "normalize": True})
     close(got, [1.5, -2.0, -1.75, 1.625])
-    # a real drop: every entry of the result is base + a sum of (delta / density) terms
-    got = apply("dare_linear", [0.0] * 4, [[1.0] * 4], {"density": 0.5, "seed": 3})
-    assert set(got.tolist()) <= {0.0, 2.0}
+    # a real drop without rescale: every entry is the base or base + delta
+    got = apply("dare_linear", [0.0] * 4, [[1.0] * 4], {"density": 0.5, "seed": 3, "rescale": False})
+    assert set(got.tolist()) <= {0.0, 1.0}
 
 
 def test_slerp_orthogonal_unit_vectors_at_quarter():
@@ -191,7 +207,8 @@ def test_slerp_orthogonal_unit_vectors_at_quarter():
 def test_slerp_falls_back_to_lerp_when_nearly_colinear():
     got = apply("slerp", None, [[1.0, 0.0], [2.0, 1e-4]], {"t": 0.25})
     close(got, [1.25, 0.25e-4])
-    close(apply("slerp", None, [[0.0, 0.0], [2.0, 2.0]], {"t": 0.5}), [1.0, 1.0])  # a zero vector
+    # a zero vector is not normalised (mergekit): cos 0, so sin(t pi/2) of the other end
+    close(apply("slerp", None, [[0.0, 0.0], [2.0, 2.0]], {"t": 0.5}), [math.sqrt(2)] * 2)
 
 
 def test_model_stock_on_2d_points():
@@ -267,7 +284,11 @@ def test_every_delta_method_end_to_end(tmp_path):
     )
     close(stashpoint.load_full(tmp_path / "ta")["model.w"], [0.5 * sum(c) for c in zip(D1, D2, D3)])
     stashpoint.merge(
-        out=tmp_path / "dt", models=ms, base_model=base, method="dare_ties", parameters={"density": 1.0}
+        out=tmp_path / "dt",
+        models=ms,
+        base_model=base,
+        method="dare_ties",
+        parameters={"density": 1.0, "normalize": True},
     )
     close(stashpoint.load_full(tmp_path / "dt")["model.w"], [1.5, -2.0, -1.75, 1.625])
     a = _ckpt(tmp_path / "a", {"w": torch.tensor([1.0, 0.0])})

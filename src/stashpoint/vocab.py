@@ -56,3 +56,9 @@ def choose(option: str, value: object, vocabulary: object, allowed: tuple[str, .
         listed = ", ".join(repr(w) for w in ok)
         raise InvalidOptionError(f"{option} must be one of {listed}, not {value!r}")
     return value
+#: how a merge method combines its inputs (see ``stashpoint.merging.registry``)
+MergeKind = Literal["linear", "tensor", "search"]
+#: dtypes a merge may compute in or write
+MergeDtype = Literal["float32", "float16", "bfloat16", "float64"]
+#: a base model also listed under ``models``: taken as the base only, or refused
+BaseListed = Literal["dropped", "refused"]

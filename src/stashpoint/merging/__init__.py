@@ -63,30 +63,11 @@ def build_config(
     if base_cfg is not None:
         if not overrides:
             return base_cfg
-        doc = _to_doc(base_cfg)
+        doc = base_cfg.to_doc()
     if "parameters" in overrides and isinstance(doc.get("parameters"), Mapping):
         overrides["parameters"] = {**doc["parameters"], **overrides["parameters"]}
     doc.update(overrides)
     return parse_config(doc)
-
-
-def _to_doc(cfg: MergeConfig) -> dict[str, object]:
-    return {
-        "merge_method": cfg.method,
-        "models": [{"model": m.path, "parameters": dict(m.parameters)} for m in cfg.models],
-        "base_model": cfg.base_model,
-        "parameters": dict(cfg.parameters),
-        "dtype": cfg.dtype,
-        "out_dtype": cfg.out_dtype,
-        "missing": cfg.missing,
-        "prefix": cfg.prefix,
-        "optimizer_prefix": cfg.optimizer_prefix,
-        "output_format": cfg.output_format,
-        "max_shard_size": cfg.max_shard_size,
-        "device": cfg.device,
-        "evaluate": cfg.evaluate,
-        "verify": cfg.verify,
-    }
 
 
 def merge(

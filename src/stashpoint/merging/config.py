@@ -13,13 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from stashpoint.errors import MergeConfigError
-from stashpoint.merging.registry import SEARCH, MethodSpec, Params, ParamValue, get_method
+from stashpoint.errors import InvalidOptionError, MergeConfigError
+from stashpoint.merging.registry import MethodSpec, Params, ParamValue, get_method
 from stashpoint.sizes import parse_size
+from stashpoint.vocab import MergeDtype, MissingPolicy, OutputFormat, choose
 
-MISSING_POLICIES = ("error", "intersection", "union")
-OUT_FORMATS = ("stashpoint", "hf")
-FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 #: mergekit keys with no meaning here: refused with a pointer to the docs, not ignored
 _UNSUPPORTED = ("slices", "tokenizer_source", "tokenizer", "chat_template", "modules", "gradient")
 _TOP_KEYS = {
@@ -56,13 +54,13 @@ class MergeConfig:
     base_model: str | None = None
     parameters: Params = field(default_factory=lambda: _EMPTY)
     #: inputs are cast to it before the arithmetic (which accumulates in fp32 or wider)
-    dtype: str | None = None
-    out_dtype: str | None = None
-    missing: str = "error"
+    dtype: MergeDtype | None = None
+    out_dtype: MergeDtype | None = None
+    missing: MissingPolicy = "error"
     #: names under this prefix are merged; HF tensor names get it prepended
     prefix: str = "model."
     optimizer_prefix: str = "optim.state."
-    output_format: str = "stashpoint"
+    output_format: OutputFormat = "stashpoint"
     max_shard_size: int = 5 * 10**9
     device: str = "cpu"
     #: command for soups and LCSC: ``{path}`` is replaced by the candidate's path
@@ -85,6 +83,25 @@ class MergeConfig:
         out = dict(self.spec.defaults)
         out.update(self.parameters)
         return out
+
+    def to_doc(self) -> dict[str, object]:
+        """The configuration as a mapping :func:`parse_config` reads back (mergekit's keys first)."""
+        return {
+            "merge_method": self.method,
+            "base_model": self.base_model,
+            "models": [{"model": m.path, "parameters": dict(m.parameters)} for m in self.models],
+            "parameters": dict(self.parameters),
+            "dtype": self.dtype,
+            "out_dtype": self.out_dtype,
+            "missing": self.missing,
+            "prefix": self.prefix,
+            "optimizer_prefix": self.optimizer_prefix,
+            "output_format": self.output_format,
+            "max_shard_size": self.max_shard_size,
+            "device": self.device,
+            "evaluate": self.evaluate,
+            "verify": self.verify,
+        }
 
 
 def _params(where: str, value: object, allowed: set[str]) -> Params:
@@ -141,18 +158,19 @@ def parse_config(doc: Mapping[str, object]) -> MergeConfig:
     if isinstance(base, Mapping):  # mergekit allows {model: path}
         base = base.get("model")
     base = os.fspath(base) if base is not None else None
+    models = _without_base(models, base, spec)
     global_allowed = set(spec.defaults) | model_allowed
     cfg = MergeConfig(
         method=spec.name,
         models=models,
         base_model=base,
         parameters=_params("parameters", doc.get("parameters"), global_allowed),
-        dtype=_choice("dtype", doc.get("dtype"), FLOAT_DTYPES, none_ok=True),
-        out_dtype=_choice("out_dtype", doc.get("out_dtype"), FLOAT_DTYPES, none_ok=True),
-        missing=_choice("missing", doc.get("missing", "error"), MISSING_POLICIES),
+        dtype=_choice("dtype", doc.get("dtype"), MergeDtype, none_ok=True),
+        out_dtype=_choice("out_dtype", doc.get("out_dtype"), MergeDtype, none_ok=True),
+        missing=_choice("missing", doc.get("missing", "error"), MissingPolicy),
         prefix=str(doc.get("prefix", "model.") or ""),
         optimizer_prefix=str(doc.get("optimizer_prefix", "optim.state.")),
-        output_format=_choice("output_format", doc.get("output_format", "stashpoint"), OUT_FORMATS),
+        output_format=_choice("output_format", doc.get("output_format", "stashpoint"), OutputFormat),
         max_shard_size=parse_size(doc.get("max_shard_size", 5 * 10**9), "max_shard_size"),
         device=str(doc.get("device", "cpu")),
         evaluate=None if doc.get("evaluate") is None else str(doc["evaluate"]),
@@ -164,12 +182,27 @@ def parse_config(doc: Mapping[str, object]) -> MergeConfig:
     return cfg
 
 
-def _choice(key: str, value: object, allowed: tuple[str, ...], none_ok: bool = False) -> str | None:
+def _choice(key: str, value: object, vocabulary: object, none_ok: bool = False) -> str | None:
+    """``vocab.choose``, reported as a configuration error of the merge."""
     if value is None and none_ok:
         return None
-    if value not in allowed:
-        raise MergeConfigError(f"{key} must be one of {', '.join(allowed)}, not {value!r}")
-    return str(value)
+    try:
+        return choose(key, value, vocabulary)
+    except InvalidOptionError as exc:
+        raise MergeConfigError(str(exc)) from exc
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _without_base(models: tuple[ModelSpec, ...], base: str | None, spec: MethodSpec) -> tuple[ModelSpec, ...]:
+    """mergekit lists the base under ``models`` too (SLERP, model stock, TIES...): it is the base only."""
+    if base is None or spec.needs_base is False or not any(_same_path(m.path, base) for m in models):
+        return models
+    if spec.base_listed == "refused":
+        raise MergeConfigError(f"{spec.name}: base_model {base} must not also be listed under models")
+    return tuple(m for m in models if not _same_path(m.path, base))
 
 
 def _check_counts(cfg: MergeConfig, spec: MethodSpec) -> None:
@@ -178,18 +211,18 @@ def _check_counts(cfg: MergeConfig, spec: MethodSpec) -> None:
         raise MergeConfigError(f"{spec.name}: base_model is required")
     if spec.needs_base is False and cfg.base_model is not None:
         raise MergeConfigError(f"{spec.name}: takes no base_model (list every input under models)")
-    if spec.name == "slerp":  # two endpoints: base + one model, or two models
-        if n + (cfg.base_model is not None) != 2:
+    if spec.total_inputs is not None:
+        if n + (cfg.base_model is not None) != spec.total_inputs:
             raise MergeConfigError(
-                "slerp interpolates between exactly two models (base_model + 1, or 2 models)"
+                f"{spec.name} takes exactly {spec.total_inputs} inputs, base_model counted "
+                f"(base_model + {spec.total_inputs - 1}, or {spec.total_inputs} models); got "
+                f"{n} model(s){' and a base_model' if cfg.base_model is not None else ''}"
             )
         return
     if n < spec.min_models:
         raise MergeConfigError(f"{spec.name}: needs at least {spec.min_models} model(s), got {n}")
     if spec.max_models is not None and n > spec.max_models:
         raise MergeConfigError(f"{spec.name}: takes at most {spec.max_models} model(s), got {n}")
-    if spec.kind == SEARCH and cfg.output_format not in OUT_FORMATS:
-        raise MergeConfigError(f"{spec.name}: unknown output_format {cfg.output_format!r}")
 
 
 def _check_values(cfg: MergeConfig) -> None:
@@ -210,6 +243,8 @@ def _check_values(cfg: MergeConfig) -> None:
             raise MergeConfigError(f"{where}: density must be in [0, 1], not {p['density']}")
         if "weight" in p and (isinstance(p["weight"], bool) or not isinstance(p["weight"], int | float)):
             raise MergeConfigError(f"{where}: weight must be a number, not {p['weight']!r}")
+        if cfg.spec.check is not None:
+            cfg.spec.check(p, where)
 
 
 def load_config(path: str | os.PathLike) -> dict[str, object]:

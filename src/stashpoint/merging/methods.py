@@ -1,19 +1,23 @@
-"""Methods applied to each tensor of all inputs at once, mostly on deltas from a base.
+"""Methods applied to each tensor of all inputs at once: mergekit's task-vector family.
 
 Every function gets a :class:`TensorInputs` whose tensors are already in the
 compute dtype (fp32 unless a wider ``dtype`` is set) and returns the merged
-tensor.  Formulas and defaults are in ``docs/MERGING.md``.
+tensor.  TIES, DARE, Breadcrumbs and DELLA share one rule (mergekit's generalized
+task arithmetic): sparsify each delta, weight it, optionally elect a sign per entry
+and keep the agreeing deltas, sum, normalise by the weights, scale by ``lambda``.
+Formulas and defaults are in ``docs/MERGING.md``; SLERP, NuSLERP, model stock and
+the curvature-weighted merge are in :mod:`stashpoint.merging.geometric`.
 """
 
 from __future__ import annotations
 
-import math
-import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from stashpoint.errors import MergeConfigError
+from stashpoint.merging import sparsify
 from stashpoint.merging.registry import TENSOR, Params, register
 
 
@@ -48,51 +52,63 @@ class TensorInputs:
         return self.models
 
 
-def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``round(density * numel)`` largest-magnitude entries (ties at the cut are kept).
+def consensus(wds: list[torch.Tensor], ws: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIES sign election over weighted deltas: (sum of the agreeing ones, sum of their weights).
 
-    Works in place on ``delta`` where it can (it is a scratch delta of this merge).
+    The elected sign of an entry is that of the sum of the weighted deltas (a zero sum
+    elects +); a weighted delta agrees when its sign is the elected one (zeros never
+    do).  Where no weight agrees the divisor is 1, as in mergekit.
     """
-    n = delta.numel()
-    k = int(round(density * n))
-    if k >= n:
-        return delta
-    if k <= 0:
-        return torch.zeros_like(delta)
-    mag = delta.abs()
-    cut = mag.reshape(-1).kthvalue(n - k + 1).values
-    keep = mag.ge_(cut)  # reuses the magnitudes' memory
-    return delta.mul_(keep)
-
-
-def disjoint_merge(deltas: list[torch.Tensor], ws: list[float], normalize: bool) -> torch.Tensor:
-    """TIES sign election and disjoint mean.
-
-    The elected sign of each entry is that of ``sum_i w_i d_i`` (a zero sum elects +);
-    only entries whose own sign agrees (and are non-zero) contribute, and with
-    ``normalize`` their weighted sum is divided by the sum of their weights (0 where
-    none agree).
-    """
-    elect = torch.zeros_like(deltas[0])
-    for d, w in zip(deltas, ws):
-        elect.add_(d, alpha=w)
-    positive = elect >= 0
-    del elect
-    num = torch.zeros_like(deltas[0])
-    den = torch.zeros_like(deltas[0]) if normalize else None
-    for d, w in zip(deltas, ws):
-        agree = (d > 0).eq_(positive).logical_and_(d != 0)
-        num.add_(torch.where(agree, d, 0.0), alpha=w)
-        if den is not None:
-            den.add_(agree.to(den.dtype), alpha=w)
+    total = torch.zeros_like(wds[0])
+    for wd in wds:
+        total.add_(wd)
+    positive = total.ge_(0).bool()
+    del total
+    mixed = torch.zeros_like(wds[0])
+    divisor = torch.zeros_like(wds[0])
+    for wd, w in zip(wds, ws):
+        agree = torch.where(positive, wd > 0, wd < 0)
+        mixed.add_(torch.where(agree, wd, 0.0))
+        divisor.add_(agree.to(divisor.dtype), alpha=w)
         del agree
-    if den is None:
-        return num
-    none = den == 0
-    return num.div_(den.masked_fill_(none, 1.0)).masked_fill_(none, 0.0)
+    return mixed, divisor.masked_fill_(divisor == 0, 1.0)
 
 
-def _density(p: Params, method: str) -> float:
+Sparsifier = Callable[[torch.Tensor, Params, "TensorInputs", int], torch.Tensor]
+
+
+def task_vectors(t: TensorInputs, sparsify_fn: Sparsifier | None, elect: bool) -> torch.Tensor:
+    """mergekit's generalized task arithmetic on the deltas of ``t``.
+
+    base + lambda * (sum_i w_i s(d_i) [agreeing]) / divisor, where s sparsifies, the
+    divisor is the sum of the (agreeing) weights with ``normalize`` (a divisor near 0
+    counts as 1) and 1 without.
+    """
+    assert t.base is not None
+    deltas = t.deltas()
+    ws = t.weights()
+    for j, (p, i) in enumerate(zip(t.params, t.indices)):
+        if sparsify_fn is not None:
+            deltas[j] = sparsify_fn(deltas[j], p, t, i)
+        deltas[j].mul_(ws[j])
+    if elect:
+        mixed, divisor = consensus(deltas, ws)
+    else:
+        mixed = deltas[0]
+        for wd in deltas[1:]:
+            mixed.add_(wd)
+        total = sum(ws)
+        divisor = total if abs(total) >= 1e-8 else 1.0
+    if t.globals["normalize"]:
+        mixed = mixed.div_(divisor)
+    lam = float(t.globals["lambda"])
+    if lam != 1.0:
+        mixed = mixed.mul_(lam)
+    return mixed.add_(t.base)
+
+
+def density_of(p: Params, method: str) -> float:
+    """``density``, or ``1 - drop_rate`` where the model (or the configuration) sets it."""
     if p.get("drop_rate") is not None:
         rate = float(p["drop_rate"])
         if not 0.0 <= rate <= 1.0:
@@ -101,150 +117,116 @@ def _density(p: Params, method: str) -> float:
     return float(p["density"])
 
 
-@register(
-    "ties",
-    kind=TENSOR,
-    needs_base=True,
-    defaults={"density": 0.5, "lambda": 1.0, "normalize": True},
-    model_params=("weight", "density"),
-)
+def _rng(p: Params, t: TensorInputs, index: int) -> torch.Generator:
+    return sparsify.generator(int(p["seed"]), index, t.name)
+
+
+def _magnitude(d: torch.Tensor, p: Params, t: TensorInputs, i: int) -> torch.Tensor:
+    return sparsify.magnitude(d, float(p["density"]), bool(p["rescale"]))
+
+
+def _random(d: torch.Tensor, p: Params, t: TensorInputs, i: int) -> torch.Tensor:
+    return sparsify.random_drop(d, density_of(p, "dare"), bool(p["rescale"]), _rng(p, t, i))
+
+
+def _outliers(d: torch.Tensor, p: Params, t: TensorInputs, i: int) -> torch.Tensor:
+    return sparsify.outliers(d, float(p["density"]), float(p["gamma"]), bool(p["rescale"]))
+
+
+def _magprune(d: torch.Tensor, p: Params, t: TensorInputs, i: int) -> torch.Tensor:
+    return sparsify.magprune(d, float(p["density"]), float(p["epsilon"]), bool(p["rescale"]), _rng(p, t, i))
+
+
+def check_della(p: Params, where: str) -> None:
+    """mergekit's rule: with 0 < density < 1, density -/+ epsilon must lie in (0, 1)."""
+    density, eps = float(p["density"]), float(p["epsilon"])
+    if 0.0 < density < 1.0 and not (density - eps > 0.0 and density + eps < 1.0):
+        raise MergeConfigError(f"{where}: density -/+ epsilon must lie in (0, 1), got {density} and {eps}")
+
+
+def _defaults(normalize: bool, rescale: bool, **extra: float | int) -> dict[str, bool | float | int]:
+    """mergekit's defaults for a task-vector method (density 1: no sparsification)."""
+    return {
+        "density": 1.0,
+        "lambda": 1.0,
+        "normalize": normalize,
+        "rescale": rescale,
+        "int8_mask": False,
+        **extra,
+    }
+
+
+_PER_MODEL = ("weight", "density")
+_DARE = ("weight", "density", "drop_rate")
+
+
+@register("ties", kind=TENSOR, needs_base=True, defaults=_defaults(True, False), model_params=_PER_MODEL)
 def ties(t: TensorInputs) -> torch.Tensor:
-    """TIES: trim each delta to its top density, elect signs, disjoint mean."""
-    assert t.base is not None
-    deltas = [trim(d, float(p["density"])) for d, p in zip(t.deltas(), t.params)]
-    merged = disjoint_merge(deltas, t.weights(), bool(t.globals["normalize"]))
-    del deltas
-    return merged.mul_(float(t.globals["lambda"])).add_(t.base)
-
-
-def dare_drop(delta: torch.Tensor, density: float, seed: int, name: str, index: int) -> torch.Tensor:
-    """Keep each entry with probability ``density``, rescaled by 1/density, in place.
-
-    The mask is drawn on the CPU from a generator seeded by (seed, model index,
-    tensor name), so it does not depend on the order of tensors or on the device.
-    """
-    if density >= 1.0:
-        return delta
-    if density <= 0.0:
-        return torch.zeros_like(delta)
-    g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{index}:{name}".encode()))
-    keep = torch.rand(delta.shape, generator=g) < density  # on the CPU: same masks on any device
-    return delta.mul_(keep.to(delta.device)).div_(density)
-
-
-def _dare(t: TensorInputs, method: str) -> list[torch.Tensor]:
-    seed = int(t.globals["seed"])
-    return [
-        dare_drop(d, _density(p, method), seed, t.name, i) for d, p, i in zip(t.deltas(), t.params, t.indices)
-    ]
-
-
-_DARE_PARAMS = ("weight", "density", "drop_rate")
+    """TIES: trim each delta to its top density by magnitude, elect signs, disjoint mean."""
+    return task_vectors(t, _magnitude, elect=True)
 
 
 @register(
-    "dare_linear",
-    kind=TENSOR,
-    needs_base=True,
-    defaults={"density": 0.5, "lambda": 1.0, "seed": 0, "normalize": False},
-    model_params=_DARE_PARAMS,
+    "dare_linear", kind=TENSOR, needs_base=True, defaults=_defaults(False, True, seed=0), model_params=_DARE
 )
 def dare_linear(t: TensorInputs) -> torch.Tensor:
-    """DARE: random drop and rescale of each delta, then a weighted sum."""
-    assert t.base is not None
-    ws = t.weights()
-    if t.globals["normalize"]:
-        total = math.fsum(ws)
-        ws = [w / total for w in ws] if total else ws
-    out = t.base.clone()
-    lam = float(t.globals["lambda"])
-    for d, w in zip(_dare(t, "dare_linear"), ws):
-        out.add_(d, alpha=lam * w)
-    return out
+    """DARE: random drop of each delta (rescaled to its L1 norm), then a weighted sum."""
+    return task_vectors(t, _random, elect=False)
 
 
 @register(
-    "dare_ties",
-    kind=TENSOR,
-    needs_base=True,
-    defaults={"density": 0.5, "lambda": 1.0, "seed": 0, "normalize": True},
-    model_params=_DARE_PARAMS,
+    "dare_ties", kind=TENSOR, needs_base=True, defaults=_defaults(False, True, seed=0), model_params=_DARE
 )
 def dare_ties(t: TensorInputs) -> torch.Tensor:
-    """DARE drop and rescale, then TIES sign election and disjoint mean."""
-    assert t.base is not None
-    merged = disjoint_merge(_dare(t, "dare_ties"), t.weights(), bool(t.globals["normalize"]))
-    return merged.mul_(float(t.globals["lambda"])).add_(t.base)
-
-
-@register("slerp", kind=TENSOR, needs_base=None, defaults={"t": 0.5, "colinear_threshold": 0.9995})
-def slerp(t: TensorInputs) -> torch.Tensor:
-    """Spherical interpolation at t from the first endpoint (base, or first model) to the second."""
-    a, b = (t.base, t.models[0]) if t.base is not None else (t.models[0], t.models[1])
-    frac = float(t.globals["t"])
-    na, nb = a.norm().double(), b.norm().double()
-    if na == 0 or nb == 0:
-        return torch.lerp(a, b, frac)
-    dot = float(((a.reshape(-1) * b.reshape(-1)).sum().double() / (na * nb)).clamp(-1.0, 1.0))
-    if abs(dot) > float(t.globals["colinear_threshold"]):
-        return torch.lerp(a, b, frac)  # nearly colinear: the arc is a line
-    omega = math.acos(dot)
-    s = math.sin(omega)
-    return a * (math.sin((1 - frac) * omega) / s) + b * (math.sin(frac * omega) / s)
-
-
-def _cos(x: torch.Tensor, y: torch.Tensor) -> float:
-    nx, ny = x.norm().double(), y.norm().double()
-    if nx == 0 or ny == 0:
-        return 0.0
-    return float((x.reshape(-1) * y.reshape(-1)).sum().double() / (nx * ny))
-
-
-@register("model_stock", kind=TENSOR, needs_base=True, min_models=2)
-def model_stock(t: TensorInputs) -> torch.Tensor:
-    """Model stock: interpolate the models' mean towards the base by t = k cos / (1 + (k-1) cos)."""
-    assert t.base is not None
-    deltas = t.deltas()
-    k = len(deltas)
-    pairs = [_cos(deltas[i], deltas[j]) for i in range(k) for j in range(i + 1, k)]
-    c = math.fsum(pairs) / len(pairs) if pairs else 1.0
-    den = 1 + (k - 1) * c
-    ratio = k * c / den if den != 0 else 0.0
-    mean = torch.zeros_like(t.base)
-    for d in deltas:
-        mean.add_(d, alpha=1.0 / k)
-    return mean.mul_(ratio).add_(t.base)  # t * mean(models) + (1 - t) * base
+    """DARE drop and rescale, then TIES sign election and disjoint sum."""
+    return task_vectors(t, _random, elect=True)
 
 
 @register(
-    "curvature",
+    "breadcrumbs",
     kind=TENSOR,
     needs_base=True,
-    defaults={"power": 0.5, "threshold": 0.0, "lambda": 1.0, "eps": 1e-16},
-    model_params=("weight",),
-    needs_moments=True,
-    aliases=("ota",),
+    defaults=_defaults(False, False, gamma=0.01),
+    model_params=(*_PER_MODEL, "gamma"),
 )
-def curvature(t: TensorInputs) -> torch.Tensor:
-    """Deltas weighted elementwise by w_i (v_i + eps)^power, v = Adam exp_avg_sq; small v d^2 masked."""
-    assert t.base is not None
-    g = t.globals
-    deltas = t.deltas()
-    ws = t.weights()
-    if t.moments is None:  # no optimizer state for this tensor (buffers): plain weighted mean of deltas
-        moments = [torch.ones_like(d) for d in deltas]
-        threshold, power, eps = 0.0, 0.0, 0.0
-    else:
-        moments = t.moments
-        threshold, power, eps = float(g["threshold"]), float(g["power"]), float(g["eps"])
-    num = torch.zeros_like(t.base)
-    den = torch.zeros_like(t.base)
-    for d, v, w in zip(deltas, moments, ws):
-        a = (v + eps).pow(power) * w
-        if threshold > 0:
-            a = a * (v * d * d >= threshold)
-        num.add_(a * d)
-        den.add_(a)
-    safe = torch.where(den != 0, den, torch.ones_like(den))
-    merged = torch.where(den != 0, num / safe, torch.zeros_like(num))  # all masked: the base
-    return t.base + float(g["lambda"]) * merged
+def breadcrumbs(t: TensorInputs) -> torch.Tensor:
+    """Model Breadcrumbs: drop the largest (gamma) and smallest entries of each delta, weighted sum."""
+    return task_vectors(t, _outliers, elect=False)
+
+
+@register(
+    "breadcrumbs_ties",
+    kind=TENSOR,
+    needs_base=True,
+    defaults=_defaults(False, False, gamma=0.01),
+    model_params=(*_PER_MODEL, "gamma"),
+)
+def breadcrumbs_ties(t: TensorInputs) -> torch.Tensor:
+    """Model Breadcrumbs sparsification, then TIES sign election."""
+    return task_vectors(t, _outliers, elect=True)
+
+
+@register(
+    "della",
+    kind=TENSOR,
+    needs_base=True,
+    defaults=_defaults(True, True, epsilon=0.15, seed=0),
+    model_params=(*_PER_MODEL, "epsilon"),
+    check=check_della,
+)
+def della(t: TensorInputs) -> torch.Tensor:
+    """DELLA: drop by magnitude-ranked probabilities (rescaled), then TIES sign election."""
+    return task_vectors(t, _magprune, elect=True)
+
+
+@register(
+    "della_linear",
+    kind=TENSOR,
+    needs_base=True,
+    defaults=_defaults(False, True, epsilon=0.15, seed=0),
+    model_params=(*_PER_MODEL, "epsilon"),
+    check=check_della,
+)
+def della_linear(t: TensorInputs) -> torch.Tensor:
+    """DELLA's magnitude-ranked drop (rescaled), then a weighted sum."""
+    return task_vectors(t, _magprune, elect=False)

@@ -88,9 +88,7 @@ def plan_merge(cfg: MergeConfig, sources: list[Source], base: Source | None) -> 
                 continue
             if base is not None and not has_base and present:
                 raise MissingTensorError(f"{msg}: merging deltas needs the base model's tensor")
-            if spec.name in ("slerp", "model_stock") and len(present) + has_base < len(sources) + (
-                base is not None
-            ):
+            if spec.every_input and len(present) + has_base < len(sources) + (base is not None):
                 raise MissingTensorError(f"{msg}: {spec.name} needs the tensor in every input")
         holders_i = [*present, *([BASE] if has_base else [])]
         infos = {i: (base.tensors[name] if i == BASE else sources[i].tensors[name]) for i in holders_i}

@@ -17,16 +17,22 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from stashpoint.vocab import BaseListed, MergeKind
+
 ParamValue = bool | int | float | str
 Params = Mapping[str, ParamValue]
 
-LINEAR, TENSOR, SEARCH = "linear", "tensor", "search"
+LINEAR: MergeKind = "linear"
+TENSOR: MergeKind = "tensor"
+SEARCH: MergeKind = "search"
 
 
 @dataclass(frozen=True)
 class MethodSpec:
+    """A method and the rules its configuration must follow, declared where it is registered."""
+
     name: str
-    kind: str
+    kind: MergeKind
     fn: Callable
     #: ``True``: a base model is required; ``None``: optional; ``False``: not accepted
     needs_base: bool | None
@@ -38,6 +44,14 @@ class MethodSpec:
     needs_moments: bool = False
     summary: str = ""
     aliases: tuple[str, ...] = field(default=())
+    #: exactly this many inputs, the base counted (slerp: 2), or None
+    total_inputs: int | None = None
+    #: the base model also listed under ``models``: dropped from them (mergekit), or refused
+    base_listed: BaseListed = "dropped"
+    #: with ``missing: union``, a tensor must still be in every input
+    every_input: bool = False
+    #: checks of the resolved parameters of one model (raise MergeConfigError)
+    check: Callable[[Params, str], None] | None = None
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -46,7 +60,7 @@ METHODS: dict[str, MethodSpec] = {}
 def register(
     name: str,
     *,
-    kind: str,
+    kind: MergeKind,
     needs_base: bool | None = False,
     defaults: Mapping[str, ParamValue] | None = None,
     model_params: tuple[str, ...] = (),
@@ -54,6 +68,10 @@ def register(
     max_models: int | None = None,
     needs_moments: bool = False,
     aliases: tuple[str, ...] = (),
+    total_inputs: int | None = None,
+    base_listed: BaseListed = "dropped",
+    every_input: bool = False,
+    check: Callable[[Params, str], None] | None = None,
 ) -> Callable[[Callable], Callable]:
     """Register the decorated function as merge method ``name`` (and its aliases)."""
 
@@ -70,6 +88,10 @@ def register(
             needs_moments=needs_moments,
             summary=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "",
             aliases=aliases,
+            total_inputs=total_inputs,
+            base_listed=base_listed,
+            every_input=every_input,
+            check=check,
         )
         for key in (name, *aliases):
             if key in METHODS:
@@ -83,7 +105,7 @@ def register(
 def get_method(name: str) -> MethodSpec:
     """The spec of method ``name``; imports the method modules on first use."""
     from stashpoint.errors import MergeConfigError
-    from stashpoint.merging import methods, search, weights  # noqa: F401  (they register themselves)
+    from stashpoint.merging import geometric, methods, search, weights  # noqa: F401  (they register themselves)
 
     try:
         return METHODS[name]

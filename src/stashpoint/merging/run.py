@@ -9,6 +9,7 @@ memory at a time, so peak memory follows the largest tensor, not the model.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections import deque
@@ -19,6 +20,7 @@ import torch
 
 from stashpoint.errors import MergeWeightsError
 from stashpoint.merging.config import MergeConfig
+from stashpoint.merging.hf_files import copy_hf_files
 from stashpoint.merging.inputs import Source, open_input
 from stashpoint.merging.methods import TensorInputs
 from stashpoint.merging.plan import BASE, COPY, MergePlan, TensorPlan, plan_merge
@@ -309,7 +311,9 @@ def _write(
     from stashpoint.merging.writer import write_hf, write_stashpoint
 
     if cfg.output_format == "hf":
-        return write_hf(out, plan.tensors, compute, cfg.prefix, cfg.max_shard_size, overwrite)
+        written = write_hf(out, plan.tensors, compute, cfg.prefix, cfg.max_shard_size, overwrite)
+        write_side_files(cfg, inputs, plan, out)
+        return written
     user = {
         "merge": {
             "method": cfg.method,
@@ -320,6 +324,18 @@ def _write(
     }
     steps = [s.step for s in inputs.models if s.step is not None]
     return write_stashpoint(out, plan.tensors, compute, user, max(steps) if steps else None, overwrite)
+
+
+def write_side_files(cfg: MergeConfig, inputs: Inputs, plan: MergePlan, out: str) -> tuple[str, ...]:
+    """Beside an HF output: the base's (or first model's) config and tokenizer, and the merge config."""
+    ref_src, ref_path = (
+        (inputs.base, cfg.base_model) if inputs.base is not None else (inputs.models[0], cfg.models[0].path)
+    )
+    local = ref_src.kind == "huggingface" and ref_path is not None and os.path.isdir(ref_path)
+    dtypes = {tp.out_dtype for tp in plan.tensors if tp.action != COPY}
+    return copy_hf_files(
+        out, ref_path if local else None, cfg.to_doc(), dtypes.pop() if len(dtypes) == 1 else None
+    )
 
 
 def plan_for(cfg: MergeConfig, inputs: Inputs) -> MergePlan:

@@ -165,7 +165,8 @@ def metrics(ctx: WeightContext) -> LinearWeights:
     "task_arithmetic",
     kind=LINEAR,
     needs_base=True,
-    defaults={"lambda": 1.0, "normalize": False},
+    # rescale and int8_mask are accepted for mergekit's YAML; with nothing sparsified they change nothing
+    defaults={"lambda": 1.0, "normalize": False, "rescale": False, "int8_mask": False},
     model_params=("weight",),
 )
 def task_arithmetic(ctx: WeightContext) -> LinearWeights:
