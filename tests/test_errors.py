@@ -21,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import stat
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -469,7 +470,7 @@ def test_flipped_bit_fails_the_checksum(saved: Saved, draw: int) -> None:
 
 SPECIAL_FILES: dict[str, Callable[[str], None]] = {
     "fifo": os.mkfifo,  # opening it for reading would wait for a writer
-    "device": lambda p: os.symlink("/dev/zero", p),  # reading it would never end
+    "device": lambda p: os.mknod(p, stat.S_IFCHR | 0o600, os.makedev(1, 5)),  # /dev/zero: never ends
     "directory": os.mkdir,
 }
 
@@ -797,7 +798,9 @@ def test_data_file_linked_out_of_the_checkpoint_is_unsafe(saved: Saved, tmp_path
 def test_fifo_in_place_of_the_index_is_unsafe(saved: Saved) -> None:
     (saved.path / INDEX_FILE).unlink()
     os.mkfifo(saved.path / INDEX_FILE)
-    expect_error_everywhere(saved.path, errors.UnsafePathError)
+    expect_error_everywhere(saved.path, errors.NotAFileError)
+    assert issubclass(errors.NotAFileError, errors.UnsafePathError)
+    assert issubclass(errors.NotAFileError, errors.StorageError)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -220,9 +220,10 @@ class StorageUnavailableError(StorageError):
     """The store kept failing (timeouts, throttling, 5xx) until the retry budget ran out."""
 
 
-class NotAFileError(StorageError):
+class NotAFileError(UnsafePathError, StorageError):
     """A path where a file is expected is something else: a directory, a FIFO, a socket,
-    a device.  Raised before anything could block on it or read from it."""
+    a device.  Raised before anything could block on it or read from it; as a checkpoint
+    that names such a file is unsafe to read, it is also an :class:`UnsafePathError`."""
 
 
 # --- tiered checkpoints ----------------------------------------------------------------------

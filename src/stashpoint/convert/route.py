@@ -101,6 +101,7 @@ def convert(
             copy_files=tuple(copy_files),
             copy_from=copy_from,
             progress=progress,
+            overwrite=overwrite,
         )
 
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 from stashpoint.engine.checksum import block_crcs
 from stashpoint.engine.records import Contribution, FileItem, Inline, Written
 from stashpoint.engine.telemetry import PhaseTimer
-from stashpoint.errors import DiskFullError, StorageWriteError
+from stashpoint.errors import DiskFullError, StashpointError, StorageWriteError
 from stashpoint.format.index import (
     ChunkRecord,
     Index,
@@ -51,6 +53,24 @@ def write_error(where: str, what: str, exc: OSError) -> StorageWriteError:
     err = cls(f"{where}: writing {what!r} failed: {exc}{hint}")
     err.errno = exc.errno
     return err
+
+
+@contextmanager
+def named_write_errors(where: str, what: str) -> Iterator[None]:
+    """Turn a failed write of ``what`` into the named error for the checkpoint ``where``.
+
+    A backend's own :class:`StorageWriteError` (e.g. ``DiskFullError``) names the file it
+    was writing, often a staging path: it is named again for the checkpoint.  Other
+    named errors pass through; plain ``OSError`` becomes :func:`write_error`'s.
+    """
+    try:
+        yield
+    except StorageWriteError as exc:
+        raise write_error(where, what, exc) from exc
+    except StashpointError:
+        raise
+    except OSError as exc:
+        raise write_error(where, what, exc) from exc
 
 
 def unique_keys(items: list[FileItem]) -> list[FileItem]:

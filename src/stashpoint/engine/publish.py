@@ -41,6 +41,7 @@ from stashpoint.engine.persist import (
     WRITE_THREADS,
     build_index,
     data_file_name,
+    named_write_errors,
     write_data_file,
     write_error,
 )
@@ -117,12 +118,8 @@ class Publisher:
         threads: int = WRITE_THREADS,
     ) -> tuple[list[Written], int]:
         """This rank's data file, durably, in the staging location; returns records and size."""
-        try:
+        with named_write_errors(self.where, self.staging):
             self.storage.make_prefix(self.staging)
-        except StashpointError:
-            raise
-        except OSError as exc:
-            raise write_error(self.where, self.staging, exc) from exc
         return write_data_file(
             self.storage, self.staging, data_file_name(rank), items, crc_block, timer, threads, self.where
         )
@@ -149,13 +146,9 @@ class Publisher:
         timer = timer or PhaseTimer()
         try:
             with timer.phase("commit"):
-                try:
+                with named_write_errors(self.where, INDEX_FILE):
                     self.storage.write_bytes(self.storage.join(self.staging, INDEX_FILE), index_bytes)
                     self.storage.sync_prefix(self.staging)
-                except StashpointError:
-                    raise
-                except OSError as exc:
-                    raise write_error(self.where, INDEX_FILE, exc) from exc
                 self.commit.commit(self.storage, self.staging, self.final, self.overwrite)
         except BaseException:
             self.abort()
@@ -212,12 +205,8 @@ class Publisher:
             return False
 
     def _write_manifest(self, rank: int, doc: bytes) -> None:
-        try:
+        with named_write_errors(self.where, manifest_name(rank)):
             self.storage.write_bytes(self.storage.join(self.staging, manifest_name(rank)), doc)
-        except StashpointError:
-            raise
-        except OSError as exc:
-            raise write_error(self.where, manifest_name(rank), exc) from exc
 
     def _wait_manifest(self, rank: int, deadline: float, timeout_s: float) -> list[Contribution]:
         name = self.storage.join(self.staging, manifest_name(rank))
