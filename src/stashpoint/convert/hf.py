@@ -9,7 +9,6 @@ an HF directory (single or sharded) tensor by tensor into a stashpoint checkpoin
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -17,18 +16,17 @@ from collections.abc import Callable, Mapping
 import torch
 
 from stashpoint.convert.extra_files import ExtraFile, copy_extra_files, resolve_extra_files
-from stashpoint.convert.stream import ConvertSummary, peak_rss_bytes
-from stashpoint.engine.load import iter_full
+from stashpoint.convert.stream import ConvertSummary, copy_to_stashpoint, peak_rss_bytes
+from stashpoint.engine.hf_shards import DEFAULT_SHARD_BYTES, ShardRow, write_hf_files
+from stashpoint.engine.load import iter_full, load_state
 from stashpoint.engine.publish import staged_directory
 from stashpoint.engine.reader import read_index
 from stashpoint.errors import InvalidStateError, MissingKeyError
-from stashpoint.foreign.hf import HF_INDEX, hf_config
-from stashpoint.format.dtypes import dtype_from_name, itemsize
+from stashpoint.foreign.hf import hf_config
+from stashpoint.format.dtypes import dtype_from_name
 from stashpoint.format.index import Index, TensorRecord
 from stashpoint.format.index_json import parse_strict
 from stashpoint.storage import resolve
-
-DEFAULT_SHARD_BYTES = 5 * 10**9
 
 NameMap = Callable[[str], str | None] | Mapping[str, str] | None
 
@@ -49,18 +47,6 @@ def _mapper(name_map: NameMap) -> Callable[[str], str | None]:
         return name_map
     table = dict(name_map)
     return lambda name: table.get(name)
-
-
-def _plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
-    shards: list[list[str]] = [[]]
-    used = 0
-    for name, n in sizes:
-        if shards[-1] and used + n > max_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(name)
-        used += n
-    return [s for s in shards if s]
 
 
 def _select(index: Index, mapper: Callable[[str], str | None], src) -> tuple[list[tuple], list[str]]:
@@ -118,11 +104,11 @@ def export_hf(
         t = dtype_from_name(rec.dtype)
         return dtype if dtype is not None and t.is_floating_point else t
 
+    rows = [ShardRow(hf_name=hf, source=n, shape=r.shape, dtype=out_dtype(r)) for n, hf, r in chosen]
     with staged_directory(dst, overwrite=overwrite) as staging:
         total, n_files = write_hf_files(
             staging,
-            [(hf, name, rec) for name, hf, rec in chosen],
-            out_dtype,
+            rows,
             lambda keys: _reported(iter_full(os.fspath(src), keys, verify=verify), progress),
             max_shard_bytes,
         )
@@ -169,69 +155,11 @@ def _tied_copies(chosen: list[tuple], extras: tuple[ExtraFile, ...]) -> set[str]
     return out
 
 
-def write_hf_files(dst: str, rows, out_dtype, stream, max_shard_bytes: int) -> tuple[int, int]:
-    """Write ``rows`` (``(hf_name, source_name, record)``) as HF shards into ``dst``.
-
-    ``record`` has a ``shape``; ``out_dtype(record)`` is the dtype written and
-    ``stream(source_names)`` yields ``(source_name, tensor)`` in that order.  One file is
-    ``model.safetensors``; several are ``model-0000i-of-0000N.safetensors`` plus the index
-    json.  Returns the tensor bytes written and the number of files.
-    """
-    sizes = []
-    for hf_name, _, rec in rows:
-        numel = 1
-        for n in rec.shape:
-            numel *= n
-        sizes.append((hf_name, numel * itemsize(out_dtype(rec))))
-    shards = _plan_shards(sizes, max_shard_bytes)
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    if len(shards) == 1:
-        names = ["model.safetensors"]
-    by_hf = {hf: (name, rec) for hf, name, rec in rows}
-    weight_map, total = {}, 0
-    for file_name, members in zip(names, shards, strict=True):
-        members_rows = [(hf, by_hf[hf][0], by_hf[hf][1]) for hf in members]
-        total += _write_shard(os.path.join(dst, file_name), members_rows, out_dtype, stream)
-        weight_map.update({hf: file_name for hf in members})
-    if len(shards) > 1:
-        doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        with open(os.path.join(dst, HF_INDEX), "w") as f:
-            json.dump(doc, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-    return total, len(shards)
-
-
 def _reported(items, progress):
     for name, tensor in items:
         if progress is not None:
             progress(name, tensor.numel() * tensor.element_size())
         yield name, tensor
-
-
-def _write_shard(path: str, members, out_dtype, stream) -> int:
-    """One safetensors file, header first, then each tensor as it is read."""
-    from stashpoint.engine.tensors import as_bytes
-    from stashpoint.format.safetensors_file import FileEntry, layout_file
-
-    entries = []
-    for hf, _name, rec in members:
-        numel = 1
-        for n in rec.shape:
-            numel *= n
-        t = out_dtype(rec)
-        entries.append(FileEntry(hf, t, tuple(rec.shape), numel * itemsize(t)))
-    layout = layout_file(entries, metadata={"format": "pt"})
-    # the directory is staged (see staged_directory): a half-written shard is never seen
-    with open(path, "wb") as f:
-        f.write(layout.header)
-        wanted = {name: (hf, rec) for hf, name, rec in members}
-        for name, tensor in stream(list(wanted)):
-            hf, rec = wanted[name]
-            f.write(as_bytes(tensor.to(out_dtype(rec)).contiguous()))
-        f.flush()
-        os.fsync(f.fileno())
-    return layout.size - len(layout.header)
 
 
 def import_hf(
@@ -246,8 +174,6 @@ def import_hf(
 
     Names gain ``prefix`` so the result loads into ``{"model": module}``.
     """
-    from stashpoint.convert.stream import copy_to_stashpoint
-
     return copy_to_stashpoint(
         src, dst, source="huggingface", rename=lambda n: prefix + n, overwrite=overwrite, progress=progress
     )
@@ -273,8 +199,6 @@ def load_hf(
     fill every name of the tie: ties are found in ``module`` itself and, for transformers
     models, in the directory's ``config.json``.  Returns the :class:`~stashpoint.LoadResult`.
     """
-    from stashpoint.engine.load import load_state
-
     if name_map is None:
         mapped: Callable[[str], str | None] = lambda n: n
     elif callable(name_map):

@@ -18,9 +18,12 @@ import torch
 
 from stashpoint._state import encode_object
 from stashpoint.engine.publish import StreamedCheckpoint
+from stashpoint.engine.reader import CheckpointReader
 from stashpoint.engine.records import EncodedValue
 from stashpoint.engine.tensors import as_bytes
 from stashpoint.errors import InvalidStateError, PickleNotAllowedError
+from stashpoint.format.dtypes import dtype_from_name
+from stashpoint.format.index import ObjectRecord, PerRankRecord, TensorRecord
 
 
 @dataclass(frozen=True)
@@ -121,10 +124,6 @@ def copy_to_stashpoint(
     Tensors are read whole, one at a time, when the writer reaches them.  ``rename``
     maps each name to its new name, or to None to leave the item out.
     """
-    from stashpoint.engine.reader import CheckpointReader
-    from stashpoint.format.dtypes import dtype_from_name
-    from stashpoint.format.index import ObjectRecord, PerRankRecord, TensorRecord
-
     reader = CheckpointReader.open(src)
     index = reader.index
     tensors, values, skipped = [], {}, []

@@ -27,6 +27,8 @@ import threading
 
 import torch
 
+from stashpoint.errors import StagingMemoryError
+
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
 ALIGN = 4096
 
@@ -62,8 +64,6 @@ class SharedBuffer:
                     os.close(fd)
                     fd = -1
                     os.unlink(path)
-                    from stashpoint.errors import StagingMemoryError
-
                     raise StagingMemoryError(
                         f"cannot reserve {size} bytes of staging memory in {os.path.dirname(path)} "
                         f"({exc}); enlarge it (containers: --shm-size) or point "

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from stashpoint.errors import MergeConfigError
 from stashpoint.vocab import BaseListed, MergeKind
 
 ParamValue = bool | int | float | str
@@ -104,7 +105,6 @@ def register(
 
 def get_method(name: str) -> MethodSpec:
     """The spec of method ``name``; imports the method modules on first use."""
-    from stashpoint.errors import MergeConfigError
     from stashpoint.merging import geometric, methods, search, weights  # noqa: F401  (they register themselves)
 
     try:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from stashpoint.errors import MergeWeightsError
+from stashpoint.format.dtypes import dtype_from_name
 from stashpoint.merging.config import MergeConfig
 from stashpoint.merging.hf_files import copy_hf_files
 from stashpoint.merging.inputs import Source, open_input
@@ -177,8 +178,6 @@ class Engine:
         self.device = torch.device(cfg.device)
         self.cast = None
         if cfg.dtype:
-            from stashpoint.format.dtypes import dtype_from_name
-
             self.cast = dtype_from_name(cfg.dtype)
         self._prefetch: Prefetcher | None = None
 
@@ -311,9 +310,15 @@ def _write(
     from stashpoint.merging.writer import write_hf, write_stashpoint
 
     if cfg.output_format == "hf":
-        written = write_hf(out, plan.tensors, compute, cfg.prefix, cfg.max_shard_size, overwrite)
-        write_side_files(cfg, inputs, plan, out)
-        return written
+        return write_hf(
+            out,
+            plan.tensors,
+            compute,
+            cfg.prefix,
+            cfg.max_shard_size,
+            overwrite,
+            side_files=lambda staging: write_side_files(cfg, inputs, plan, staging),
+        )
     user = {
         "merge": {
             "method": cfg.method,

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from stashpoint.convert.hf import write_hf_files
+from stashpoint.engine.hf_shards import ShardRow, write_hf_files
 from stashpoint.engine.publish import StreamedCheckpoint, staged_directory
 from stashpoint.engine.tensors import as_bytes
 from stashpoint.merging.plan import TensorPlan
@@ -44,18 +44,28 @@ def write_hf(
     prefix: str,
     max_shard_bytes: int,
     overwrite: bool,
+    side_files: Callable[[str], object] | None = None,
 ) -> int:
-    """``model.safetensors`` or shards plus the index json; names lose ``prefix``."""
+    """``model.safetensors`` or shards plus the index json; names lose ``prefix``.
+
+    ``side_files(directory)`` writes what goes beside the weights (config, tokenizer)
+    into the staged directory, so they appear with the weights, in the same swap.
+    """
     by_name = {tp.name: tp for tp in plans}
 
     def stream(keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         for name in keys:
             yield name, compute(by_name[name])
 
-    rows = [(tp.name[len(prefix) :], tp.name, tp) for tp in plans]
+    rows = [
+        ShardRow(hf_name=tp.name[len(prefix) :], source=tp.name, shape=tuple(tp.shape), dtype=tp.out_dtype)
+        for tp in plans
+    ]
     # staged and swapped in at once: an earlier output's shards never mix with these
     with staged_directory(out, overwrite=overwrite) as staging:
-        total, _ = write_hf_files(staging, rows, lambda tp: tp.out_dtype, stream, max_shard_bytes)
+        total, _ = write_hf_files(staging, rows, stream, max_shard_bytes)
+        if side_files is not None:
+            side_files(staging)
     return total
 
 
