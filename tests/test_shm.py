@@ -6,7 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from stashpoint.engine import shm
+from stashpoint.engine.staging_pool import buffer_size
 
 
 def _dead_pid() -> int:
@@ -56,3 +59,83 @@ def test_orphans_of_dead_and_recycled_pids_are_removed_live_ones_kept(tmp_path):
 
 def test_missing_directory_reclaims_nothing(tmp_path):
     assert shm.reclaim_orphans(str(tmp_path / "absent")) == []
+
+
+_KILLED_WRITER = """
+import os, signal, sys, time
+import torch
+import stashpoint
+from stashpoint.engine.writer_client import BackgroundWriter
+
+root = sys.argv[1]
+state = {"w": torch.arange(1 << 16, dtype=torch.float32)}
+stashpoint.async_save(state, os.path.join(root, "a"), mode="eager").wait(timeout=120)
+first = BackgroundWriter.get().proc
+shm = os.environ["STASHPOINT_SHM_DIR"]
+orphans = [n for n in os.listdir(shm) if n.startswith(f"stashpoint-{first.pid}-")]
+os.kill(first.pid, signal.SIGKILL)
+first.wait(timeout=60)
+left = [n for n in orphans if os.path.exists(os.path.join(os.environ["STASHPOINT_SHM_DIR"], n))]
+stashpoint.async_save(state, os.path.join(root, "b"), mode="eager").wait(timeout=120)
+after = [n for n in orphans if os.path.exists(os.path.join(os.environ["STASHPOINT_SHM_DIR"], n))]
+print(len(orphans), len(left), len(after))
+"""
+
+
+def test_a_killed_writers_staging_is_reclaimed_by_the_next_writer(tmp_path):
+    """SIGKILL leaves the writer's staging file behind; the writer started next removes it."""
+    shm_dir = tmp_path / "shm"
+    shm_dir.mkdir()
+    env = dict(os.environ, STASHPOINT_SHM_DIR=str(shm_dir))
+    out = subprocess.run(
+        [sys.executable, "-c", _KILLED_WRITER, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    staged, left_after_kill, left_after_restart = map(int, out.stdout.split())
+    assert staged >= 1 and left_after_kill == staged and left_after_restart == 0
+
+
+_SMALL_SAVE = """
+import os, sys
+import torch
+import stashpoint
+
+stashpoint.async_save({"w": torch.ones(1)}, os.path.join(sys.argv[1], "c"), mode="eager").wait(timeout=120)
+shm = os.environ["STASHPOINT_SHM_DIR"]
+print(sorted(os.path.getsize(os.path.join(shm, n)) for n in os.listdir(shm)))
+"""
+
+
+def test_staging_slack_is_proportional():
+    assert buffer_size(4) == 4096  # one element: a page, not 64 MiB more
+    assert buffer_size(8 << 20) == (9 << 20)
+    assert buffer_size(10 << 30) == (10 << 30) + (64 << 20)
+
+
+def test_a_small_async_save_fits_dockers_default_shm(tmp_path):
+    """Docker gives containers 64 MiB of /dev/shm: a small state's staging must fit in it."""
+    shm_dir = tmp_path / "shm"
+    shm_dir.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "none", str(shm_dir)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        env = dict(os.environ, STASHPOINT_SHM_DIR=str(shm_dir))
+        out = subprocess.run(
+            [sys.executable, "-c", _SMALL_SAVE, str(tmp_path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stderr
+        sizes = [int(n) for n in out.stdout.strip().strip("[]").split(",")]
+        assert len(sizes) == 1 and sizes[0] <= 64 << 10  # pages, where 64 MiB of slack used to be
+    finally:
+        subprocess.run(["umount", "-l", str(shm_dir)], check=False)

@@ -12,6 +12,7 @@ import sys
 
 from stashpoint._version import __version__
 from stashpoint.cli.failures import USAGE, explain
+from stashpoint.engine.shm import reclaim_orphans
 
 
 class Parser(argparse.ArgumentParser):
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    reclaim_orphans()  # staging memory of killed writers: torch-free, a directory listing
     try:
         return args.func(args)
     except Exception as exc:

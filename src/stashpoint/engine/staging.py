@@ -29,7 +29,6 @@ import torch
 
 from stashpoint.errors import StagingMemoryError
 
-SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
 ALIGN = 4096
 
 
@@ -66,8 +65,9 @@ class SharedBuffer:
                     os.unlink(path)
                     raise StagingMemoryError(
                         f"cannot reserve {size} bytes of staging memory in {os.path.dirname(path)} "
-                        f"({exc}); enlarge it (containers: --shm-size) or point "
-                        "STASHPOINT_SHM_DIR at a larger tmpfs"
+                        f"({exc}): an async save stages the whole state there; enlarge it "
+                        "(docker run --shm-size=..., a Kubernetes emptyDir with medium: Memory) or "
+                        "point STASHPOINT_SHM_DIR at a larger tmpfs"
                     ) from exc
             self._mmap = mmap.mmap(fd, size)
         finally:
@@ -101,11 +101,6 @@ class SharedBuffer:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
-
-
-def shm_path(tag: str) -> str:
-    base = os.environ.get("STASHPOINT_SHM_DIR") or SHM_DIR or os.environ.get("TMPDIR", "/tmp")
-    return os.path.join(base, f"stashpoint-{os.getpid()}-{tag}")
 
 
 class Ticket:

@@ -15,8 +15,16 @@ from stashpoint.engine.staging import SharedBuffer, align
 from stashpoint.engine.writer_client import BackgroundWriter
 from stashpoint.vocab import IfBusy
 
-#: extra room in a new staging buffer, so small changes in the state reuse it
-SLACK_BYTES = 64 << 20
+#: extra room in a new staging buffer, so small changes in the state reuse it: an eighth
+#: of the state, at most 64 MiB (a fixed 64 MiB made a one-tensor save need more than
+#: Docker's default 64 MiB of /dev/shm)
+SLACK_FRACTION = 8
+MAX_SLACK_BYTES = 64 << 20
+
+
+def buffer_size(size: int) -> int:
+    """The size of a new staging buffer for ``size`` bytes of state, slack included."""
+    return align(size + min(MAX_SLACK_BYTES, size // SLACK_FRACTION))
 
 
 @dataclass
@@ -69,7 +77,7 @@ class StagingPool:
                     old.buffer.close()
                     writer.free(old.tag)
                 tag = f"slot{next(self.counter)}"
-                buf = writer.allocate(tag, align(size + SLACK_BYTES), timeout_s)
+                buf = writer.allocate(tag, buffer_size(size), timeout_s)
                 buf.pin()
                 slot = Slot(tag=tag, buffer=buf, writer=writer)
                 self.slots.append(slot)

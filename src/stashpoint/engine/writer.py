@@ -42,7 +42,8 @@ from stashpoint.engine.messages import (
 )
 from stashpoint.engine.publish import Publisher
 from stashpoint.engine.records import FileItem
-from stashpoint.engine.staging import SharedBuffer, pack, shm_path
+from stashpoint.engine.shm import reclaim_orphans, shm_path
+from stashpoint.engine.staging import SharedBuffer, pack
 from stashpoint.engine.telemetry import PhaseTimer
 from stashpoint.storage import resolve
 
@@ -152,6 +153,7 @@ class _Writer:
 
 
 def main(argv: list[str]) -> int:
+    reclaim_orphans()  # staging left by writers that were killed
     inbox = Connection(int(argv[0]), writable=False)
     outbox = Connection(int(argv[1]), readable=False)
     _Writer(inbox, outbox).serve()

@@ -22,6 +22,7 @@ from stashpoint._dist import Coordinator
 from stashpoint.engine.async_save import BackgroundWriter, SaveHandle, async_save_state, warmup
 from stashpoint.engine.load import load_state
 from stashpoint.engine.save import save_state
+from stashpoint.engine.shm import reclaim_orphans, shm_dir
 from stashpoint.engine.telemetry import LoadResult, SaveResult, append_record
 from stashpoint.errors import StorageError
 from stashpoint.manager.config import ManagerConfig, manager_config
@@ -86,6 +87,7 @@ class CheckpointManager:
         self._last_time: float = time.monotonic()  # the seconds clock starts with the manager
         self._lock = threading.Lock()
         self._janitor: threading.Thread | None = None
+        _reclaim_staging()
         if self.mode != "sync":
             BackgroundWriter.get()  # start the writer process now, not at the first save
         if self._coord.is_coordinator:
@@ -393,3 +395,14 @@ class CheckpointManager:
 
 
 __all__ = ["CheckpointInfo", "CheckpointManager", "ManagerConfig", "checkpoint_name"]
+
+
+def _reclaim_staging() -> None:
+    """Remove shared-memory staging left by killed writer processes, and say how much."""
+    freed = reclaim_orphans()
+    if freed:
+        warnings.warn(
+            f"removed {len(freed)} staging file(s), {sum(r.bytes for r in freed)} bytes, left in "
+            f"{shm_dir()} by writer processes that were killed",
+            stacklevel=3,
+        )
