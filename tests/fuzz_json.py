@@ -159,6 +159,8 @@ def strict_json(data: bytes) -> object:
 
 def _valid_safetensors(path: str) -> set[str]:
     """The tensor names of a safetensors file that a strict reader accepts, else raises."""
+    if not os.path.isfile(path):  # a FIFO would block the read: nothing strict accepts it
+        raise ValueError("not a regular file")
     data = open(path, "rb").read()
     n = struct.unpack("<Q", data[:8])[0]
     if 8 + n > len(data):
@@ -193,6 +195,8 @@ def hf_self_consistent(path: str) -> bool:
         if not os.path.exists(index):
             _valid_safetensors(os.path.join(path, "model.safetensors"))
             return True
+        if not os.path.isfile(index):
+            return False
         weight_map = strict_json(open(index, "rb").read())["weight_map"]
         files = set(weight_map.values())
         if not all(isinstance(f, str) and f in os.listdir(path) for f in files):

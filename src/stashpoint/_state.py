@@ -22,13 +22,12 @@ from torch.distributed.tensor import DTensor
 
 from stashpoint.errors import InvalidStateError
 from stashpoint.format.values import MalformedValue, NotRepresentable, check_plain, to_json
+from stashpoint.planning.save_plan import CHECKED, PER_RANK, REPLICATED, SHARDED
+from stashpoint.vocab import Scope
 from stashpoint.wrappers import OptimizerState, PerRank
 
 # how a leaf is shared among ranks
-SHARDED = "sharded"  # a DTensor: placements say who holds what
-REPLICATED = "replicated"  # plain tensor of a module/optimizer: identical on every rank (DDP)
-CHECKED = "checked"  # anything else: compared across ranks at save, per-rank if it differs
-PER_RANK = "per_rank"  # wrapped in PerRank: always stored once per rank
+# how a leaf is shared among ranks: the planner's vocabulary (stashpoint.vocab.Scope)
 
 JSON_TYPES = (type(None), bool, int, float, str)
 
@@ -37,7 +36,7 @@ JSON_TYPES = (type(None), bool, int, float, str)
 class Leaf:
     fqn: str
     value: object  # torch.Tensor (DTensor included) or a plain value
-    scope: str
+    scope: Scope
     container: dict | list | None = None
     key: str | int | None = None
     #: values owned by a module or optimizer must keep the template's structure,
@@ -148,7 +147,7 @@ def _add(out: FlatState, leaf: Leaf) -> None:
     out.leaves[leaf.fqn] = leaf
 
 
-def _module_entry(name: str, module: nn.Module, out: FlatState, scope: str) -> None:
+def _module_entry(name: str, module: nn.Module, out: FlatState, scope: Scope) -> None:
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -163,7 +162,7 @@ def _module_entry(name: str, module: nn.Module, out: FlatState, scope: str) -> N
     out.finishers.append(lambda: set_model_state_dict(module, sd, options=StateDictOptions(strict=True)))
 
 
-def _optimizer_entry(name: str, optim, model: nn.Module, out: FlatState, scope: str) -> None:
+def _optimizer_entry(name: str, optim, model: nn.Module, out: FlatState, scope: Scope) -> None:
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_optimizer_state_dict,
@@ -182,7 +181,7 @@ def _optimizer_entry(name: str, optim, model: nn.Module, out: FlatState, scope: 
     out.finishers.append(lambda: set_optimizer_state_dict(model, optim, osd))
 
 
-def _stateful_entry(name: str, obj, out: FlatState, scope: str) -> None:
+def _stateful_entry(name: str, obj, out: FlatState, scope: Scope) -> None:
     sd = obj.state_dict()
     holder = {name: sd}
     _walk(sd, name, scope, out, holder, name)

@@ -22,6 +22,8 @@ IfBusy = Literal["wait", "skip"]
 PerRankChoice = Literal["error", "drop", "rank0", "all"]
 #: how a leaf is shared among ranks (recorded in the save plan)
 Scope = Literal["sharded", "replicated", "checked", "per_rank"]
+#: how an item is stored: once for the whole job, or once per rank
+StoredScope = Literal["global", "per_rank"]
 #: how a non-tensor value is stored: inline JSON, or bytes in a data file
 Encoding = Literal["json", "pickle", "torch_pickle"]
 #: what a checkpoint directory (or file) holds: ours, PyTorch DCP, HF safetensors, torch.save

@@ -15,9 +15,15 @@ from dataclasses import dataclass
 from stashpoint.errors import InconsistentStateError
 from stashpoint.format.index import Layout
 from stashpoint.planning.layout import Box
+from stashpoint.vocab import Scope, StoredScope
 
-PER_RANK = "per_rank"
-GLOBAL = "global"
+#: how a leaf is shared among ranks (:data:`stashpoint.vocab.Scope`), decided by ``_state``
+SHARDED: Scope = "sharded"  # a DTensor: placements say who holds what
+REPLICATED: Scope = "replicated"  # plain tensor of a module/optimizer: identical on every rank (DDP)
+CHECKED: Scope = "checked"  # anything else: compared across ranks at save, per-rank if it differs
+PER_RANK: Scope = "per_rank"  # wrapped in PerRank: always stored once per rank
+#: how an item is stored (:data:`stashpoint.vocab.StoredScope`): once, or once per rank
+GLOBAL: StoredScope = "global"
 
 
 @dataclass(frozen=True)
@@ -26,7 +32,7 @@ class LocalItem:
 
     fqn: str
     is_tensor: bool
-    scope: str  # see stashpoint._state: sharded | replicated | checked | per_rank
+    scope: Scope
     dtype: str = ""
     shape: tuple[int, ...] = ()
     itemsize: int = 0
@@ -51,7 +57,7 @@ class WriteItem:
 class ItemPlan:
     fqn: str
     is_tensor: bool
-    scope: str  # GLOBAL | PER_RANK
+    scope: StoredScope
     dtype: str
     shape: tuple[int, ...]
     layout: Layout | None
@@ -88,7 +94,7 @@ def _check_consistent(fqn: str, held: list[tuple[int, LocalItem]]) -> LocalItem:
                 f"rank {rank} has {it.dtype}{list(it.shape)}"
             )
         if it.scope != first.scope and PER_RANK not in (it.scope, first.scope):
-            if {it.scope, first.scope} != {"replicated", "checked"}:
+            if {it.scope, first.scope} != {REPLICATED, CHECKED}:
                 raise InconsistentStateError(
                     f"{fqn!r} is {first.scope} on rank {held[0][0]} but {it.scope} on rank {rank}"
                 )
@@ -125,7 +131,7 @@ def build_save_plan(inventories: list[list[LocalItem]]) -> SavePlan:
         first = held[0][1]
         ranks_holding = [r for r, _ in held]
         per_rank = any(it.scope == PER_RANK for _, it in held)
-        if not per_rank and any(it.scope == "checked" for _, it in held):
+        if not per_rank and any(it.scope == CHECKED for _, it in held):
             # compared by content: identical everywhere -> stored once, else per rank
             kinds = {(it.is_tensor, it.dtype, it.shape, it.digest) for _, it in held}
             per_rank = len(held) != world or len(kinds) > 1
