@@ -112,35 +112,37 @@ def _check_tiling(fqn: str, shape: tuple[int, ...], boxes: list[Box]) -> None:
         )
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """A replicated piece (a box of a tensor, or a whole object) any of ``holders`` can write."""
+
+    size: int
+    fqn: str
+    box: Box | None
+    holders: tuple[int, ...]
+
+    def order(self) -> tuple:
+        return (-self.size, self.fqn, self.box.offsets if self.box is not None else ())
+
+
 def build_save_plan(inventories: list[list[LocalItem]]) -> SavePlan:
-    """Pure and deterministic: every rank computes the same plan from the same input."""
+    """Pure and deterministic: every rank computes the same plan from the same input.
+
+    Per-rank items are written by each rank; every replicated piece by one of its
+    holders, largest first onto the least-loaded holder (balances bytes).
+    """
     world = len(inventories)
     by_fqn: dict[str, list[tuple[int, LocalItem]]] = {}
     for rank, items in enumerate(inventories):
         for it in items:
             by_fqn.setdefault(it.fqn, []).append((rank, it))
-
     writes: list[list[WriteItem]] = [[] for _ in range(world)]
     load = [0] * world
     items: dict[str, ItemPlan] = {}
-    # (size, fqn, box or None, holders): replicated pieces, assigned after the loop
-    shared: list[tuple[int, str, Box | None, list[int]]] = []
-
+    shared: list[_Piece] = []
     for fqn in sorted(by_fqn):
         held = by_fqn[fqn]
-        first = held[0][1]
-        ranks_holding = [r for r, _ in held]
-        per_rank = any(it.scope == PER_RANK for _, it in held)
-        if not per_rank and any(it.scope == CHECKED for _, it in held):
-            # compared by content: identical everywhere -> stored once, else per rank
-            kinds = {(it.is_tensor, it.dtype, it.shape, it.digest) for _, it in held}
-            per_rank = len(held) != world or len(kinds) > 1
-        if not per_rank:
-            first = _check_consistent(fqn, held)
-        if per_rank and len(held) != world:
-            missing = sorted(set(range(world)) - set(ranks_holding))
-            raise InconsistentStateError(f"per-rank item {fqn!r} is missing on ranks {missing}")
-        encoding = "" if first.is_tensor else first.encoding
+        per_rank, first = _scope_of(fqn, held, world)
         items[fqn] = ItemPlan(
             fqn=fqn,
             is_tensor=first.is_tensor,
@@ -148,49 +150,73 @@ def build_save_plan(inventories: list[list[LocalItem]]) -> SavePlan:
             dtype=first.dtype,
             shape=first.shape,
             layout=first.layout,
-            encoding=encoding,
+            encoding="" if first.is_tensor else first.encoding,
         )
         if per_rank:
-            for rank, it in held:
-                box = it.boxes[0] if it.is_tensor else None
-                if it.is_tensor and not it.boxes:  # an empty tensor
-                    box = Box((0,) * len(it.shape), it.shape, (0,) * len(it.shape))
-                writes[rank].append(
-                    WriteItem(fqn, chunk_key(fqn, box, it.shape, it.encoding), box, per_rank=True)
-                )
-                load[rank] += box.numel * it.itemsize if box is not None else it.payload_bytes
-            continue
-        if not first.is_tensor:
-            shared.append((first.payload_bytes, fqn, None, ranks_holding))
-            continue
-        unique: dict[tuple, tuple[Box, list[int]]] = {}
-        for rank, it in held:
-            for b in it.boxes:
-                key = (b.offsets, b.shape)
-                unique.setdefault(key, (b, []))[1].append(rank)
-        _check_tiling(fqn, first.shape, [b for b, _ in unique.values()])
-        for b, holders in unique.values():
-            shared.append((b.numel * first.itemsize, fqn, b, holders))
-
-    # largest first onto the least-loaded holder: balances bytes, deterministic
-    shared.sort(key=lambda s: (-s[0], s[1], s[2].offsets if s[2] is not None else ()))
-    for size, fqn, box, holders in shared:
-        rank = min(holders, key=lambda r: (load[r], r))
-        load[rank] += size
-        plan = items[fqn]
-        writer_box = box
-        if box is not None:
-            # the writer copies from its own local tensor: use its local offsets
-            mine = next(
-                b for b in _boxes_of(by_fqn[fqn], rank) if b.offsets == box.offsets and b.shape == box.shape
-            )
-            writer_box = mine
-        writes[rank].append(
-            WriteItem(fqn, chunk_key(fqn, box, plan.shape, plan.encoding), writer_box, per_rank=False)
-        )
+            _write_per_rank(fqn, held, writes, load)
+        else:
+            shared += _pieces(fqn, held, first)
+    for piece in sorted(shared, key=_Piece.order):
+        rank = min(piece.holders, key=lambda r: (load[r], r))
+        load[rank] += piece.size
+        writes[rank].append(_shared_write(piece, items[piece.fqn], by_fqn[piece.fqn], rank))
     for w in writes:
         w.sort(key=lambda x: (x.fqn, x.box.offsets if x.box is not None else ()))
     return SavePlan(items=items, writes=tuple(tuple(w) for w in writes))
+
+
+def _scope_of(fqn: str, held: list[tuple[int, LocalItem]], world: int) -> tuple[bool, LocalItem]:
+    """Whether the item is stored per rank, and the description it is planned from."""
+    first = held[0][1]
+    per_rank = any(it.scope == PER_RANK for _, it in held)
+    if not per_rank and any(it.scope == CHECKED for _, it in held):
+        # compared by content: identical everywhere -> stored once, else per rank
+        kinds = {(it.is_tensor, it.dtype, it.shape, it.digest) for _, it in held}
+        per_rank = len(held) != world or len(kinds) > 1
+    if not per_rank:
+        return False, _check_consistent(fqn, held)
+    if len(held) != world:
+        missing = sorted(set(range(world)) - {r for r, _ in held})
+        raise InconsistentStateError(f"per-rank item {fqn!r} is missing on ranks {missing}")
+    return True, first
+
+
+def _write_per_rank(
+    fqn: str, held: list[tuple[int, LocalItem]], writes: list[list[WriteItem]], load: list[int]
+) -> None:
+    for rank, it in held:
+        box = it.boxes[0] if it.is_tensor else None
+        if it.is_tensor and not it.boxes:  # an empty tensor
+            box = Box((0,) * len(it.shape), it.shape, (0,) * len(it.shape))
+        key = chunk_key(fqn, box, it.shape, it.encoding)
+        writes[rank].append(WriteItem(fqn=fqn, file_key=key, box=box, per_rank=True))
+        load[rank] += box.numel * it.itemsize if box is not None else it.payload_bytes
+
+
+def _pieces(fqn: str, held: list[tuple[int, LocalItem]], first: LocalItem) -> list[_Piece]:
+    """The distinct pieces of a stored-once item, each with the ranks that hold it."""
+    ranks = tuple(r for r, _ in held)
+    if not first.is_tensor:
+        return [_Piece(size=first.payload_bytes, fqn=fqn, box=None, holders=ranks)]
+    unique: dict[tuple, tuple[Box, list[int]]] = {}
+    for rank, it in held:
+        for b in it.boxes:
+            unique.setdefault((b.offsets, b.shape), (b, []))[1].append(rank)
+    _check_tiling(fqn, first.shape, [b for b, _ in unique.values()])
+    return [
+        _Piece(size=b.numel * first.itemsize, fqn=fqn, box=b, holders=tuple(h)) for b, h in unique.values()
+    ]
+
+
+def _shared_write(piece: _Piece, plan: ItemPlan, held: list[tuple[int, LocalItem]], rank: int) -> WriteItem:
+    writer_box = piece.box
+    if piece.box is not None:
+        # the writer copies from its own local tensor: use its local offsets
+        writer_box = next(
+            b for b in _boxes_of(held, rank) if b.offsets == piece.box.offsets and b.shape == piece.box.shape
+        )
+    key = chunk_key(piece.fqn, piece.box, plan.shape, plan.encoding)
+    return WriteItem(fqn=piece.fqn, file_key=key, box=writer_box, per_rank=False)
 
 
 def _boxes_of(held: list[tuple[int, LocalItem]], rank: int) -> tuple[Box, ...]:
