@@ -32,6 +32,7 @@ import torch
 from stashpoint.errors import (
     DataFileMissingError,
     IndexCorruptError,
+    StashpointError,
     TruncatedDataError,
     UnsupportedFormatVersionError,
 )
@@ -165,6 +166,7 @@ def _decode_value(blob: bytes) -> tuple[str, object]:
         return "json", to_json(value)
     except (pickle.UnpicklingError, RuntimeError, NotRepresentable, AttributeError, TypeError):
         return TORCH_PICKLE, None
+    # a damaged archive (ValueError, EOFError, zip errors) is left to the caller to name
 
 
 class _Files:
@@ -235,7 +237,12 @@ def _tensor_record(files: _Files, fqn: str, meta, infos: dict) -> TensorRecord:
 
 def _value_record(files: _Files, fqn: str, info) -> ObjectRecord:
     name, fpath, offset, length = files.span(fqn, info)
-    encoding, value = _decode_value(files.storage.read_range(fpath, offset, offset + length))
+    try:
+        encoding, value = _decode_value(files.storage.read_range(fpath, offset, offset + length))
+    except (ValueError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        if isinstance(exc, StashpointError):
+            raise
+        raise IndexCorruptError(f"{files.where}: the value {fqn!r} in {name!r} is damaged: {exc}") from exc
     if encoding == "json":
         return ObjectRecord(encoding="json", value=value)
     chunk = ChunkRecord(
@@ -260,13 +267,17 @@ def dcp_index(storage: Storage, path: str, *, follow_symlinks: bool = False) -> 
     files = _Files(storage, path, follow_symlinks)
     items: dict = {}
     for fqn, meta in entries:
-        if isinstance(meta, TensorStorageMetadata):
-            items[fqn] = _tensor_record(files, fqn, meta, infos)
-        elif isinstance(meta, BytesStorageMetadata):
-            info = infos.get((fqn, None))
-            if info is None:
-                raise IndexCorruptError(f"{where}: no storage record for {fqn!r}")
-            items[fqn] = _value_record(files, fqn, info)
+        try:
+            if isinstance(meta, TensorStorageMetadata):
+                items[fqn] = _tensor_record(files, fqn, meta, infos)
+            elif isinstance(meta, BytesStorageMetadata):
+                info = infos.get((fqn, None))
+                if info is None:
+                    raise IndexCorruptError(f"{where}: no storage record for {fqn!r}")
+                items[fqn] = _value_record(files, fqn, info)
+        except (AttributeError, TypeError, ValueError, OverflowError) as exc:
+            # the metadata unpickled, but into objects missing fields or holding wrong types
+            raise IndexCorruptError(f"{where}: DCP metadata of {fqn!r} is damaged: {exc}") from exc
     items = _regroup_param_groups(items)
     ranks = {f.split("_")[2] for f in files.sizes if f.startswith("__") and f.count("_") >= 3}
     meta = SaveMetadata(

@@ -24,6 +24,8 @@ HF_SINGLE = "model.safetensors"
 HF_CONFIG = "config.json"
 #: safetensors refuses headers over 100 MB; so do we, before reading one
 MAX_HEADER_BYTES = 100_000_000
+#: dimensions and offsets beyond this cannot describe a real file (and overflow torch)
+_MAX_INT = 1 << 62
 #: an index json or config.json larger than this is not one
 _MAX_JSON_BYTES = 64 << 20
 
@@ -62,16 +64,20 @@ def hf_config(storage: Storage, path: str, *, follow_symlinks: bool = False) -> 
     return doc if isinstance(doc, dict) else {}
 
 
-def hf_files(storage: Storage, path: str, *, follow_symlinks: bool = False) -> list[str]:
-    """The safetensors files of the directory, each checked to lie inside it."""
-    where = storage.describe(path)
-    if not storage.exists(storage.join(path, HF_INDEX)):
-        return [HF_SINGLE]
+def _weight_map(storage: Storage, path: str, follow_symlinks: bool) -> dict[str, str]:
     doc = _read_json(storage, path, HF_INDEX, follow_symlinks)
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        where = storage.describe(path)
         raise IndexCorruptError(f"{where}: bad {HF_INDEX}: 'weight_map' must map names to file names")
-    files = sorted(set(weight_map.values()))
+    return weight_map
+
+
+def hf_files(storage: Storage, path: str, *, follow_symlinks: bool = False) -> list[str]:
+    """The safetensors files of the directory, each checked to lie inside it."""
+    if not storage.exists(storage.join(path, HF_INDEX)):
+        return [HF_SINGLE]
+    files = sorted(set(_weight_map(storage, path, follow_symlinks).values()))
     for name in files:
         member(storage, path, name, what=f"{HF_INDEX} entry", follow_symlinks=follow_symlinks)
     return files
@@ -108,8 +114,8 @@ def _tensor(key: str, meta: object, name: str, start: int, size: int, where: str
     except (TypeError, ValueError) as exc:
         raise IndexCorruptError(f"{what}: malformed ({exc})") from None
     ints = (*shape, begin, end)
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints):
-        raise IndexCorruptError(f"{what}: shape and data_offsets must be non-negative integers")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _MAX_INT for v in ints):
+        raise IndexCorruptError(f"{what}: shape and data_offsets must be non-negative integers below 2**62")
     numel = 1
     for d in shape:
         numel *= d
@@ -128,16 +134,55 @@ def _tensor(key: str, meta: object, name: str, start: int, size: int, where: str
     return TensorRecord(dtype=dtype_name(dtype), shape=shape, chunks=(chunk,))
 
 
+def _check_tiling(records: list[TensorRecord], name: str, start: int, size: int, where: str) -> None:
+    """The tensors' bytes tile the data section exactly, as safetensors requires.
+
+    A tensor dropped from the header, or one whose offsets were moved, leaves a gap or an
+    overlap: without this check the rest of the file would still read "fine".
+    """
+    pos = start
+    for rec in sorted(records, key=lambda r: r.chunks[0].byte_range):
+        lo, hi = rec.chunks[0].byte_range
+        if lo != pos:
+            raise IndexCorruptError(
+                f"{where}: {name}: the tensors' data_offsets leave a gap or overlap at byte "
+                f"{pos - start} of the data section"
+            )
+        pos = hi
+    if pos != size:
+        raise IndexCorruptError(f"{where}: {name}: {size - pos} bytes after the last tensor belong to none")
+
+
+def _check_weight_map(weight_map: dict[str, str], found: dict[str, str], where: str) -> None:
+    """Every name of the sharded index is in the file it names, and every tensor is listed."""
+    for key, file in weight_map.items():
+        if found.get(key) != file:
+            raise IndexCorruptError(f"{where}: {HF_INDEX} puts {key!r} in {file!r}, which does not hold it")
+    extra = sorted(set(found) - set(weight_map))
+    if extra:
+        name = found[extra[0]]
+        raise IndexCorruptError(f"{where}: {name} holds {extra[0]!r}, which {HF_INDEX} does not list")
+
+
 def hf_index(storage: Storage, path: str, *, follow_symlinks: bool = False) -> Index:
     """Describe an HF safetensors directory as a stashpoint index (names as in the files)."""
     where = storage.describe(path)
     items: dict = {}
+    found: dict[str, str] = {}
     for name in hf_files(storage, path, follow_symlinks=follow_symlinks):
         fpath = member(storage, path, name, what="HF data file", follow_symlinks=follow_symlinks)
         start, size, header = _header(storage, fpath, name, where)
-        for key, meta in header.items():
-            if key != "__metadata__":
-                items[key] = _tensor(key, meta, name, start, size, where)
+        records = {
+            k: _tensor(k, meta, name, start, size, where) for k, meta in header.items() if k != "__metadata__"
+        }
+        _check_tiling(list(records.values()), name, start, size, where)
+        for key in records:
+            if key in found:
+                raise IndexCorruptError(f"{where}: {key!r} is in both {found[key]} and {name}")
+            found[key] = name
+        items.update(records)
+    if storage.exists(storage.join(path, HF_INDEX)):
+        _check_weight_map(_weight_map(storage, path, follow_symlinks), found, where)
     meta = SaveMetadata(
         world_size=1,
         created_unix=0.0,
