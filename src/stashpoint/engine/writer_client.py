@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -33,6 +34,9 @@ from stashpoint.engine.messages import (
     ToWriter,
 )
 from stashpoint.engine.staging import SharedBuffer
+
+#: how long the trainer waits at exit for its writer to finish persisting
+SHUTDOWN_TIMEOUT_S = float(os.environ.get("STASHPOINT_WRITER_EXIT_TIMEOUT", "600"))
 
 
 @dataclass(frozen=True)
@@ -178,14 +182,25 @@ class BackgroundWriter:
             raise
         return futs
 
-    def shutdown(self) -> None:
-        """Let the writer finish what it holds, then exit (called at interpreter exit)."""
+    def shutdown(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Let the writer finish what it holds, then exit (called at interpreter exit).
+
+        Waits at most ``timeout_s``: past it the trainer exits anyway and the writer,
+        which outlives it by design, finishes (and commits) on its own.
+        """
         if self.alive:
             try:
                 self.send(Shutdown())
             except errors.WriterError:
                 return
-            self.proc.wait()
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                warnings.warn(
+                    f"the checkpoint writer (pid {self.proc.pid}) is still persisting after {timeout_s:g}s; "
+                    "exiting without it: it finishes and commits on its own",
+                    stacklevel=2,
+                )
 
 
 __all__ = ["BackgroundWriter", "JobFutures", "Outcome"]
