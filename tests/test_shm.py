@@ -82,20 +82,21 @@ print(len(orphans), len(left), len(after))
 """
 
 
+def _run(script: str, root, shm_dir) -> str:
+    """``script`` in a fresh interpreter (its own writer process) with staging in ``shm_dir``."""
+    env = dict(os.environ, STASHPOINT_SHM_DIR=str(shm_dir))
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(root)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def test_a_killed_writers_staging_is_reclaimed_by_the_next_writer(tmp_path):
     """SIGKILL leaves the writer's staging file behind; the writer started next removes it."""
     shm_dir = tmp_path / "shm"
     shm_dir.mkdir()
-    env = dict(os.environ, STASHPOINT_SHM_DIR=str(shm_dir))
-    out = subprocess.run(
-        [sys.executable, "-c", _KILLED_WRITER, str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
-    staged, left_after_kill, left_after_restart = map(int, out.stdout.split())
+    staged, left_after_kill, left_after_restart = map(int, _run(_KILLED_WRITER, tmp_path, shm_dir).split())
     assert staged >= 1 and left_after_kill == staged and left_after_restart == 0
 
 
@@ -126,16 +127,7 @@ def test_a_small_async_save_fits_dockers_default_shm(tmp_path):
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     try:
-        env = dict(os.environ, STASHPOINT_SHM_DIR=str(shm_dir))
-        out = subprocess.run(
-            [sys.executable, "-c", _SMALL_SAVE, str(tmp_path)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert out.returncode == 0, out.stderr
-        sizes = [int(n) for n in out.stdout.strip().strip("[]").split(",")]
+        sizes = [int(n) for n in _run(_SMALL_SAVE, tmp_path, shm_dir).strip().strip("[]").split(",")]
         assert len(sizes) == 1 and sizes[0] <= 64 << 10  # pages, where 64 MiB of slack used to be
     finally:
         subprocess.run(["umount", "-l", str(shm_dir)], check=False)
