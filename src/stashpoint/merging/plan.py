@@ -58,8 +58,36 @@ def _label(cfg: MergeConfig, sources: list[Source], base: Source | None, i: int)
 
 
 def plan_merge(cfg: MergeConfig, sources: list[Source], base: Source | None) -> MergePlan:
-    spec = cfg.spec
+    """What happens to each tensor under the prefix: merged, copied, or skipped (and why)."""
     everyone = [*sources, *([base] if base is not None else [])]
+    names, skipped = _names(cfg, everyone)
+    plans: list[TensorPlan] = []
+    no_moments: list[str] = []
+    wants_moments = cfg.spec.needs_moments and cfg.spec.kind == TENSOR
+    for name in sorted(names):
+        present = tuple(i for i, s in enumerate(sources) if name in s.tensors)
+        has_base = base is not None and name in base.tensors
+        why = _missing(cfg, sources, base, name, present, has_base)
+        if why is not None:
+            skipped[name] = why
+            continue
+        plan = _plan_tensor(cfg, sources, base, name, present, has_base)
+        if plan.action == MERGE and wants_moments and plan.moments is None:
+            no_moments.append(name)
+        plans.append(plan)
+    notes = []
+    if no_moments:
+        notes.append(
+            f"{len(no_moments)} tensor(s) have no optimizer moments in any input and were merged as a "
+            f"weighted mean of deltas: {', '.join(no_moments[:5])}{' ...' if len(no_moments) > 5 else ''}"
+        )
+    if not plans:
+        raise MergeInputError(f"nothing to merge: no tensor under prefix {cfg.prefix!r} in the inputs")
+    return MergePlan(tensors=tuple(plans), skipped=skipped, notes=tuple(notes))
+
+
+def _names(cfg: MergeConfig, everyone: list[Source]) -> tuple[set[str], dict[str, str]]:
+    """Tensor names under the prefix, and everything else with the reason it is left out."""
     names: set[str] = set()
     skipped: dict[str, str] = {}
     for src in everyone:
@@ -70,67 +98,63 @@ def plan_merge(cfg: MergeConfig, sources: list[Source], base: Source | None) -> 
                 skipped.setdefault(name, f"outside prefix {cfg.prefix!r}")
         for name, why in src.others.items():
             skipped.setdefault(name, why)
-    plans, notes = [], []
-    no_moments = []
-    for name in sorted(names):
-        present = tuple(i for i, s in enumerate(sources) if name in s.tensors)
-        has_base = base is not None and name in base.tensors
-        lacking = [s.label for s in sources if name not in s.tensors]
-        if base is not None and not has_base:
-            lacking.append(f"{base.label} (base)")
-        if lacking:
-            holders = [s.label for s in everyone if name in s.tensors]
-            msg = f"tensor {name!r} is missing from {', '.join(lacking)} but held by {', '.join(holders)}"
-            if cfg.missing == "error":
-                raise MissingTensorError(f"{msg} (set missing: intersection or union)")
-            if cfg.missing == "intersection":
-                skipped[name] = "missing from " + ", ".join(lacking)
-                continue
-            if base is not None and not has_base and present:
-                raise MissingTensorError(f"{msg}: merging deltas needs the base model's tensor")
-            if spec.every_input and len(present) + has_base < len(sources) + (base is not None):
-                raise MissingTensorError(f"{msg}: {spec.name} needs the tensor in every input")
-        holders_i = [*present, *([BASE] if has_base else [])]
-        infos = {i: (base.tensors[name] if i == BASE else sources[i].tensors[name]) for i in holders_i}
-        shapes = {info.shape for info in infos.values()}
-        if len(shapes) > 1:
-            detail = ", ".join(
-                f"{_label(cfg, sources, base, i)}: {list(info.shape)}" for i, info in infos.items()
-            )
-            raise MergeShapeError(f"tensor {name!r} has different shapes in the inputs ({detail})")
-        shape = shapes.pop()
-        floating = [info.dtype.is_floating_point for info in infos.values()]
-        ref = BASE if has_base else present[-1]
-        if not any(floating):
-            plans.append(
-                TensorPlan(name, COPY, shape, infos[ref].dtype, infos[ref].dtype, present, has_base, ref)
-            )
-            continue
-        dtypes = {info.dtype for info in infos.values()}
-        if len(dtypes) > 1 and cfg.dtype is None:
-            detail = ", ".join(f"{_label(cfg, sources, base, i)}: {info.dtype}" for i, info in infos.items())
-            raise MergeDtypeError(
-                f"tensor {name!r} has different dtypes in the inputs ({detail}); set dtype to compute in one"
-            )
-        if not all(floating):
-            raise MergeDtypeError(f"tensor {name!r} is floating in some inputs and not in others")
-        compute = dtype_from_name(cfg.dtype) if cfg.dtype else next(iter(dtypes))
-        out_dtype = dtype_from_name(cfg.out_dtype) if cfg.out_dtype else compute
-        acc = torch.float64 if compute == torch.float64 else torch.float32
-        moments = None
-        if spec.needs_moments and spec.kind == TENSOR:
-            moments = _moments(cfg, sources, name, present, shape)
-            if moments is None:
-                no_moments.append(name)
-        plans.append(TensorPlan(name, MERGE, shape, out_dtype, acc, present, has_base, ref, moments))
-    if no_moments:
-        notes.append(
-            f"{len(no_moments)} tensor(s) have no optimizer moments in any input and were merged as a "
-            f"weighted mean of deltas: {', '.join(no_moments[:5])}{' ...' if len(no_moments) > 5 else ''}"
+    return names, skipped
+
+
+def _missing(
+    cfg: MergeConfig, sources: list[Source], base: Source | None, name: str, present: tuple, has_base: bool
+) -> str | None:
+    """None when every input holds ``name``; the reason to skip it; or a MissingTensorError."""
+    lacking = [s.label for s in sources if name not in s.tensors]
+    if base is not None and not has_base:
+        lacking.append(f"{base.label} (base)")
+    if not lacking:
+        return None
+    holders = [s.label for s in [*sources, *([base] if base is not None else [])] if name in s.tensors]
+    msg = f"tensor {name!r} is missing from {', '.join(lacking)} but held by {', '.join(holders)}"
+    if cfg.missing == "error":
+        raise MissingTensorError(f"{msg} (set missing: intersection or union)")
+    if cfg.missing == "intersection":
+        return "missing from " + ", ".join(lacking)
+    if base is not None and not has_base and present:
+        raise MissingTensorError(f"{msg}: merging deltas needs the base model's tensor")
+    if cfg.spec.every_input and len(present) + has_base < len(sources) + (base is not None):
+        raise MissingTensorError(f"{msg}: {cfg.spec.name} needs the tensor in every input")
+    return None
+
+
+def _plan_tensor(
+    cfg: MergeConfig, sources: list[Source], base: Source | None, name: str, present: tuple, has_base: bool
+) -> TensorPlan:
+    """One tensor held by ``present`` (and the base): copied if not floating, else merged."""
+    holders = [*present, *([BASE] if has_base else [])]
+    infos = {i: (base.tensors[name] if i == BASE else sources[i].tensors[name]) for i in holders}
+    shapes = {info.shape for info in infos.values()}
+    if len(shapes) > 1:
+        detail = ", ".join(f"{_label(cfg, sources, base, i)}: {list(v.shape)}" for i, v in infos.items())
+        raise MergeShapeError(f"tensor {name!r} has different shapes in the inputs ({detail})")
+    shape = shapes.pop()
+    floating = [info.dtype.is_floating_point for info in infos.values()]
+    ref = BASE if has_base else present[-1]
+    common = dict(name=name, shape=shape, present=present, has_base=has_base, source=ref)
+    if not any(floating):
+        dtype = infos[ref].dtype
+        return TensorPlan(action=COPY, out_dtype=dtype, acc_dtype=dtype, **common)
+    dtypes = {info.dtype for info in infos.values()}
+    if len(dtypes) > 1 and cfg.dtype is None:
+        detail = ", ".join(f"{_label(cfg, sources, base, i)}: {info.dtype}" for i, info in infos.items())
+        raise MergeDtypeError(
+            f"tensor {name!r} has different dtypes in the inputs ({detail}); set dtype to compute in one"
         )
-    if not plans:
-        raise MergeInputError(f"nothing to merge: no tensor under prefix {cfg.prefix!r} in the inputs")
-    return MergePlan(tuple(plans), skipped, tuple(notes))
+    if not all(floating):
+        raise MergeDtypeError(f"tensor {name!r} is floating in some inputs and not in others")
+    compute = dtype_from_name(cfg.dtype) if cfg.dtype else next(iter(dtypes))
+    out_dtype = dtype_from_name(cfg.out_dtype) if cfg.out_dtype else compute
+    acc = torch.float64 if compute == torch.float64 else torch.float32
+    moments = None
+    if cfg.spec.needs_moments and cfg.spec.kind == TENSOR:
+        moments = _moments(cfg, sources, name, present, shape)
+    return TensorPlan(action=MERGE, out_dtype=out_dtype, acc_dtype=acc, moments=moments, **common)
 
 
 def moment_name(cfg: MergeConfig, name: str) -> str:
