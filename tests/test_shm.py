@@ -131,3 +131,29 @@ def test_a_small_async_save_fits_dockers_default_shm(tmp_path):
         assert len(sizes) == 1 and sizes[0] <= 64 << 10  # pages, where 64 MiB of slack used to be
     finally:
         subprocess.run(["umount", "-l", str(shm_dir)], check=False)
+
+
+_STOPPED_WRITER = """
+import os, signal, sys, time, warnings
+import torch
+import stashpoint
+from stashpoint.engine.writer_client import BackgroundWriter
+
+stashpoint.async_save({"w": torch.ones(4)}, os.path.join(sys.argv[1], "c"), mode="eager").wait(timeout=120)
+writer = BackgroundWriter.get()
+os.kill(writer.proc.pid, signal.SIGSTOP)  # a writer that cannot finish: the wait must end anyway
+t0 = time.monotonic()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    writer.shutdown(timeout_s=0.5)
+waited = time.monotonic() - t0
+os.kill(writer.proc.pid, signal.SIGCONT)
+writer.proc.wait(timeout=60)  # resumed, it still exits on the shutdown it was sent
+print(f"{waited:.2f}", len(caught), "still persisting" in str(caught[0].message), writer.proc.returncode)
+"""
+
+
+def test_the_exit_wait_for_the_writer_is_bounded(tmp_path):
+    """At exit the trainer waits for its writer at most the timeout, warns, and leaves it be."""
+    waited, warned, says_why, code = _run(_STOPPED_WRITER, tmp_path, tmp_path).split()
+    assert 0.5 <= float(waited) < 30 and warned == "1" and says_why == "True" and code == "0"
