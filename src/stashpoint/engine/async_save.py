@@ -110,7 +110,7 @@ _JOB_IDS = itertools.count()
 
 
 @dataclass(frozen=True)
-class _Piece:
+class Piece:
     """A chunk this rank stages: the plan's write, where its bytes come from, the chunk."""
 
     write: WriteItem
@@ -148,7 +148,7 @@ def async_save_state(
     with handle.timer.phase("plan"):
         prepared = prepare_save(state, coord, storage, final, commit, overwrite, allow_pickle)
     writes = prepared.plan.writes[coord.rank]
-    pieces = _pieces(writes, prepared.sources)
+    pieces = pieces_of(writes, prepared.sources)
     offsets, size = pack([p.chunk.nbytes for p in pieces])
     with handle.timer.phase("wait_buffer"):
         slot = _agree_on_slot(coord, writer, size, if_busy, timeout_s)
@@ -156,7 +156,7 @@ def async_save_state(
         return SaveHandle(handle.path, coord.rank, coord.world_size, skipped=True, mode=mode)
     handle.pinned_bytes = staging_pool().pinned_bytes
     with handle.timer.phase("device_to_host"):
-        tickets = _copy_in(slot, pieces, offsets, copy_engine, device_buffer)
+        tickets = copy_in(slot.buffer.tensor, pieces, offsets, copy_engine, device_buffer)
     job = Job(
         job_id=next(_JOB_IDS),
         token=prepared.publisher.token,
@@ -172,7 +172,7 @@ def async_save_state(
         commit=prepared.publisher.commit,
         **_coordinator_part(coord, prepared, step, user),
     )
-    _launch(handle, job, slot, tickets, writer, coord, _optimizers(state) if mode == "lazy" else None)
+    _launch(handle, job, slot, tickets, writer, coord, optimizers_of(state) if mode == "lazy" else None)
     handle.stall_s = time.perf_counter() - t_call
     return handle
 
@@ -185,12 +185,12 @@ def _coordinator_part(coord: Coordinator, prepared: PreparedSave, step: int | No
     return {"plan_items": prepared.plan.items, "metadata": meta}
 
 
-def _pieces(writes: tuple[WriteItem, ...], sources: dict[str, Source]) -> list[_Piece]:
+def pieces_of(writes: tuple[WriteItem, ...], sources: dict[str, Source]) -> list[Piece]:
     out = []
     for w in writes:
         chunk = chunk_of(w, sources[w.fqn])
         if chunk is not None:  # inline JSON values travel in the job itself
-            out.append(_Piece(write=w, source=sources[w.fqn], chunk=chunk))
+            out.append(Piece(write=w, source=sources[w.fqn], chunk=chunk))
     return out
 
 
@@ -211,17 +211,21 @@ def _agree_on_slot(
     return None
 
 
-def _copy_in(
-    slot: Slot, pieces: list[_Piece], offsets: list[int], copy_engine: CopyEngine | None, device_buffer: bool
+def copy_in(
+    buffer: torch.Tensor,
+    pieces: list[Piece],
+    offsets: list[int],
+    copy_engine: CopyEngine | None,
+    device_buffer: bool,
 ) -> list[Ticket]:
-    """Queue the copies of every piece into the slot's buffer; one ticket per copy engine."""
+    """Queue the copies of every piece into ``buffer`` (bytes) at ``offsets``; a ticket per engine."""
     engines: dict[torch.device, CopyEngine] = {}
     device_bytes: dict[torch.device, int] = {}
     for p in pieces:
         if isinstance(p.source, torch.Tensor) and p.source.is_cuda:
             device_bytes[p.source.device] = align(device_bytes.get(p.source.device, 0) + p.chunk.nbytes)
     for p, off in zip(pieces, offsets, strict=True):
-        dst = slot.buffer.tensor[off : off + p.chunk.nbytes]
+        dst = buffer[off : off + p.chunk.nbytes]
         src = p.source
         if not isinstance(src, torch.Tensor):
             dst.copy_(torch.frombuffer(bytearray(src.payload), dtype=torch.uint8))
@@ -237,6 +241,45 @@ def _copy_in(
     return [e.finish() for e in engines.values()]
 
 
+def after_staging(
+    tickets: list[Ticket],
+    optimizers: list[torch.optim.Optimizer] | None,
+    then: Callable[[BaseException | None], None],
+) -> None:
+    """Call ``then(None)`` once the copies are on the host (``then(error)`` if they failed).
+
+    Eager (``optimizers`` is None): now, in this thread.  Lazy: from a thread, and the
+    next step of each optimizer waits for the copies first (on the GPU a stream wait:
+    the host does not block) -- the only hard ordering, since that step modifies the
+    tensors being copied.
+    """
+    hooks = []
+
+    def staged() -> None:
+        try:
+            for t in tickets:
+                t.wait()
+        except BaseException as exc:  # the copies failed: nothing to persist
+            then(exc)
+            return
+        finally:
+            for h in hooks:
+                h.remove()
+        then(None)
+
+    if optimizers is not None and not all(t.done() for t in tickets):
+
+        def before_step(*_args) -> None:
+            for t in tickets:
+                t.order_before_compute()
+
+        for optim in optimizers:
+            hooks.append(optim.register_step_pre_hook(before_step))
+        threading.Thread(target=staged, daemon=True, name="stashpoint-stage").start()
+    else:
+        staged()
+
+
 def _launch(
     handle: SaveHandle,
     job: Job,
@@ -246,22 +289,15 @@ def _launch(
     coord: Coordinator,
     optimizers: list[torch.optim.Optimizer] | None,
 ) -> None:
-    """Hand the job to the writer once staged: now (eager: ``optimizers`` is None), or from
-    a thread (lazy), the next step of each optimizer waiting for the copies."""
+    """Hand the job to the writer once staged (see :func:`after_staging`)."""
     pool = staging_pool()
-    hooks = []
 
-    def staged_then_submit() -> None:
-        try:
-            for t in tickets:
-                t.wait()
-        except BaseException as exc:  # the copies failed: nothing to persist
+    def submit(failure: BaseException | None) -> None:
+        if failure is not None:
             pool.release(slot)
-            handle._staging_failed(exc)
+            handle._staging_failed(failure)
             return
         handle._staged.set()
-        for h in hooks:
-            h.remove()
         try:
             futures = writer.submit(job)
         except BaseException as exc:
@@ -271,21 +307,12 @@ def _launch(
         futures.persisted.add_done_callback(lambda _f: pool.release(slot))
         futures.committed.add_done_callback(lambda f: _finish(handle, f, coord))
 
-    if optimizers is not None and not all(t.done() for t in tickets):
-        # the only hard ordering: the next optimizer step must not modify un-copied tensors
-        def before_step(*_args) -> None:
-            for t in tickets:
-                t.order_before_compute()
-
-        for optim in optimizers:
-            hooks.append(optim.register_step_pre_hook(before_step))
-        threading.Thread(target=staged_then_submit, daemon=True, name="stashpoint-stage").start()
-    else:
-        staged_then_submit()
+    after_staging(tickets, optimizers, submit)
+    if optimizers is None:
         handle.wait_staged()
 
 
-def _optimizers(state: dict) -> list[torch.optim.Optimizer]:
+def optimizers_of(state: dict) -> list[torch.optim.Optimizer]:
     out = []
     for v in state.values():
         if isinstance(v, torch.optim.Optimizer):

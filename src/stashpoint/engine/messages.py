@@ -4,6 +4,11 @@ Every message is a frozen dataclass sent whole over a pipe (``Connection.send``)
 Trainer -> writer: :class:`Alloc`, :class:`Free`, :class:`Submit`, :class:`Shutdown`.
 Writer -> trainer: :class:`Allocated` or :class:`AllocFailed` for an ``Alloc``;
 :class:`Persisted` then :class:`Committed`, or :class:`Failed`, for a ``Submit``.
+
+A writer that keeps a memory tier (a *keeper*, :mod:`~stashpoint.engine.keeper`) also
+takes :class:`SlotAlloc` (answered like ``Alloc``), :class:`Seal` and
+:class:`PersistSnapshot` (answered like ``Submit``), :class:`Preempted` and
+:class:`Release`.
 """
 
 from __future__ import annotations
@@ -120,6 +125,58 @@ class Shutdown:
     pass
 
 
+@dataclass(frozen=True)
+class SlotAlloc:
+    """A snapshot slot of exactly ``size`` bytes (kept if it already has that size)."""
+
+    slot: int
+    size: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Seal:
+    """The trainer finished copying a snapshot of ``step`` into ``slot``: checksum it and
+    write its manifest.  ``ranges[i]`` is where ``chunks[i]`` lies in the slot file."""
+
+    job_id: int
+    slot: int
+    step: int
+    save_id: str
+    rank: int
+    world_size: int
+    crc_block: int
+    file_size: int
+    chunks: tuple[Chunk, ...]
+    ranges: tuple[tuple[int, int], ...]
+    inline: tuple[Inline, ...]
+    #: rank 0 only: what the index is built from
+    plan_items: dict[str, ItemPlan] | None = None
+    metadata: SaveMetadata | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PersistSnapshot:
+    """Write the snapshot held by ``slot`` as a durable checkpoint at ``path``."""
+
+    job_id: int
+    slot: int
+    path: str
+    timeout_s: float
+    env: tuple[tuple[str, str], ...] = field(default_factory=storage_env)
+
+
+@dataclass(frozen=True)
+class Preempted:
+    """The job was told to stop: persist on your own if nothing is asked by ``deadline_unix``."""
+
+    deadline_unix: float
+
+
+@dataclass(frozen=True)
+class Release:
+    """Training is over: free the memory tier and exit once the queued work is done."""
+
+
 # writer -> trainer
 
 
@@ -153,5 +210,5 @@ class Failed:
     error: ErrorReport
 
 
-ToWriter = Alloc | Free | Submit | Shutdown
+ToWriter = Alloc | Free | Submit | Shutdown | SlotAlloc | Seal | PersistSnapshot | Preempted | Release
 FromWriter = Allocated | AllocFailed | Persisted | Committed | Failed

@@ -8,6 +8,7 @@ Used by the synchronous and the asynchronous save alike.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -85,14 +86,33 @@ def prepare_save(
     allow_pickle: bool = False,
 ) -> PreparedSave:
     """Collective: every rank calls it; returns the same plan and publisher everywhere."""
-    where = storage.describe(final)
+
+    def before(token: str) -> None:  # the coordinator makes room (or refuses) before anyone writes
+        Publisher(storage, final, token=token, overwrite=overwrite, commit=commit).prepare()
+
+    plan, token, sources = plan_state(state, coord, storage.describe(final), allow_pickle, before)
+    publisher = Publisher(storage, final, token=token, overwrite=overwrite, commit=commit)
+    return PreparedSave(plan=plan, publisher=publisher, sources=sources)
+
+
+def plan_state(
+    state: dict,
+    coord: Coordinator,
+    where: str,
+    allow_pickle: bool = False,
+    before: Callable[[str], None] | None = None,
+) -> tuple[SavePlan, str, dict[str, Source]]:
+    """Collective: the save plan, a save id all ranks share, and this rank's sources.
+
+    ``before(save_id)`` runs on the coordinator first (a durable save makes room for itself);
+    every error names ``where``.
+    """
+    token = new_token()
 
     def inventory() -> tuple[list[LocalItem], str, dict[str, Source]]:
-        token = ""
         try:
-            if coord.is_coordinator:
-                token = new_token()
-                Publisher(storage, final, token=token, overwrite=overwrite, commit=commit).prepare()
+            if coord.is_coordinator and before is not None:
+                before(token)
             flat = _state.flatten_state(state)
             described = {fqn: describe(leaf, allow_pickle) for fqn, leaf in flat.leaves.items()}
         except StashpointError as exc:
@@ -104,8 +124,7 @@ def prepare_save(
 
     agreed = coord.run_everywhere("save: exchange inventories", inventory, share=lambda r: (r[0], r[1]))
     plan = build_save_plan([g[0] for g in agreed.everyone])
-    publisher = Publisher(storage, final, token=agreed.everyone[0][1], overwrite=overwrite, commit=commit)
-    return PreparedSave(plan=plan, publisher=publisher, sources=agreed.mine[2])
+    return plan, agreed.everyone[0][1], agreed.mine[2]
 
 
 def chunk_of(w: WriteItem, src: Source) -> Chunk | None:

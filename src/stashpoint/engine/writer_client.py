@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import atexit
 import os
+import socket
 import subprocess
 import sys
 import threading
 import warnings
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
@@ -30,6 +32,7 @@ from stashpoint.engine.messages import (
     Outcome,
     Persisted,
     Shutdown,
+    SlotAlloc,
     Submit,
     ToWriter,
 )
@@ -37,6 +40,16 @@ from stashpoint.engine.staging import SharedBuffer
 
 #: how long the trainer waits at exit for its writer to finish persisting
 SHUTDOWN_TIMEOUT_S = float(os.environ.get("STASHPOINT_WRITER_EXIT_TIMEOUT", "600"))
+
+
+def writer_env() -> dict[str, str]:
+    """The environment a writer or keeper process starts with."""
+    env = dict(os.environ)
+    # the writer only moves bytes: keep it off the GPU and out of the trainer's thread pools
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    src_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src_root, env.get("PYTHONPATH", "")) if p)
+    return env
 
 
 @dataclass(frozen=True)
@@ -58,38 +71,78 @@ class BackgroundWriter:
     def get(cls) -> BackgroundWriter:
         with cls._lock:
             if cls._instance is None or not cls._instance.alive:
-                cls._instance = cls()
+                cls._instance = cls.spawn()
             return cls._instance
 
-    def __init__(self) -> None:
-        to_child_r, to_child_w = os.pipe()
-        from_child_r, from_child_w = os.pipe()
-        env = dict(os.environ)
-        # the writer only moves bytes: keep it off the GPU and out of the trainer's thread pools
-        env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-        src_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (src_root, env.get("PYTHONPATH", "")) if p)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stashpoint.engine.writer", str(to_child_r), str(from_child_w)],
-            pass_fds=(to_child_r, from_child_w),
-            env=env,
-            start_new_session=True,  # a signal to the trainer's process group spares the writer
-        )
-        os.close(to_child_r)
-        os.close(from_child_w)
-        self._out = Connection(to_child_w, readable=False)
-        self._in = Connection(from_child_r, writable=False)
+    def __init__(
+        self, inbox: Connection, outbox: Connection, proc: subprocess.Popen | None = None, *, keeper: bool = False
+    ) -> None:
+        """Talk to a writer over ``inbox``/``outbox``; :meth:`spawn` and :meth:`connect` make one.
+
+        ``keeper``: the writer is a memory-tier keeper (:mod:`~stashpoint.engine.keeper`),
+        which must outlive this process: at exit the connection is only closed, so the
+        keeper waits for a restarted trainer instead of freeing the snapshots.
+        """
+        self.proc, self.keeper = proc, keeper
+        self._sock: socket.socket | None = None
+        self._out, self._in = outbox, inbox
         self._send_lock = threading.Lock()
         self._allocations: dict[str, Future] = {}
         self._jobs: dict[int, JobFutures] = {}
         self._waiters_lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, daemon=True, name="stashpoint-writer-client")
         self._reader.start()
-        atexit.register(self.shutdown)
+        if not keeper:
+            atexit.register(self.shutdown)
+
+    @classmethod
+    def spawn(cls) -> BackgroundWriter:
+        """A new writer process of this trainer, over two pipes."""
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stashpoint.engine.writer", str(to_child_r), str(from_child_w)],
+            pass_fds=(to_child_r, from_child_w),
+            env=writer_env(),
+            start_new_session=True,  # a signal to the trainer's process group spares the writer
+        )
+        os.close(to_child_r)
+        os.close(from_child_w)
+        return cls(Connection(from_child_r, writable=False), Connection(to_child_w, readable=False), proc)
+
+    @classmethod
+    def connect(cls, address: str, proc: subprocess.Popen | None = None) -> BackgroundWriter:
+        """A connection to the keeper listening at ``address`` (a Unix socket)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(address)
+        except OSError:
+            sock.close()
+            raise
+        conn = Connection(os.dup(sock.fileno()))
+        client = cls(conn, conn, proc, keeper=True)
+        client._sock = sock  # shut down on close: that wakes the reading thread with EOF
+        return client
 
     @property
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        if self.proc is not None and self.proc.poll() is not None:
+            return False
+        return self._reader.is_alive()
+
+    def close(self) -> None:
+        """Drop the connection (a keeper then waits for a restarted trainer)."""
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._sock.close()
+        for conn in {id(self._out): self._out, id(self._in): self._in}.values():
+            try:
+                conn.close()
+            except OSError:
+                pass
 
     @property
     def outstanding(self) -> int:
@@ -171,16 +224,35 @@ class BackgroundWriter:
         self.send(Free(tag=tag))
 
     def submit(self, job: Job) -> JobFutures:
+        return self.request(job.job_id, Submit(job=job))
+
+    def request(self, job_id: int, msg: ToWriter) -> JobFutures:
+        """Send ``msg``, answered like a job (:class:`Persisted`, :class:`Committed`, :class:`Failed`)."""
         futs = JobFutures()
         with self._waiters_lock:
-            self._jobs[job.job_id] = futs
+            self._jobs[job_id] = futs
         try:
-            self.send(Submit(job=job))
+            self.send(msg)
         except BaseException:
             with self._waiters_lock:
-                self._jobs.pop(job.job_id, None)
+                self._jobs.pop(job_id, None)
             raise
         return futs
+
+    def allocate_slot(self, slot: int, size: int, timeout_s: float) -> str:
+        """A keeper's snapshot slot of ``size`` bytes; returns its path."""
+        fut: Future = Future()
+        tag = f"slot-{slot}"
+        with self._waiters_lock:
+            self._allocations[tag] = fut
+        try:
+            self.send(SlotAlloc(slot=slot, size=size))
+            return fut.result(timeout=timeout_s)
+        except FutureTimeout:
+            raise errors.WriterError(f"the keeper did not allocate slot {slot} within {timeout_s:g}s") from None
+        finally:
+            with self._waiters_lock:
+                self._allocations.pop(tag, None)
 
     def shutdown(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
         """Let the writer finish what it holds, then exit (called at interpreter exit).
@@ -188,6 +260,9 @@ class BackgroundWriter:
         Waits at most ``timeout_s``: past it the trainer exits anyway and the writer,
         which outlives it by design, finishes (and commits) on its own.
         """
+        if self.keeper or self.proc is None:
+            self.close()
+            return
         if self.alive:
             try:
                 self.send(Shutdown())

@@ -1,0 +1,333 @@
+"""Memory snapshots, the trainer's side: copy the state into a slot its keeper owns.
+
+Call order (every rank calls :meth:`MemorySnapshots.snapshot` with the same step):
+
+1. the collective planning step of every save (the same plan as a durable save);
+2. one small collective: every rank has a free slot, or every rank skips this
+   snapshot (a snapshot some ranks lack would be useless, and taking it would
+   overwrite the older one they all have);
+3. the slot's manifest is removed (the slot no longer holds a snapshot), the
+   safetensors header is written, and the tensors' copies are queued into the
+   slot at their places in the file: device tensors on a side stream;
+4. lazy mode: the call returns; the next optimizer step waits only for the copies
+   (a stream wait on the GPU).  Once the bytes are on the host the keeper is told
+   to seal the slot: it checksums every block off the training thread and writes
+   the manifest (:mod:`~stashpoint.engine.keeper`).
+
+Slots are allocated once (per layout) and reused; the newest sealed slot is never
+overwritten, so a snapshot in progress never replaces the newest complete one.
+:meth:`MemorySnapshots.persist` turns a sealed snapshot into a durable checkpoint
+without a second copy from the device.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+import torch
+
+from stashpoint import errors
+from stashpoint._dist import Coordinator
+from stashpoint.engine import memtier
+from stashpoint.engine.async_save import after_staging, copy_in, optimizers_of, pieces_of
+from stashpoint.engine.messages import Outcome, PersistSnapshot, Preempted, Release, Seal
+from stashpoint.engine.persist import unique_keys
+from stashpoint.engine.prepare import inline_values, plan_state
+from stashpoint.engine.publish import save_metadata
+from stashpoint.engine.records import FileItem
+from stashpoint.engine.staging import CopyEngine, SharedBuffer
+from stashpoint.engine.telemetry import PhaseTimer
+from stashpoint.engine.writer_client import BackgroundWriter, JobFutures, writer_env
+from stashpoint.format.index import DEFAULT_CRC_BLOCK_BYTES
+from stashpoint.format.safetensors_file import layout_file
+from stashpoint.vocab import SaveMode
+
+#: how long a trainer waits for its keeper to start listening
+CONNECT_TIMEOUT_S = 60.0
+_IDS = itertools.count(1 << 40)  # job ids apart from the async saves'
+
+
+class SnapshotHandle:
+    """A snapshot in progress: ``staged`` (on the host) and ``sealed`` (checksummed, it exists)."""
+
+    def __init__(self, step: int, slot: int) -> None:
+        self.step, self.slot = step, slot
+        self._staged = threading.Event()
+        self._sealed: Future = Future()
+        self.timer = PhaseTimer()
+        self.stall_s = 0.0
+
+    def wait_staged(self, timeout: float | None = None) -> None:
+        if not self._staged.wait(timeout):
+            raise TimeoutError(f"snapshot of step {self.step}: not staged within {timeout}s")
+
+    def done(self) -> bool:
+        return self._sealed.done()
+
+    def wait(self, timeout: float | None = None) -> Outcome:
+        """Block until the snapshot is sealed; raises what went wrong."""
+        try:
+            return self._sealed.result(timeout)
+        except FutureTimeout:
+            raise TimeoutError(f"snapshot of step {self.step}: not sealed within {timeout}s") from None
+
+    def add_done_callback(self, fn) -> None:
+        self._sealed.add_done_callback(lambda _f: fn(self))
+
+
+@dataclass
+class _Slot:
+    index: int
+    buffer: SharedBuffer | None = None
+    step: int | None = None  # the sealed snapshot it holds
+    busy: int = 0  # being written, sealed or persisted (a count)
+
+
+def connect_keeper(
+    root: str, rank: int, *, durable: str | None, reattach_s: float, timeout_s: float
+) -> BackgroundWriter:
+    """This rank's keeper: the live one (a restarted trainer reattaches), or a new one."""
+    address = memtier.keeper_socket(root, rank)
+    proc = None
+    if not memtier.keeper_alive(root, rank):
+        os.makedirs(memtier.rank_dir(root, rank), mode=0o700, exist_ok=True)
+        cmd = [sys.executable, "-m", "stashpoint.engine.keeper", root, str(rank)]
+        cmd += ["--reattach", str(reattach_s), "--timeout", str(timeout_s)]
+        if durable is not None:
+            cmd += ["--durable", durable]
+        # a new session: a signal to the trainer's process group spares the keeper
+        proc = subprocess.Popen(cmd, env=writer_env(), start_new_session=True)
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    while True:
+        try:
+            return BackgroundWriter.connect(address, proc)
+        except OSError as exc:
+            if proc is not None and proc.poll() is not None:
+                raise errors.WriterError(f"the memory-tier keeper of rank {rank} exited ({proc.returncode})") from exc
+            if time.monotonic() > deadline:
+                raise errors.WriterError(
+                    f"{address}: the memory-tier keeper did not listen within {CONNECT_TIMEOUT_S:g}s"
+                ) from exc
+            time.sleep(0.02)
+
+
+class MemorySnapshots:
+    """This rank's memory snapshots in the job's memory tier ``root`` on this node."""
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        slots: int = 2,
+        durable: str | None = None,
+        reattach_s: float = 60.0,
+        process_group=None,
+        timeout_s: float = 600.0,
+        crc_block_bytes: int = DEFAULT_CRC_BLOCK_BYTES,
+    ) -> None:
+        if slots < 2:
+            raise errors.InvalidOptionError(f"slots must be 2 or more, not {slots!r}")
+        self.root, self.timeout_s, self.crc_block = root, timeout_s, crc_block_bytes
+        self.coord = Coordinator(process_group, timeout_s)
+        self.rank = self.coord.rank
+        self.client = connect_keeper(
+            root, self.rank, durable=durable, reattach_s=reattach_s, timeout_s=timeout_s
+        )
+        self.slots = [_Slot(index=i) for i in range(slots)]
+        for m in memtier.read_manifests(root, self.rank):  # what a previous trainer left
+            if m.slot < slots:
+                self.slots[m.slot].step = m.step
+        self._lock = threading.Lock()
+
+    @property
+    def memory_bytes(self) -> int:
+        """Shared memory held by this rank's slots."""
+        return sum(s.buffer.size for s in self.slots if s.buffer is not None)
+
+    # ------------------------------------------------------------------ snapshot
+
+    def snapshot(
+        self,
+        state: dict,
+        step: int,
+        *,
+        mode: SaveMode = "lazy",
+        copy_engine: CopyEngine | None = None,
+        device_buffer: bool = False,
+    ) -> SnapshotHandle | None:
+        """Snapshot ``state`` as of ``step`` (a collective); None on every rank when a rank
+        has no free slot (the previous snapshots are still being sealed or persisted)."""
+        t0 = time.perf_counter()
+        timer = PhaseTimer()
+        with timer.phase("plan"):
+            plan, save_id, sources = plan_state(state, self.coord, f"memory snapshot of step {step}")
+            writes = plan.writes[self.rank]
+            pieces = pieces_of(writes, sources)
+            keyed = unique_keys([FileItem(chunk=p.chunk, fetch=None) for p in pieces])
+            layout = layout_file([it.chunk.entry for it in keyed], metadata={"format": "pt", "writer": "stashpoint"})
+        slot = self._agree_on_slot(layout.size)
+        if slot is None:
+            return None
+        handle = SnapshotHandle(step, slot.index)
+        handle.timer = timer
+        with timer.phase("device_to_host"):
+            memtier.drop_manifest(self.root, self.rank, slot.index)
+            slot.step = None
+            buf = slot.buffer.tensor
+            buf[: len(layout.header)].copy_(torch.frombuffer(bytearray(layout.header), dtype=torch.uint8))
+            tickets = copy_in(buf, pieces, [a for a, _ in layout.ranges], copy_engine, device_buffer)
+        meta = save_metadata(self.coord.world_size, step, {}, save_id) if self.coord.is_coordinator else None
+        seal = Seal(
+            job_id=next(_IDS),
+            slot=slot.index,
+            step=step,
+            save_id=save_id,
+            rank=self.rank,
+            world_size=self.coord.world_size,
+            crc_block=self.crc_block,
+            file_size=layout.size,
+            chunks=tuple(it.chunk for it in keyed),
+            ranges=layout.ranges,
+            inline=tuple(inline_values(writes, sources)),
+            plan_items=plan.items if self.coord.is_coordinator else None,
+            metadata=meta,
+        )
+        after_staging(tickets, optimizers_of(state) if mode == "lazy" else None, self._sealer(handle, slot, seal))
+        if mode != "lazy":
+            handle.wait_staged()
+        handle.stall_s = time.perf_counter() - t0
+        return handle
+
+    def _sealer(self, handle: SnapshotHandle, slot: _Slot, seal: Seal):
+        def staged(failure: BaseException | None) -> None:
+            handle._staged.set()
+            if failure is None:
+                try:
+                    futs = self.client.request(seal.job_id, seal)
+                except BaseException as exc:
+                    failure = exc
+            if failure is not None:
+                self._unbusy(slot)
+                handle._sealed.set_exception(failure)
+                return
+
+            def sealed(f: Future) -> None:
+                if f.exception() is None:
+                    slot.step = seal.step
+                self._unbusy(slot)
+                if f.exception() is not None:
+                    handle._sealed.set_exception(f.exception())
+                else:
+                    handle._sealed.set_result(f.result())
+
+            futs.committed.add_done_callback(sealed)
+
+        return staged
+
+    def _agree_on_slot(self, size: int) -> _Slot | None:
+        agreed = self.coord.run_everywhere(
+            "memory snapshot: slot", lambda: self._take_slot(size), share=lambda s: s is not None
+        )
+        if all(agreed.everyone):
+            return agreed.mine
+        if agreed.mine is not None:
+            self._unbusy(agreed.mine)
+        return None
+
+    def _take_slot(self, size: int) -> _Slot | None:
+        with self._lock:
+            sealed = [s for s in self.slots if s.step is not None]
+            newest = max(sealed, key=lambda s: s.step) if sealed else None
+            free = [s for s in self.slots if not s.busy and s is not newest]
+            if not free:
+                return None
+            slot = min(free, key=lambda s: -1 if s.step is None else s.step)
+            slot.busy += 1
+        if slot.buffer is None or slot.buffer.size != size:
+            if slot.buffer is not None:
+                slot.buffer.close()
+            path = self.client.allocate_slot(slot.index, size, self.timeout_s)
+            slot.buffer = SharedBuffer(path, size, create=False)
+            slot.buffer.pin()
+        return slot
+
+    def _unbusy(self, slot: _Slot) -> None:
+        with self._lock:
+            slot.busy -= 1
+
+    # ------------------------------------------------------------------ persist
+
+    def persist(self, handle: SnapshotHandle, path: str) -> JobFutures:
+        """Write ``handle``'s snapshot to ``path`` once sealed (every rank; rank 0 commits)."""
+        slot = self.slots[handle.slot]
+        with self._lock:
+            slot.busy += 1
+        out = JobFutures()
+
+        def start(_h: SnapshotHandle) -> None:
+            try:
+                handle.wait(0)
+                jid = next(_IDS)
+                msg = PersistSnapshot(job_id=jid, slot=slot.index, path=path, timeout_s=self.timeout_s)
+                futs = self.client.request(jid, msg)
+            except BaseException as exc:
+                self._unbusy(slot)
+                out.persisted.set_exception(exc)
+                out.committed.set_exception(exc)
+                return
+            _chain(futs, out, lambda: self._unbusy(slot))
+
+        handle.add_done_callback(start)
+        return out
+
+    def newest(self) -> int | None:
+        """The newest step this rank holds sealed."""
+        steps = [s.step for s in self.slots if s.step is not None]
+        return max(steps) if steps else None
+
+    def notify_preempted(self, grace_s: float) -> None:
+        """Tell the keeper to persist on its own if nothing is asked within ``grace_s``."""
+        self.client.send(Preempted(deadline_unix=time.time() + grace_s))
+
+    def detach(self) -> None:
+        """Leave the snapshots with the keeper (a restarted trainer reattaches)."""
+        for s in self.slots:
+            if s.buffer is not None:
+                s.buffer.close()
+                s.buffer = None
+        self.client.close()
+
+    def release(self) -> None:
+        """Training is over: the keeper frees this rank's memory and exits."""
+        try:
+            self.client.send(Release())
+        finally:
+            self.detach()
+
+
+def _chain(src: JobFutures, dst: JobFutures, after) -> None:
+    def persisted(f: Future) -> None:
+        if f.exception() is None and not dst.persisted.done():
+            dst.persisted.set_result(f.result())
+
+    def committed(f: Future) -> None:
+        after()
+        if f.exception() is not None:
+            for d in (dst.persisted, dst.committed):
+                if not d.done():
+                    d.set_exception(f.exception())
+            return
+        if not dst.persisted.done():
+            dst.persisted.set_result(f.result().bytes_written)
+        dst.committed.set_result(f.result())
+
+    src.persisted.add_done_callback(persisted)
+    src.committed.add_done_callback(committed)
