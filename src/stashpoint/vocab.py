@@ -36,6 +36,10 @@ MissingPolicy = Literal["error", "intersection", "union"]
 ConvertTarget = Literal["stashpoint", "hf", "dcp"]
 #: ``CheckpointManager``: an asynchronous save in one of ``async_save``'s modes, or a blocking one
 ManagerMode = Literal["eager", "lazy", "sync"]
+#: the signals a job can be told to stop with (preemption)
+PreemptSignal = Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"]
+#: where the manager found a checkpoint: its memory tier, its root, or the upload tier
+CheckpointTier = Literal["memory", "local", "remote"]
 #: ``RetentionPolicy``: whether a lower or a higher metric is better
 MetricGoal = Literal["min", "max"]
 

@@ -41,7 +41,7 @@ from stashpoint.engine.staging import CopyEngine, CudaCopyEngine, InlineCopyEngi
 from stashpoint.engine.staging_pool import Slot, staging_pool
 from stashpoint.engine.telemetry import PhaseTimer, SaveResult, env_telemetry
 from stashpoint.engine.tensors import local_tensor, region
-from stashpoint.engine.writer_client import BackgroundWriter
+from stashpoint.engine.writer_client import BackgroundWriter, JobFutures
 from stashpoint.format.index import DEFAULT_CRC_BLOCK_BYTES
 from stashpoint.planning.save_plan import WriteItem
 from stashpoint.storage import resolve
@@ -97,6 +97,18 @@ class SaveHandle:
         ``fn`` runs in the thread that settles the save; it should be short.
         """
         self._committed.add_done_callback(lambda _fut: fn(self))
+
+    @classmethod
+    def following(
+        cls, path: str, coord: Coordinator, futures: JobFutures, *, mode: str, stall_s: float = 0.0
+    ) -> SaveHandle:
+        """A handle for a save another step already staged (a durable copy of a memory
+        snapshot): it is settled by ``futures``."""
+        handle = cls(path, coord.rank, coord.world_size, mode=mode)
+        handle._staged.set()
+        handle.stall_s = stall_s
+        futures.committed.add_done_callback(lambda f: _finish(handle, f, coord))
+        return handle
 
     def _staging_failed(self, exc: BaseException) -> None:
         self._staging_error = exc

@@ -48,7 +48,7 @@ from stashpoint.engine.telemetry import PhaseTimer
 from stashpoint.engine.writer_client import BackgroundWriter, JobFutures, writer_env
 from stashpoint.format.index import DEFAULT_CRC_BLOCK_BYTES
 from stashpoint.format.safetensors_file import layout_file
-from stashpoint.vocab import SaveMode
+from stashpoint.vocab import IfBusy, SaveMode
 
 #: how long a trainer waits for its keeper to start listening
 CONNECT_TIMEOUT_S = 60.0
@@ -146,6 +146,7 @@ class MemorySnapshots:
             if m.slot < slots:
                 self.slots[m.slot].step = m.step
         self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
 
     @property
     def memory_bytes(self) -> int:
@@ -162,9 +163,15 @@ class MemorySnapshots:
         mode: SaveMode = "lazy",
         copy_engine: CopyEngine | None = None,
         device_buffer: bool = False,
+        metadata: dict | None = None,
+        if_busy: IfBusy = "skip",
     ) -> SnapshotHandle | None:
-        """Snapshot ``state`` as of ``step`` (a collective); None on every rank when a rank
-        has no free slot (the previous snapshots are still being sealed or persisted)."""
+        """Snapshot ``state`` as of ``step`` (a collective).
+
+        When a rank has no free slot (the previous snapshots are still being sealed or
+        persisted), ``if_busy="skip"`` skips this snapshot on every rank (returns None)
+        and ``"wait"`` waits for one (at most the timeout).
+        """
         t0 = time.perf_counter()
         timer = PhaseTimer()
         with timer.phase("plan"):
@@ -173,7 +180,7 @@ class MemorySnapshots:
             pieces = pieces_of(writes, sources)
             keyed = unique_keys([FileItem(chunk=p.chunk, fetch=None) for p in pieces])
             layout = layout_file([it.chunk.entry for it in keyed], metadata={"format": "pt", "writer": "stashpoint"})
-        slot = self._agree_on_slot(layout.size)
+        slot = self._agree_on_slot(layout.size, if_busy)
         if slot is None:
             return None
         handle = SnapshotHandle(step, slot.index)
@@ -184,7 +191,7 @@ class MemorySnapshots:
             buf = slot.buffer.tensor
             buf[: len(layout.header)].copy_(torch.frombuffer(bytearray(layout.header), dtype=torch.uint8))
             tickets = copy_in(buf, pieces, [a for a, _ in layout.ranges], copy_engine, device_buffer)
-        meta = save_metadata(self.coord.world_size, step, {}, save_id) if self.coord.is_coordinator else None
+        meta = save_metadata(self.coord.world_size, step, dict(metadata or {}), save_id) if self.coord.is_coordinator else None
         seal = Seal(
             job_id=next(_IDS),
             slot=slot.index,
@@ -232,9 +239,9 @@ class MemorySnapshots:
 
         return staged
 
-    def _agree_on_slot(self, size: int) -> _Slot | None:
+    def _agree_on_slot(self, size: int, if_busy: IfBusy) -> _Slot | None:
         agreed = self.coord.run_everywhere(
-            "memory snapshot: slot", lambda: self._take_slot(size), share=lambda s: s is not None
+            "memory snapshot: slot", lambda: self._take_slot(size, if_busy), share=lambda s: s is not None
         )
         if all(agreed.everyone):
             return agreed.mine
@@ -242,11 +249,16 @@ class MemorySnapshots:
             self._unbusy(agreed.mine)
         return None
 
-    def _take_slot(self, size: int) -> _Slot | None:
-        with self._lock:
-            sealed = [s for s in self.slots if s.step is not None]
-            newest = max(sealed, key=lambda s: s.step) if sealed else None
-            free = [s for s in self.slots if not s.busy and s is not newest]
+    def _free_slots(self) -> list[_Slot]:
+        sealed = [s for s in self.slots if s.step is not None]
+        newest = max(sealed, key=lambda s: s.step) if sealed else None
+        return [s for s in self.slots if not s.busy and s is not newest]
+
+    def _take_slot(self, size: int, if_busy: IfBusy) -> _Slot | None:
+        with self._freed:
+            if if_busy == "wait" and not self._freed.wait_for(self._free_slots, self.timeout_s):
+                raise errors.CoordinationError(f"no snapshot slot freed up within {self.timeout_s:g}s")
+            free = self._free_slots()
             if not free:
                 return None
             slot = min(free, key=lambda s: -1 if s.step is None else s.step)
@@ -260,8 +272,9 @@ class MemorySnapshots:
         return slot
 
     def _unbusy(self, slot: _Slot) -> None:
-        with self._lock:
+        with self._freed:
             slot.busy -= 1
+            self._freed.notify_all()
 
     # ------------------------------------------------------------------ persist
 

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 
 from stashpoint.errors import InvalidOptionError
+from stashpoint.manager.memory import MemoryPolicy
 from stashpoint.manager.policy import RetentionPolicy, SavePolicy, check_positive
 from stashpoint.manager.tiering import UploadPolicy
 from stashpoint.vocab import IfBusy, ManagerMode, choose
@@ -31,6 +32,8 @@ class ManagerConfig:
     (default ``ROOT/telemetry.jsonl`` for a local root, none otherwise).
     ``stale_after_s``: age after which a partial save found at start belongs to a
     crashed run and is removed (default ``timeout_s``).  ``upload``: the remote tier.
+    ``memory``: the memory tier (snapshots every k steps held by a keeper process;
+    durable saves are then written from the newest snapshot).
     """
 
     save_policy: SavePolicy = field(default_factory=lambda: SavePolicy(every_steps=1000))
@@ -42,6 +45,7 @@ class ManagerConfig:
     telemetry_path: str | None = None
     stale_after_s: float | None = None
     upload: UploadPolicy | None = None
+    memory: MemoryPolicy | None = None
 
     def __post_init__(self) -> None:
         _check_type("save_policy", self.save_policy, SavePolicy)
@@ -62,6 +66,8 @@ class ManagerConfig:
             object.__setattr__(self, "telemetry_path", os.fspath(self.telemetry_path))
         if self.upload is not None:
             _check_type("upload", self.upload, UploadPolicy)
+        if self.memory is not None:
+            _check_type("memory", self.memory, MemoryPolicy)
 
     @property
     def stale_s(self) -> float:

@@ -27,6 +27,7 @@ from stashpoint.errors import StashpointError, StorageError
 from stashpoint.format.index import INDEX_FILE
 from stashpoint.storage import Storage
 from stashpoint.storage.commit import PARTIAL_TAG
+from stashpoint.vocab import CheckpointTier
 
 _NAME = re.compile(r"^step-(\d+)$")
 #: marks a checkpoint being deleted: ``.step-N.deleting-<token>``
@@ -39,7 +40,8 @@ SCAN_ROUNDS = 8
 class CheckpointInfo:
     """A committed checkpoint: its URL, step and metrics, the tier it was found in, its name.
 
-    ``tier`` is ``"local"`` for the manager's root and ``"remote"`` for the upload tier.
+    ``tier`` is ``"local"`` for the manager's root, ``"remote"`` for the upload tier and
+    ``"memory"`` for a memory snapshot (``path`` is then the node's memory tier).
     ``name`` is the directory (prefix) it was listed under; ``step`` is the step its
     index records (the number in the name when the index has none).
     """
@@ -47,7 +49,7 @@ class CheckpointInfo:
     path: str
     step: int
     metrics: dict = field(default_factory=dict)
-    tier: str = "local"
+    tier: CheckpointTier = "local"
     name: str = ""
 
 

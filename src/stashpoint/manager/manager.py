@@ -24,7 +24,8 @@ from stashpoint.engine.load import load_state
 from stashpoint.engine.save import save_state
 from stashpoint.engine.shm import reclaim_orphans, shm_dir
 from stashpoint.engine.telemetry import LoadResult, SaveResult, append_record
-from stashpoint.errors import StorageError
+from stashpoint.engine.snapshot import SnapshotHandle
+from stashpoint.errors import InvalidOptionError, StorageError
 from stashpoint.manager.config import ManagerConfig, manager_config
 from stashpoint.manager.housekeeping import (
     CheckpointInfo,
@@ -34,6 +35,7 @@ from stashpoint.manager.housekeeping import (
     delete_checkpoint,
     scan_checkpoints,
 )
+from stashpoint.manager.memory import MemoryPolicy, MemoryTier, Preemption, Recovered
 from stashpoint.manager.resume import agree_on_load
 from stashpoint.manager.tiering import Uploader, UploadFailure
 from stashpoint.storage import LocalStorage, Storage, resolve
@@ -87,11 +89,23 @@ class CheckpointManager:
         self._last_time: float = time.monotonic()  # the seconds clock starts with the manager
         self._lock = threading.Lock()
         self._janitor: threading.Thread | None = None
+        self._memory: MemoryTier | None = None
+        self._preemption: Preemption | None = None
+        self.recovered: Recovered | None = None
+        if self.config.memory is not None:
+            self._start_memory_tier(self.config.memory)
         _reclaim_staging()
-        if self.mode != "sync":
+        if self.mode != "sync" and self._memory is None:
             BackgroundWriter.get()  # start the writer process now, not at the first save
         if self._coord.is_coordinator:
             self._start_local_tier()
+
+    def _start_memory_tier(self, policy: MemoryPolicy) -> None:
+        url = self.storage.url(self._root)
+        self._memory = MemoryTier(policy, url, self._coord, self.process_group)
+        if policy.signal is not None:
+            snaps = self._memory.snapshots
+            self._preemption = Preemption(policy.signal, notify=lambda: snaps.notify_preempted(policy.grace_s))
 
     def _start_local_tier(self) -> None:
         self.storage.make_prefix(self._root)
@@ -158,11 +172,31 @@ class CheckpointManager:
 
     def maybe_save(
         self, step: int, state: dict, metrics: dict | None = None
-    ) -> SaveHandle | SaveResult | None:
-        """Save if the save policy says so; every rank must get the same answer."""
-        if not self.should_save(step):
-            return None
+    ) -> SaveHandle | SaveResult | SnapshotHandle | None:
+        """Snapshot and/or save as the policies say; every rank must get the same answer.
+
+        With a memory tier, a durable save due at a step is written from that step's
+        memory snapshot (no second copy from the device).  Returns the durable save's
+        handle, else the snapshot's, else None.
+        """
+        snap = None
+        durable = self.should_save(step)
+        if self._memory is not None and (durable or self._memory.due(step)):
+            snap = self.snapshot(step, state, metrics, durable=durable)
+        if not durable:
+            return snap
         return self.save(step, state, metrics)
+
+    def snapshot(
+        self, step: int, state: dict, metrics: dict | None = None, *, durable: bool = False
+    ) -> SnapshotHandle | None:
+        """A memory snapshot now (a collective); None when every rank skipped it (slots busy)."""
+        if self._memory is None:
+            raise InvalidOptionError("snapshot() needs a memory tier: CheckpointManager(..., memory=MemoryPolicy())")
+        mode = "eager" if self.mode == "sync" else self.mode
+        return self._memory.snapshot(
+            state, step, durable=durable, mode=mode, device_buffer=self.config.device_buffer, metadata={"metrics": dict(metrics or {})}
+        )
 
     def save(self, step: int, state: dict, metrics: dict | None = None) -> SaveHandle | SaveResult:
         """Save now (a collective).  Returns a SaveHandle (async modes) or a SaveResult."""
@@ -179,6 +213,10 @@ class CheckpointManager:
         self._last_step, self._last_time = step, time.monotonic()
         with self._lock:
             self._saving.add(name)
+        snap = self._memory.last if self._memory is not None else None
+        if snap is not None and snap.step == step:
+            futures = self._memory.snapshots.persist(snap, path)
+            return self._track(SaveHandle.following(path, self._coord, futures, mode="memory"), name, step)
         if self.mode == "sync":
             try:
                 result = save_state(state, path, **common)
@@ -202,6 +240,10 @@ class CheckpointManager:
         if handle.skipped:
             self._done_saving(name)
             return handle
+        return self._track(handle, name, step)
+
+    def _track(self, handle: SaveHandle, name: str, step: int) -> SaveHandle:
+        """Book-keeping once ``handle`` commits: telemetry, upload, retention."""
         settled = threading.Event()  # set once the bookkeeping after the commit is done
         with self._lock:
             self._handles = [(h, e) for h, e in self._handles if not e.is_set()] + [(handle, settled)]
@@ -210,13 +252,39 @@ class CheckpointManager:
             try:
                 self._done_saving(name)
                 if done.exception() is None:
-                    self._record("save", step, done.wait(), stall_s=done.stall_s, mode=self.mode)
+                    self._record("save", step, done.wait(), stall_s=done.stall_s, mode=done.mode)
                     self._after_commit(step)
             finally:
                 settled.set()
 
         handle.add_done_callback(committed)
         return handle
+
+    def preempted(self, step: int, state: dict) -> bool:
+        """At a safe point (every rank, each step): True when the job was told to stop.
+
+        The preemption signal (``MemoryPolicy.signal``) only sets a flag; here all ranks
+        agree on it (a small collective), the state of ``step`` is saved durably from a
+        memory snapshot within the grace period, and one line says what was saved.  The
+        caller then leaves the training loop.  Should the trainer never get here, its
+        keeper persists the newest snapshot on its own when the grace period runs out.
+        """
+        if self._preemption is None or not self._preemption.agreed(self._coord):
+            return False
+        grace = self.config.memory.grace_s
+        t0 = time.monotonic()
+        handle = self.save(step, state)
+        if isinstance(handle, SaveHandle):
+            handle.wait(grace)
+        self.wait()
+        if self._coord.is_coordinator:
+            print(
+                f"stashpoint: {self._preemption.signame} received; saved step {step} to "
+                f"{self.storage.url(self.storage.join(self._root, checkpoint_name(step)))} "
+                f"in {time.monotonic() - t0:.2f}s",
+                flush=True,
+            )
+        return True
 
     def _done_saving(self, name: str) -> None:
         with self._lock:
@@ -236,7 +304,16 @@ class CheckpointManager:
         file, corrupt index) or that is deleted under the load is skipped with a warning
         naming what was wrong, and the previous one is loaded: a failed load changes
         nothing.  Errors about the target (a missing key, another shape) are raised.
+
+        With a memory tier the tiers are tried in order: the newest memory snapshot
+        every rank's node holds whole (when it is not older than the newest durable
+        checkpoint), then durable storage.  The returned info's ``tier`` says which
+        (``"memory"``: :attr:`recovered` has the details).
         """
+        if self._memory is not None:
+            info = self._recover_from_memory(state, load_kwargs)
+            if info is not None:
+                return info
         tried: set[str] = set()
         deadline = time.monotonic() + self.timeout_s
         while True:
@@ -255,6 +332,17 @@ class CheckpointManager:
                     self._record("load", info.step, result)
                     self._last_step, self._last_time = info.step, time.monotonic()
                     return info
+
+    def _recover_from_memory(self, state: dict, load_kwargs: dict) -> CheckpointInfo | None:
+        newest = self.latest() if self._coord.is_coordinator else None
+        durable_step = self._coord.broadcast(None if newest is None else newest.step, "manager: latest step")
+        got = self._memory.recover(state, durable_step, load_kwargs)
+        if got is None:
+            return None
+        self.recovered = got
+        self._record("load", got.step, got.result, tier="memory")
+        self._last_step, self._last_time = got.step, time.monotonic()
+        return CheckpointInfo(path=got.path, step=got.step, tier="memory", name=f"memory:{got.step}")
 
     def _candidates(self, tried: set[str]) -> list[CheckpointInfo]:
         """Checkpoints not tried yet, newest first."""
@@ -304,13 +392,21 @@ class CheckpointManager:
         if janitor is not None:
             janitor.join(self.timeout_s)
 
-    def close(self) -> None:
-        """:meth:`wait`, then stop the upload thread."""
+    def close(self, *, release_memory: bool = True) -> None:
+        """:meth:`wait`, then stop the upload thread and free the memory tier.
+
+        ``release_memory=False`` leaves the snapshots with their keepers, for a
+        trainer that is restarted (they persist at the breakpoint if none comes).
+        """
         try:
             self.wait()
         finally:
             if self._uploader is not None:
                 self._uploader.close()
+            if self._memory is not None:
+                self._memory.close(release=release_memory)
+            if self._preemption is not None:
+                self._preemption.restore()
 
     def __enter__(self) -> CheckpointManager:
         return self
