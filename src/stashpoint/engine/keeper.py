@@ -333,7 +333,8 @@ def _listen(path: str) -> socket.socket:
     except FileNotFoundError:
         pass
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
+    with memtier.socket_address(path) as address:
+        sock.bind(address)
     os.chmod(path, 0o600)
     sock.listen(4)
     return sock

@@ -31,12 +31,14 @@ Torch-free apart from what the index builder imports.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from stashpoint.engine.persist import build_index, data_file_name
@@ -76,6 +78,27 @@ def slot_manifest(root: str, rank: int, slot: int) -> str:
 
 def keeper_socket(root: str, rank: int) -> str:
     return os.path.join(rank_dir(root, rank), "keeper.sock")
+
+
+#: the longest path a Unix socket address may have (Linux: 108 bytes with the terminator)
+_SUN_PATH_MAX = 107
+
+
+@contextlib.contextmanager
+def socket_address(path: str) -> Iterator[str]:
+    """An address for the socket at ``path`` short enough to bind or connect.
+
+    Shared-memory roots can be deep (a test's temporary directory): a longer path is
+    reached through ``/proc/self/fd`` and an open descriptor of its directory.
+    """
+    if len(path.encode()) <= _SUN_PATH_MAX:
+        yield path
+        return
+    fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{os.path.basename(path)}"
+    finally:
+        os.close(fd)
 
 
 def keeper_lock(root: str, rank: int) -> str:

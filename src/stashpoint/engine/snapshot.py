@@ -108,7 +108,8 @@ def connect_keeper(
     deadline = time.monotonic() + CONNECT_TIMEOUT_S
     while True:
         try:
-            return BackgroundWriter.connect(address, proc)
+            with memtier.socket_address(address) as short:
+                return BackgroundWriter.connect(short, proc)
         except OSError as exc:
             if proc is not None and proc.poll() is not None:
                 raise errors.WriterError(f"the memory-tier keeper of rank {rank} exited ({proc.returncode})") from exc

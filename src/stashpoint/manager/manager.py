@@ -100,6 +100,11 @@ class CheckpointManager:
         if self._coord.is_coordinator:
             self._start_local_tier()
 
+    @property
+    def memory_root(self) -> str | None:
+        """This node's directory of the job's memory tier (None without one)."""
+        return None if self._memory is None else self._memory.root
+
     def _start_memory_tier(self, policy: MemoryPolicy) -> None:
         url = self.storage.url(self._root)
         self._memory = MemoryTier(policy, url, self._coord, self.process_group)
@@ -374,6 +379,8 @@ class CheckpointManager:
 
         Raises ``UploadError`` once for uploads that failed since the last call.
         """
+        if self._memory is not None:
+            self._memory.wait()
         with self._lock:
             handles = list(self._handles)
         for h, settled in handles:

@@ -171,8 +171,17 @@ class MemoryTier:
                 except (OSError, StashpointError):
                     pass
 
+    def wait(self) -> None:
+        """Until the newest snapshot is sealed (or failed: raised)."""
+        if self.last is not None:
+            self.last.wait(self.coord.timeout_s)
+
     def close(self, release: bool) -> None:
         """``release``: training is over, free the memory; else leave it for a restarted trainer."""
+        try:
+            self.wait()
+        except Exception as exc:  # the snapshot is lost; closing goes on
+            warnings.warn(f"the last memory snapshot failed: {exc}", stacklevel=3)
         if release:
             self.snapshots.release()
         else:
