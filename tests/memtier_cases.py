@@ -52,7 +52,7 @@ def train_job(rank, world, init_file, durable, shm, steps, durable_every, kill_a
     _setup(rank, world, init_file, shm)
     model, optim = _model(world)
     state = {"model": model, "optim": optim, "loader": {"step": 0}}
-    policy = MemoryPolicy(every_steps=1, if_busy="wait", reattach_s=30, signal=None)
+    policy = MemoryPolicy(every_steps=1, if_busy="wait", reattach_s=120, signal=None)
     mgr = CheckpointManager(
         durable, memory=policy, save_policy=SavePolicy(every_steps=durable_every), timeout_s=20
     )
