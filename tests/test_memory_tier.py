@@ -16,14 +16,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from stashpoint.engine.verify import verify_checkpoint
+import memtier_cases
 from stashpoint import CheckpointManager
 from stashpoint.engine import memtier
 from stashpoint.engine.load import load_state
+from stashpoint.engine.verify import verify_checkpoint
 from stashpoint.manager.memory import MemoryPolicy
 from stashpoint.manager.policy import SavePolicy
-
-import memtier_cases
 
 CTX = mp.get_context("spawn")
 

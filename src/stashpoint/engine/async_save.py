@@ -231,11 +231,25 @@ def copy_in(
     device_buffer: bool,
 ) -> list[Ticket]:
     """Queue the copies of every piece into ``buffer`` (bytes) at ``offsets``; a ticket per engine."""
-    engines: dict[torch.device, CopyEngine] = {}
+    return run_copies(copy_pairs(buffer, pieces, offsets), copy_engine, device_buffer)
+
+
+@dataclass(frozen=True)
+class CopyPairs:
+    """Destination views and source regions of a staging, grouped by source device.
+
+    Building the views costs microseconds a tensor: a memory snapshot, whose plan and
+    tensors rarely change, builds them once and reuses them (:func:`run_copies`).
+    """
+
+    by_device: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]]
+    device_bytes: dict[torch.device, int]
+
+
+def copy_pairs(buffer: torch.Tensor, pieces: list[Piece], offsets: list[int]) -> CopyPairs:
+    """Views of ``buffer`` for every tensor piece (objects' bytes are copied now)."""
+    by_device: dict[torch.device, tuple[list, list]] = {}
     device_bytes: dict[torch.device, int] = {}
-    for p in pieces:
-        if isinstance(p.source, torch.Tensor) and p.source.is_cuda:
-            device_bytes[p.source.device] = align(device_bytes.get(p.source.device, 0) + p.chunk.nbytes)
     for p, off in zip(pieces, offsets, strict=True):
         dst = buffer[off : off + p.chunk.nbytes]
         src = p.source
@@ -243,14 +257,25 @@ def copy_in(
             dst.copy_(torch.frombuffer(bytearray(src.payload), dtype=torch.uint8))
             continue
         box = p.write.box
-        engine = copy_engine or _engine_for(src.device, engines, device_buffer)
-        if engine not in engines.values():
-            engines[src.device] = engine
-            if isinstance(engine, CudaCopyEngine):
-                engine.reserve(device_bytes.get(src.device, 0))
-            engine.begin()
-        engine.copy(dst.view(src.dtype).view(box.shape), region(src, box.local_offsets, box.shape))
-    return [e.finish() for e in engines.values()]
+        dsts, srcs = by_device.setdefault(src.device, ([], []))
+        dsts.append(dst.view(src.dtype).view(box.shape))
+        srcs.append(region(src, box.local_offsets, box.shape))
+        if src.is_cuda:
+            device_bytes[src.device] = align(device_bytes.get(src.device, 0) + p.chunk.nbytes)
+    return CopyPairs(by_device=by_device, device_bytes=device_bytes)
+
+
+def run_copies(pairs: CopyPairs, copy_engine: CopyEngine | None, device_buffer: bool) -> list[Ticket]:
+    """Queue every copy of ``pairs``: one batch per engine; returns a ticket per engine."""
+    tickets = []
+    for device, (dsts, srcs) in pairs.by_device.items():
+        engine = copy_engine or _engine_for(device, {}, device_buffer)
+        if isinstance(engine, CudaCopyEngine):
+            engine.reserve(pairs.device_bytes.get(device, 0))
+        engine.begin()
+        engine.copy_many(dsts, srcs)
+        tickets.append(engine.finish())
+    return tickets
 
 
 def after_staging(

@@ -197,7 +197,10 @@ class Keeper:
         apply_env(msg.env)
         manifest = self._manifest(msg.slot)
         return self.persist_manifest(
-            manifest, msg.path, msg.timeout_s, lambda n: writer.send(Persisted(job_id=msg.job_id, bytes_written=n))
+            manifest,
+            msg.path,
+            msg.timeout_s,
+            lambda n: writer.send(Persisted(job_id=msg.job_id, bytes_written=n)),
         )
 
     def _manifest(self, slot: int) -> memtier.Manifest:
@@ -205,7 +208,8 @@ class Keeper:
             if m.slot == slot:
                 return m
         raise ChecksumMismatchError(
-            f"{memtier.slot_data(self.config.root, self.config.rank, slot)}: the slot holds no complete snapshot"
+            f"{memtier.slot_data(self.config.root, self.config.rank, slot)}: "
+            "the slot holds no complete snapshot"
         )
 
     def persist_manifest(self, m: memtier.Manifest, path: str, timeout_s: float, persisted=None) -> Outcome:
@@ -244,7 +248,10 @@ class Keeper:
             return
         snaps = memtier.complete_snapshots(cfg.root)
         if not snaps:
-            print(f"stashpoint keeper rank {cfg.rank}: {reason}; no complete snapshot to persist", file=sys.stderr)
+            print(
+                f"stashpoint keeper rank {cfg.rank}: {reason}; no complete snapshot to persist",
+                file=sys.stderr,
+            )
             return
         snap = snaps[0]
         if snap.step in self.persisted_steps:
@@ -255,7 +262,10 @@ class Keeper:
         try:
             self.persist_manifest(mine, path, cfg.timeout_s)
         except (StashpointError, OSError) as exc:
-            print(f"stashpoint keeper rank {cfg.rank}: persisting step {snap.step} failed: {exc}", file=sys.stderr)
+            print(
+                f"stashpoint keeper rank {cfg.rank}: persisting step {snap.step} failed: {exc}",
+                file=sys.stderr,
+            )
             return
         print(
             f"stashpoint keeper rank {cfg.rank}: {reason}; persisted the memory snapshot of step "
@@ -400,7 +410,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--name", default="step-{step:09d}")
     a = p.parse_args(argv)
     config = KeeperConfig(
-        root=a.root, rank=a.rank, durable=a.durable, reattach_s=a.reattach, timeout_s=a.timeout,
+        root=a.root,
+        rank=a.rank,
+        durable=a.durable,
+        reattach_s=a.reattach,
+        timeout_s=a.timeout,
         checkpoint_name=a.name,
     )
     serve(config, Writer)

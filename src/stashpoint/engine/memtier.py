@@ -198,7 +198,9 @@ def manifest_from_json(raw: bytes, where: str) -> Manifest:
             metadata=None if meta is None else SaveMetadata(**meta),
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise IndexCorruptError(f"{where}: malformed snapshot manifest ({type(exc).__name__}: {exc})") from None
+        raise IndexCorruptError(
+            f"{where}: malformed snapshot manifest ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def write_manifest(root: str, m: Manifest) -> None:
@@ -275,7 +277,9 @@ def complete_snapshots(root: str) -> list[Snapshot]:
 def snapshot_index_json(snap: Snapshot) -> str:
     """The index of ``snap`` as a checkpoint: data file ``data-<rank>`` is rank's slot."""
     first = snap.manifests[0]
-    index = build_index(first.plan, [list(m.records) for m in snap.manifests], first.metadata, first.crc_block)
+    index = build_index(
+        first.plan, [list(m.records) for m in snap.manifests], first.metadata, first.crc_block
+    )
     return index.to_json()
 
 
@@ -292,7 +296,9 @@ def open_view(root: str, snap: Snapshot, tag: str) -> str:
         for m in snap.manifests:
             src = slot_data(root, m.rank, m.slot)
             if os.stat(src).st_size < m.file_size:
-                raise ChecksumMismatchError(f"{src}: the slot is shorter than its snapshot of step {snap.step}")
+                raise ChecksumMismatchError(
+                    f"{src}: the slot is shorter than its snapshot of step {snap.step}"
+                )
             os.link(src, os.path.join(view, data_file_name(m.rank)))
         with open(os.path.join(view, INDEX_FILE), "w") as f:
             f.write(snapshot_index_json(snap))

@@ -37,17 +37,26 @@ import torch
 from stashpoint import errors
 from stashpoint._dist import Coordinator
 from stashpoint.engine import memtier
-from stashpoint.engine.async_save import after_staging, copy_in, optimizers_of, pieces_of
+from stashpoint.engine.async_save import (
+    CopyPairs,
+    Piece,
+    after_staging,
+    copy_pairs,
+    optimizers_of,
+    pieces_of,
+    run_copies,
+)
 from stashpoint.engine.messages import Outcome, PersistSnapshot, Preempted, Release, Seal
 from stashpoint.engine.persist import unique_keys
 from stashpoint.engine.prepare import inline_values, plan_state
 from stashpoint.engine.publish import save_metadata
-from stashpoint.engine.records import FileItem
+from stashpoint.engine.records import Chunk, FileItem
 from stashpoint.engine.staging import CopyEngine, SharedBuffer
 from stashpoint.engine.telemetry import PhaseTimer
 from stashpoint.engine.writer_client import BackgroundWriter, JobFutures, writer_env
 from stashpoint.format.index import DEFAULT_CRC_BLOCK_BYTES
-from stashpoint.format.safetensors_file import layout_file
+from stashpoint.format.safetensors_file import FileLayout, layout_file
+from stashpoint.planning.save_plan import SavePlan, WriteItem
 from stashpoint.vocab import IfBusy, SaveMode
 
 #: how long a trainer waits for its keeper to start listening
@@ -83,6 +92,24 @@ class SnapshotHandle:
         self._sealed.add_done_callback(lambda _f: fn(self))
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Shape:
+    """What a plan makes of this rank's slot file: the chunks and where they lie."""
+
+    plan: SavePlan
+    writes: tuple[WriteItem, ...]
+    parts: tuple[tuple[WriteItem, Chunk], ...]  # what each piece writes (not its source)
+    chunks: tuple[Chunk, ...]
+    layout: FileLayout
+
+
+def _address(src: object) -> tuple | None:
+    """What a cached copy depends on: a tensor's memory and view (None for objects)."""
+    if not isinstance(src, torch.Tensor):
+        return None
+    return (src.data_ptr(), src.dtype, tuple(src.shape), src.stride(), src.device)
+
+
 @dataclass
 class _Slot:
     index: int
@@ -112,7 +139,9 @@ def connect_keeper(
                 return BackgroundWriter.connect(short, proc)
         except OSError as exc:
             if proc is not None and proc.poll() is not None:
-                raise errors.WriterError(f"the memory-tier keeper of rank {rank} exited ({proc.returncode})") from exc
+                raise errors.WriterError(
+                    f"the memory-tier keeper of rank {rank} exited ({proc.returncode})"
+                ) from exc
             if time.monotonic() > deadline:
                 raise errors.WriterError(
                     f"{address}: the memory-tier keeper did not listen within {CONNECT_TIMEOUT_S:g}s"
@@ -146,6 +175,8 @@ class MemorySnapshots:
         for m in memtier.read_manifests(root, self.rank):  # what a previous trainer left
             if m.slot < slots:
                 self.slots[m.slot].step = m.step
+        self._shape: _Shape | None = None
+        self._pairs_cache: dict | None = None
         self._lock = threading.Lock()
         self._freed = threading.Condition(self._lock)
 
@@ -177,11 +208,8 @@ class MemorySnapshots:
         timer = PhaseTimer()
         with timer.phase("plan"):
             plan, save_id, sources = plan_state(state, self.coord, f"memory snapshot of step {step}")
-            writes = plan.writes[self.rank]
-            pieces = pieces_of(writes, sources)
-            keyed = unique_keys([FileItem(chunk=p.chunk, fetch=None) for p in pieces])
-            layout = layout_file([it.chunk.entry for it in keyed], metadata={"format": "pt", "writer": "stashpoint"})
-        slot = self._agree_on_slot(layout.size, if_busy)
+            shape = self._shape_of(plan, sources)
+        slot = self._agree_on_slot(shape.layout.size, if_busy)
         if slot is None:
             return None
         handle = SnapshotHandle(step, slot.index)
@@ -189,10 +217,13 @@ class MemorySnapshots:
         with timer.phase("device_to_host"):
             memtier.drop_manifest(self.root, self.rank, slot.index)
             slot.step = None
-            buf = slot.buffer.tensor
-            buf[: len(layout.header)].copy_(torch.frombuffer(bytearray(layout.header), dtype=torch.uint8))
-            tickets = copy_in(buf, pieces, [a for a, _ in layout.ranges], copy_engine, device_buffer)
-        meta = save_metadata(self.coord.world_size, step, dict(metadata or {}), save_id) if self.coord.is_coordinator else None
+            tickets = run_copies(self._pairs(shape, slot, sources), copy_engine, device_buffer)
+        writes = shape.writes
+        meta = (
+            save_metadata(self.coord.world_size, step, dict(metadata or {}), save_id)
+            if self.coord.is_coordinator
+            else None
+        )
         seal = Seal(
             job_id=next(_IDS),
             slot=slot.index,
@@ -201,18 +232,67 @@ class MemorySnapshots:
             rank=self.rank,
             world_size=self.coord.world_size,
             crc_block=self.crc_block,
-            file_size=layout.size,
-            chunks=tuple(it.chunk for it in keyed),
-            ranges=layout.ranges,
+            file_size=shape.layout.size,
+            chunks=shape.chunks,
+            ranges=shape.layout.ranges,
             inline=tuple(inline_values(writes, sources)),
             plan_items=plan.items if self.coord.is_coordinator else None,
             metadata=meta,
         )
-        after_staging(tickets, optimizers_of(state) if mode == "lazy" else None, self._sealer(handle, slot, seal))
+        after_staging(
+            tickets, optimizers_of(state) if mode == "lazy" else None, self._sealer(handle, slot, seal)
+        )
         if mode != "lazy":
             handle.wait_staged()
         handle.stall_s = time.perf_counter() - t0
         return handle
+
+    def _shape_of(self, plan: SavePlan, sources: dict) -> _Shape:
+        """This rank's file layout for ``plan``: the same as last time while the plan is."""
+        cached = self._shape
+        if cached is not None and (cached.plan is plan or cached.plan == plan):
+            return cached
+        writes = plan.writes[self.rank]
+        pieces = pieces_of(writes, sources)
+        keyed = unique_keys([FileItem(chunk=p.chunk, fetch=None) for p in pieces])
+        meta = {"format": "pt", "writer": "stashpoint"}
+        shape = _Shape(
+            plan=plan,
+            writes=writes,
+            parts=tuple((p.write, p.chunk) for p in pieces),
+            chunks=tuple(it.chunk for it in keyed),
+            layout=layout_file([it.chunk.entry for it in keyed], metadata=meta),
+        )
+        self._shape, self._pairs_cache = shape, None
+        return shape
+
+    def _pairs(self, shape: _Shape, slot: _Slot, sources: dict) -> CopyPairs:
+        """The copies into ``slot``: reused while the plan, the slot and every tensor's
+        memory are the same; objects (and the header) are written again every time."""
+        current = tuple(_address(sources[w.fqn]) for w, _ in shape.parts)
+        if self._pairs_cache is not None and self._pairs_cache.get("addresses") != current:
+            self._pairs_cache = None  # tensors moved: drop the views that keep the old ones alive
+        key = (slot.index, id(slot.buffer))
+        buf = slot.buffer.tensor
+        buf[: len(shape.layout.header)].copy_(
+            torch.frombuffer(bytearray(shape.layout.header), dtype=torch.uint8)
+        )
+        offsets = [a for a, _ in shape.layout.ranges]
+        fresh = [Piece(write=w, source=sources[w.fqn], chunk=c) for w, c in shape.parts]
+        objects = [
+            (p, off) for p, off in zip(fresh, offsets, strict=True) if not isinstance(p.source, torch.Tensor)
+        ]
+        if objects:
+            copy_pairs(buf, [p for p, _ in objects], [off for _, off in objects])
+        cached = self._pairs_cache.get(key) if self._pairs_cache else None
+        if cached is not None:
+            return cached
+        tensors = [
+            (p, off) for p, off in zip(fresh, offsets, strict=True) if isinstance(p.source, torch.Tensor)
+        ]
+        pairs = copy_pairs(buf, [p for p, _ in tensors], [off for _, off in tensors])
+        self._pairs_cache = {**(self._pairs_cache or {"addresses": current}), key: pairs}
+        return pairs
 
     def _sealer(self, handle: SnapshotHandle, slot: _Slot, seal: Seal):
         def staged(failure: BaseException | None) -> None:

@@ -126,6 +126,11 @@ class CopyEngine:
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
 
+    def copy_many(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+        """Queue many copies at once (one launch where the engine can)."""
+        for d, s in zip(dsts, srcs, strict=True):
+            self.copy(d, s)
+
     def finish(self) -> Ticket:
         return Ticket()
 
@@ -196,12 +201,28 @@ class CudaCopyEngine(CopyEngine):
             snap.copy_(src, non_blocking=True)
             self._pending.append((dst, snap))
 
+    def copy_many(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+        """All copies in one stream context and one foreach launch: a per-tensor Python
+        loop costs tens of microseconds a tensor, milliseconds for a model's state."""
+        with torch.cuda.stream(self.stream):
+            if not self.device_buffer:
+                torch._foreach_copy_(dsts, srcs, non_blocking=True)
+                return
+            snaps = []
+            for dst in dsts:
+                n = dst.numel() * dst.element_size()
+                snaps.append(self._buffer[self._offset : self._offset + n].view(dst.dtype).view(dst.shape))
+                self._offset = align(self._offset + n)
+            torch._foreach_copy_(snaps, srcs, non_blocking=True)
+            self._pending.extend(zip(dsts, snaps))
+
     def finish(self) -> Ticket:
         safe = torch.cuda.Event()
         safe.record(self.stream)
         with torch.cuda.stream(self.stream):
-            for dst, snap in self._pending:
-                dst.copy_(snap, non_blocking=True)
+            if self._pending:
+                dsts, snaps = zip(*self._pending)
+                torch._foreach_copy_(list(dsts), list(snaps), non_blocking=True)
         self._pending = []
         staged = torch.cuda.Event()
         staged.record(self.stream)

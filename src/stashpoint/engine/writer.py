@@ -24,8 +24,8 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 from multiprocessing.connection import Connection
+from typing import Literal
 
 from stashpoint.engine.messages import (
     Alloc,

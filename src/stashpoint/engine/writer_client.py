@@ -75,7 +75,12 @@ class BackgroundWriter:
             return cls._instance
 
     def __init__(
-        self, inbox: Connection, outbox: Connection, proc: subprocess.Popen | None = None, *, keeper: bool = False
+        self,
+        inbox: Connection,
+        outbox: Connection,
+        proc: subprocess.Popen | None = None,
+        *,
+        keeper: bool = False,
     ) -> None:
         """Talk to a writer over ``inbox``/``outbox``; :meth:`spawn` and :meth:`connect` make one.
 
@@ -249,7 +254,9 @@ class BackgroundWriter:
             self.send(SlotAlloc(slot=slot, size=size))
             return fut.result(timeout=timeout_s)
         except FutureTimeout:
-            raise errors.WriterError(f"the keeper did not allocate slot {slot} within {timeout_s:g}s") from None
+            raise errors.WriterError(
+                f"the keeper did not allocate slot {slot} within {timeout_s:g}s"
+            ) from None
         finally:
             with self._waiters_lock:
                 self._allocations.pop(tag, None)

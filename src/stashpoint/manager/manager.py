@@ -23,8 +23,8 @@ from stashpoint.engine.async_save import BackgroundWriter, SaveHandle, async_sav
 from stashpoint.engine.load import load_state
 from stashpoint.engine.save import save_state
 from stashpoint.engine.shm import reclaim_orphans, shm_dir
-from stashpoint.engine.telemetry import LoadResult, SaveResult, append_record
 from stashpoint.engine.snapshot import SnapshotHandle
+from stashpoint.engine.telemetry import LoadResult, SaveResult, append_record
 from stashpoint.errors import InvalidOptionError, StorageError
 from stashpoint.manager.config import ManagerConfig, manager_config
 from stashpoint.manager.housekeeping import (
@@ -110,7 +110,8 @@ class CheckpointManager:
         self._memory = MemoryTier(policy, url, self._coord, self.process_group)
         if policy.signal is not None:
             snaps = self._memory.snapshots
-            self._preemption = Preemption(policy.signal, notify=lambda: snaps.notify_preempted(policy.grace_s))
+            grace = policy.grace_s
+            self._preemption = Preemption(policy.signal, notify=lambda: snaps.notify_preempted(grace))
 
     def _start_local_tier(self) -> None:
         self.storage.make_prefix(self._root)
@@ -197,10 +198,17 @@ class CheckpointManager:
     ) -> SnapshotHandle | None:
         """A memory snapshot now (a collective); None when every rank skipped it (slots busy)."""
         if self._memory is None:
-            raise InvalidOptionError("snapshot() needs a memory tier: CheckpointManager(..., memory=MemoryPolicy())")
+            raise InvalidOptionError(
+                "snapshot() needs a memory tier: CheckpointManager(..., memory=MemoryPolicy())"
+            )
         mode = "eager" if self.mode == "sync" else self.mode
         return self._memory.snapshot(
-            state, step, durable=durable, mode=mode, device_buffer=self.config.device_buffer, metadata={"metrics": dict(metrics or {})}
+            state,
+            step,
+            durable=durable,
+            mode=mode,
+            device_buffer=self.config.device_buffer,
+            metadata={"metrics": dict(metrics or {})},
         )
 
     def save(self, step: int, state: dict, metrics: dict | None = None) -> SaveHandle | SaveResult:

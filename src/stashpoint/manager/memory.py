@@ -34,7 +34,6 @@ from stashpoint.manager.resume import agree_on_load
 from stashpoint.vocab import IfBusy, PreemptSignal, choose
 
 
-
 @dataclass(frozen=True, kw_only=True)
 class MemoryPolicy:
     """The memory tier: a snapshot every ``every_steps`` steps into ``slots`` slots per rank.
@@ -62,7 +61,9 @@ class MemoryPolicy:
         check_positive("every_steps", self.every_steps, integer=True, or_none=False)
         check_positive("slots", self.slots, integer=True, or_none=False)
         if self.slots < 2:
-            raise InvalidOptionError(f"slots must be 2 or more (one is always the newest snapshot), not {self.slots}")
+            raise InvalidOptionError(
+                f"slots must be 2 or more (one is always the newest snapshot), not {self.slots}"
+            )
         check_positive("reattach_s", self.reattach_s, or_none=False)
         check_positive("grace_s", self.grace_s, or_none=False)
         choose("if_busy", self.if_busy, IfBusy)
