@@ -101,12 +101,10 @@ def run(tr: GPT, steps: int, durable: str, memory_every: int | None, durable_eve
             mode="lazy",
             device_buffer=True,
         )
-        # a first snapshot outside the timed region: slots are allocated and pinned once
-        tr.step()
-        if mgr.memory_root is not None:
-            mgr.snapshot(tr.loader["step"], tr.state()).wait(600)
+        # outside the timed region: slots (and the device buffer) are allocated and pinned once
+        mgr.warmup(tr.state())
     torch.cuda.synchronize()
-    stalls, shm, skipped = [], [], 0
+    stalls, phases, shm, skipped = [], [], [], 0
     t = time.perf_counter()
     for _ in range(steps):
         tr.step()
@@ -114,6 +112,7 @@ def run(tr: GPT, steps: int, durable: str, memory_every: int | None, durable_eve
             h = mgr.maybe_save(tr.loader["step"], tr.state())
             if h is not None and hasattr(h, "slot"):
                 stalls.append(h.stall_s)
+                phases.append(dict(h.timer.seconds))
             elif memory_every and tr.loader["step"] % memory_every == 0 and h is None:
                 skipped += 1
     torch.cuda.synchronize()
@@ -125,6 +124,7 @@ def run(tr: GPT, steps: int, durable: str, memory_every: int | None, durable_eve
         "snapshots": len(stalls),
         "skipped": skipped,
         "stall_s": stalls,
+        "phase_s": phases,
     }
     if mgr is not None:
         t = time.perf_counter()
@@ -133,7 +133,7 @@ def run(tr: GPT, steps: int, durable: str, memory_every: int | None, durable_eve
         out["shm_bytes"] = shm_bytes(mgr.memory_root)
         shm.append(out["shm_bytes"])
         out["memory_root"] = mgr.memory_root
-        mgr.close(release_memory=memory_every is None)
+        mgr.close()
     return out
 
 
@@ -183,7 +183,9 @@ def child(args) -> None:
         args.dir, memory=policy, save_policy=SavePolicy(every_steps=10**9), mode="lazy", device_buffer=True
     )
     t_ready = time.time()
-    info = mgr.load_latest(tr.state())
+    state = tr.state()
+    info = mgr.load_latest(state)
+    tr.loader = state["loader"]
     torch.cuda.synchronize()
     t_loaded = time.time()
     for _ in range(args.child_steps):

@@ -269,7 +269,7 @@ def run_copies(pairs: CopyPairs, copy_engine: CopyEngine | None, device_buffer: 
     """Queue every copy of ``pairs``: one batch per engine; returns a ticket per engine."""
     tickets = []
     for device, (dsts, srcs) in pairs.by_device.items():
-        engine = copy_engine or _engine_for(device, {}, device_buffer)
+        engine = copy_engine or engine_for(device, {}, device_buffer)
         if isinstance(engine, CudaCopyEngine):
             engine.reserve(pairs.device_bytes.get(device, 0))
         engine.begin()
@@ -362,8 +362,9 @@ def optimizers_of(state: dict) -> list[torch.optim.Optimizer]:
 _CUDA_ENGINES: dict[tuple[torch.device, bool], CudaCopyEngine] = {}
 
 
-def _engine_for(device: torch.device, engines: dict, device_buffer: bool) -> CopyEngine:
-    if device in engines:
+def engine_for(device: torch.device, engines: dict | None = None, device_buffer: bool = False) -> CopyEngine:
+    """The copy engine for tensors on ``device`` (one per CUDA device, reused)."""
+    if engines and device in engines:
         return engines[device]
     if device.type == "cuda":
         # one engine per device for the life of the process: its stream and buffer are reused
@@ -416,7 +417,7 @@ def warmup(state: dict, *, device_buffer: bool = False, timeout_s: float = 600.0
     pool.release(slot)
     if device_buffer:
         for device, n in per_device.items():
-            engine = _engine_for(device, {}, True)
+            engine = engine_for(device, {}, True)
             engine.reserve(n)
     return pool.staged_bytes
 

@@ -42,6 +42,7 @@ from stashpoint.engine.async_save import (
     Piece,
     after_staging,
     copy_pairs,
+    engine_for,
     optimizers_of,
     pieces_of,
     run_copies,
@@ -344,18 +345,40 @@ class MemorySnapshots:
                 return None
             slot = min(free, key=lambda s: -1 if s.step is None else s.step)
             slot.busy += 1
+        self._ensure_buffer(slot, size)
+        return slot
+
+    def _ensure_buffer(self, slot: _Slot, size: int) -> None:
         if slot.buffer is None or slot.buffer.size != size:
             if slot.buffer is not None:
                 slot.buffer.close()
+                self._pairs_cache = None
             path = self.client.allocate_slot(slot.index, size, self.timeout_s)
             slot.buffer = SharedBuffer(path, size, create=False)
             slot.buffer.pin()
-        return slot
 
     def _unbusy(self, slot: _Slot) -> None:
         with self._freed:
             slot.busy -= 1
             self._freed.notify_all()
+
+    def warmup(self, state: dict, *, device_buffer: bool = False) -> int:
+        """Allocate (and page-lock) every slot for ``state`` now (a collective), so no
+        snapshot pays it; returns the shared-memory bytes held."""
+        plan, _, sources = plan_state(state, self.coord, "memory snapshot warm-up")
+        shape = self._shape_of(plan, sources)
+        for slot in self.slots:
+            with self._freed:
+                slot.busy += 1
+            try:
+                self._ensure_buffer(slot, shape.layout.size)
+            finally:
+                self._unbusy(slot)
+        if device_buffer:
+            pairs = self._pairs(shape, self.slots[0], sources)
+            for device, size in pairs.device_bytes.items():
+                engine_for(device, device_buffer=True).reserve(size)
+        return self.memory_bytes
 
     # ------------------------------------------------------------------ persist
 

@@ -304,8 +304,11 @@ class CheckpointManager:
             self._saving.discard(name)
 
     def warmup(self, state: dict) -> None:
-        """Allocate and page-lock staging for ``state`` now, so the first save does not stall."""
-        if self.mode != "sync":
+        """Allocate and page-lock staging (or every memory slot) for ``state`` now, so the
+        first saves do not stall; a collective with a memory tier."""
+        if self._memory is not None:
+            self._memory.warmup(state, self.config.device_buffer)
+        elif self.mode != "sync":
             warmup(state, device_buffer=self.config.device_buffer)
 
     # ------------------------------------------------------------------ resuming

@@ -97,6 +97,9 @@ class MemoryTier:
         )
         self.last: SnapshotHandle | None = None
 
+    def warmup(self, state: dict, device_buffer: bool) -> int:
+        return self.snapshots.warmup(state, device_buffer=device_buffer)
+
     def due(self, step: int) -> bool:
         return step % self.policy.every_steps == 0
 
