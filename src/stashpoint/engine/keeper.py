@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import select
 import signal
 import socket
@@ -95,6 +96,10 @@ class Keeper:
         self.slots: dict[int, SharedBuffer] = {}
         self.preempt_timer: threading.Timer | None = None
         self.persisted_steps: set[int] = set()
+        #: durable copies run on their own thread: a seal never waits behind a persist
+        self.persists: queue.Queue = queue.Queue()
+        self.persister = threading.Thread(target=self._persist_loop, name="stashpoint-persist", daemon=True)
+        self.persister.start()
         keeper = self
 
         class _Serving(writer_cls):
@@ -155,12 +160,31 @@ class Keeper:
         if isinstance(item, _Breakpoint):
             self.persist_breakpoint(item.reason)
             return
+        if isinstance(item, PersistSnapshot):
+            self.persists.put((writer, item))
+            return
+        self._answer(writer, item, self._seal)
+
+    def _answer(self, writer, item: Seal | PersistSnapshot, fn) -> None:
         try:
-            outcome = self._seal(item) if isinstance(item, Seal) else self._persist(writer, item)
+            outcome = fn(item)
         except BaseException as exc:
             writer.send(Failed(job_id=item.job_id, error=ErrorReport.of(exc)))
             return
         writer.send(Committed(job_id=item.job_id, outcome=outcome))
+
+    def _persist_loop(self) -> None:
+        while True:
+            got = self.persists.get()
+            if got is None:
+                return
+            writer, item = got
+            self._answer(writer, item, lambda msg: self._persist(writer, msg))
+
+    def drain(self) -> None:
+        """Finish the durable copies already asked for."""
+        self.persists.put(None)
+        self.persister.join()
 
     def _seal(self, msg: Seal) -> Outcome:
         t0 = time.perf_counter()
@@ -392,6 +416,7 @@ def serve(config: KeeperConfig, writer_cls: type) -> str:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         sock.close()
         writer.stop()  # finish queued seals and jobs first
+        keeper.drain()
         if ending != "released":
             keeper.persist_breakpoint(ending)
         keeper.close()

@@ -173,6 +173,7 @@ class CudaCopyEngine(CopyEngine):
         self._buffer: torch.Tensor | None = None
         self._offset = 0
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._views: tuple | None = None
 
     @property
     def device_bytes(self) -> int:
@@ -182,7 +183,7 @@ class CudaCopyEngine(CopyEngine):
         """Size the device snapshot buffer for a save of ``nbytes`` (grows, never shrinks)."""
         if self.device_buffer and (self._buffer is None or self._buffer.numel() < nbytes):
             self.stream.synchronize()  # the old buffer may still feed copies
-            self._buffer = None
+            self._buffer, self._views = None, None
             self._buffer = torch.empty(align(nbytes), dtype=torch.uint8, device=self.device)
 
     def begin(self) -> None:
@@ -208,13 +209,25 @@ class CudaCopyEngine(CopyEngine):
             if not self.device_buffer:
                 torch._foreach_copy_(dsts, srcs, non_blocking=True)
                 return
-            snaps = []
-            for dst in dsts:
-                n = dst.numel() * dst.element_size()
-                snaps.append(self._buffer[self._offset : self._offset + n].view(dst.dtype).view(dst.shape))
-                self._offset = align(self._offset + n)
+            snaps = self._snapshot_views(dsts)
             torch._foreach_copy_(snaps, srcs, non_blocking=True)
             self._pending.extend(zip(dsts, snaps))
+
+    def _snapshot_views(self, dsts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Views of the device buffer matching ``dsts``; the same list of destinations
+        (a reused staging) gets the same views without building them again."""
+        key = (id(dsts), len(dsts), self._offset, self._buffer.data_ptr())
+        if self._views is not None and self._views[0] == key and self._views[1] is dsts:
+            snaps = self._views[2]
+            self._offset = self._views[3]
+            return snaps
+        snaps = []
+        for dst in dsts:
+            n = dst.numel() * dst.element_size()
+            snaps.append(self._buffer[self._offset : self._offset + n].view(dst.dtype).view(dst.shape))
+            self._offset = align(self._offset + n)
+        self._views = (key, dsts, snaps, self._offset)
+        return snaps
 
     def finish(self) -> Ticket:
         safe = torch.cuda.Event()
