@@ -27,6 +27,7 @@ the rank's shared memory and exits.  ``Release`` frees at once.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import queue
 import select
@@ -179,7 +180,7 @@ class Keeper:
             if got is None:
                 return
             writer, item = got
-            self._answer(writer, item, lambda msg: self._persist(writer, msg))
+            self._answer(writer, item, functools.partial(self._persist, writer))
 
     def drain(self) -> None:
         """Finish the durable copies already asked for."""
