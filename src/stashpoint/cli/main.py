@@ -114,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="OUT.png", help="also draw a timeline")
     p.set_defaults(func=_report, flags=p.flags)
 
-    p = sub.add_parser("demo", help="train on 2 ranks, checkpoint, resume on 3, compare")
+    p = sub.add_parser(
+        "demo", help="train on 2 ranks, SIGKILL a rank, recover from memory, reshard to 3, compare"
+    )
     p.add_argument("--dir", default="demo-output", help="where checkpoints go (default: %(default)s)")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--save-at", type=int, default=8)

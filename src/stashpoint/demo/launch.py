@@ -11,6 +11,7 @@ import os
 import queue
 import sys
 import tempfile
+import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -38,7 +39,7 @@ def _entry(rank: int, world: int, scratch: str, fn, args: tuple, results) -> Non
 def run_ranks(world: int, fn, *args, timeout_s: float = 600.0) -> list:
     """``fn(rank, world, *args)`` on ``world`` fresh processes; returns per-rank results."""
     with tempfile.TemporaryDirectory(prefix="stashpoint-demo-", ignore_cleanup_errors=True) as scratch:
-        out = _run_in(scratch, world, fn, args, timeout_s)
+        out = _run_in(scratch, world, fn, args, timeout_s, until_death=False)
     failed = [f"rank {r}:\n{v}" for r, (ok, v) in sorted(out.items()) if not ok]
     if failed:
         print("\n".join(failed), file=sys.stderr)
@@ -46,16 +47,39 @@ def run_ranks(world: int, fn, *args, timeout_s: float = 600.0) -> list:
     return [out[r][1] for r in range(world)]
 
 
-def _run_in(scratch: str, world: int, fn, args: tuple, timeout_s: float) -> dict[int, tuple[bool, object]]:
+def run_until_a_rank_dies(world: int, fn, *args, timeout_s: float = 600.0) -> list[int]:
+    """``fn`` on ``world`` processes until one dies; the others are then SIGKILLed, as
+    torchrun's agent does before restarting a job.  Returns the exit codes."""
+    with tempfile.TemporaryDirectory(prefix="stashpoint-demo-", ignore_cleanup_errors=True) as scratch:
+        out = _run_in(scratch, world, fn, args, timeout_s, until_death=True)
+    return [out[r][1] for r in range(world)]
+
+
+def _run_in(
+    scratch: str, world: int, fn, args: tuple, timeout_s: float, until_death: bool
+) -> dict[int, tuple[bool, object]]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = [ctx.Process(target=_entry, args=(r, world, scratch, fn, args, results)) for r in range(world)]
     for p in procs:
         p.start()
     out: dict[int, tuple[bool, object]] = {}
+    deadline = time.monotonic() + timeout_s
     try:
         while len(out) < world:
-            rank, ok, value = results.get(timeout=timeout_s)
+            if until_death and any(p.exitcode not in (None, 0) for p in procs):
+                for p in procs:
+                    if p.is_alive():
+                        p.kill()
+                for p in procs:
+                    p.join(timeout=30)
+                return {r: (False, p.exitcode) for r, p in enumerate(procs)}
+            if time.monotonic() > deadline:
+                raise queue.Empty
+            try:
+                rank, ok, value = results.get(timeout=0.2)
+            except queue.Empty:
+                continue
             out[rank] = (ok, value)
     except queue.Empty:
         raise TimeoutError(f"ranks {sorted(set(range(world)) - set(out))} did not finish") from None

@@ -1,11 +1,15 @@
-"""``stashpoint demo``: train with FSDP2 on 2 CPU ranks, checkpoint, resume on 3.
+"""``stashpoint demo``: train with FSDP2 on CPU ranks, lose a rank, recover from memory, reshard.
 
-1. An uninterrupted run of ``steps`` AdamW steps on ``save_world`` ranks that
-   saves a checkpoint after ``save_at`` steps (model, optimizer, data-loader
-   position, per-rank RNG state).
-2. A fresh job on ``resume_world`` ranks loads that checkpoint (resharding every
-   parameter and Adam moment to the new world size) and trains to ``steps``.
-3. The two loss curves are compared step by step.
+1. A reference run of ``steps`` AdamW steps on ``save_world`` ranks, without checkpoints.
+2. The same job with the checkpoint manager: a memory snapshot every step (held by a
+   keeper process per rank, which outlives its trainer) and a durable checkpoint every
+   ``save_at`` steps.  The last rank is SIGKILLed mid-run, after the snapshot of step
+   ``kill_at``; the other ranks are killed as torchrun's agent would.
+3. The job restarts on ``save_world`` ranks: the ranks agree on the newest snapshot
+   every rank holds, verify it by checksum and load it from shared memory; training
+   finishes and its losses equal the reference run's exactly.
+4. A job on ``resume_world`` ranks resumes from the durable checkpoint of step
+   ``save_at`` (every parameter and Adam moment resharded) and trains to the end.
 """
 
 from __future__ import annotations
@@ -14,118 +18,94 @@ import os
 import shutil
 import time
 
-from stashpoint.demo.launch import run_ranks
+from stashpoint.demo import jobs
+from stashpoint.demo.launch import run_ranks, run_until_a_rank_dies
 from stashpoint.errors import InvalidOptionError
 from stashpoint.textfmt import human_bytes, table
 
-GLOBAL_BATCH = 12  # divisible by 1, 2, 3, 4: every world size sees the same data
 TOLERANCE = 1e-5
 
 
-def _model_and_optim(world: int):
-    import torch
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from stashpoint.demo.model import GPTConfig, make_model, shard_fsdp
-
-    cfg = GPTConfig()
-    model = shard_fsdp(make_model(cfg), init_device_mesh("cpu", (world,)))
-    optim = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    return cfg, model, optim
-
-
-def _state(model, optim, step: int) -> dict:
-    import torch
-
-    import stashpoint
-
-    return {
-        "model": model,
-        "optim": optim,
-        "loader": {"next_step": step, "global_batch": GLOBAL_BATCH},
-        "rng": stashpoint.PerRank(torch.get_rng_state()),
-    }
-
-
-def _train_and_save(rank: int, world: int, steps: int, save_at: int, path: str) -> dict:
-    import stashpoint
-    from stashpoint.demo.model import train_step
-
-    cfg, model, optim = _model_and_optim(world)
-    losses, saved = [], None
-    for step in range(steps):
-        losses.append(train_step(model, optim, cfg, step, GLOBAL_BATCH, rank, world))
-        if step + 1 == save_at:
-            saved = stashpoint.save(
-                _state(model, optim, save_at), path, step=save_at, metadata={"demo": True}
-            )
-    return {"losses": losses, "saved": saved}
-
-
-def _resume(rank: int, world: int, steps: int, path: str) -> dict:
-    import stashpoint
-    from stashpoint.demo.model import train_step
-
-    cfg, model, optim = _model_and_optim(world)
-    state = _state(model, optim, 0)
-    # RNG state was saved per rank by 2 ranks; with 3 ranks, start every rank from rank 0's
-    loaded = stashpoint.load(state, path, per_rank="rank0")
-    start = state["loader"]["next_step"]
-    losses = [train_step(model, optim, cfg, s, GLOBAL_BATCH, rank, world) for s in range(start, steps)]
-    return {"start": start, "losses": losses, "loaded": loaded}
+def _loss_table(reference: list[float], runs: dict[str, dict[int, float]]) -> tuple[str, float]:
+    """The loss of every step of each run next to the reference, and the worst difference."""
+    steps = sorted({s for losses in runs.values() for s in losses})
+    rows, worst = [], 0.0
+    for s in steps:
+        row = [str(s + 1), f"{reference[s]:.6f}"]
+        for losses in runs.values():
+            if s in losses:
+                worst = max(worst, abs(losses[s] - reference[s]))
+                row.append(f"{losses[s]:.6f}")
+            else:
+                row.append("")
+        rows.append(row)
+    return table(["step", "reference", *runs], rows, set(range(len(runs) + 2))), worst
 
 
 def run(out_dir: str, steps: int, save_at: int, save_world: int, resume_world: int) -> int:
     if not 0 < save_at < steps:
         raise InvalidOptionError(f"save_at must be between 0 and the step count ({steps}), not {save_at}")
-    path = os.path.abspath(os.path.join(out_dir, f"step-{save_at:06d}"))
-    if os.path.exists(path):
-        shutil.rmtree(path)
+    root = os.path.abspath(os.path.join(out_dir, "run"))
+    shutil.rmtree(root, ignore_errors=True)
     os.makedirs(out_dir, exist_ok=True)
+    kill_at = min(steps, save_at + max(1, (steps - save_at) // 2))
 
+    t = [time.perf_counter()]
+    print(f"[1/4] reference: {steps} steps on {save_world} ranks (FSDP2, gloo), no checkpoints")
+    reference = run_ranks(save_world, jobs.reference, steps)[0]
+    t.append(time.perf_counter())
     print(
-        f"[1/2] training {steps} steps on {save_world} ranks (FSDP2, gloo), checkpoint after step {save_at}"
+        f"[2/4] the same job with a memory snapshot every step and a durable checkpoint every "
+        f"{save_at} steps; rank {save_world - 1} is SIGKILLed after step {kill_at}"
     )
-    t0 = time.perf_counter()
-    first = run_ranks(save_world, _train_and_save, steps, save_at, path)
-    t1 = time.perf_counter()
-    print(f"[2/2] resuming from {path} on {resume_world} ranks")
-    second = run_ranks(resume_world, _resume, steps, path)
-    t2 = time.perf_counter()
-
-    reference = first[0]["losses"]
-    resumed = second[0]["losses"]
-    start = second[0]["start"]
-    rows, worst = [], 0.0
-    for i, step in enumerate(range(start, steps)):
-        diff = abs(reference[step] - resumed[i])
-        worst = max(worst, diff)
-        rows.append([str(step + 1), f"{reference[step]:.6f}", f"{resumed[i]:.6f}", f"{diff:.1e}"])
+    codes = run_until_a_rank_dies(save_world, jobs.resilient, steps, root, save_at, kill_at)
+    t.append(time.perf_counter())
+    print(f"      exit codes {codes}: the snapshots stay with their keeper processes")
+    print(f"[3/4] restart on {save_world} ranks: recover, verify, finish")
+    restarted = run_ranks(save_world, jobs.resilient, steps, root, save_at, None)
+    t.append(time.perf_counter())
+    resumed = restarted[0]["resumed"]
+    print(
+        f"      resumed from the {resumed['tier']} tier at step {resumed['step']} in "
+        f"{resumed['s'] * 1e3:.0f} ms (every rank: "
+        + ", ".join(f"r{r}: {x['resumed']['tier']}" for r, x in enumerate(restarted))
+        + ")"
+    )
+    durable = os.path.join(root, f"step-{save_at:09d}")
+    print(f"[4/4] resume on {resume_world} ranks from the durable checkpoint {durable}")
+    elsewhere = run_ranks(resume_world, jobs.resume_elsewhere, steps, durable)
+    t.append(time.perf_counter())
+    other = dict(zip(range(elsewhere[0]["start"], steps), elsewhere[0]["losses"]))
+    text, _ = _loss_table(
+        reference, {"after SIGKILL": restarted[0]["losses"], f"@{resume_world} ranks": other}
+    )
     print()
-    print(
-        table(["step", f"loss @{save_world} ranks", f"resumed @{resume_world}", "|diff|"], rows, {0, 1, 2, 3})
-    )
-
-    saves = [r["saved"] for r in first]
-    loads = [r["loaded"] for r in second]
-    total = saves[0].total_bytes
+    print(text)
+    exact = all(loss == reference[s] for s, loss in restarted[0]["losses"].items())
+    worst = max((abs(loss - reference[s]) for s, loss in other.items()), default=0.0)
+    loaded = elsewhere[0]["loaded"]
     summary = [
-        ["checkpoint", path],
+        ["killed", f"rank {save_world - 1} after step {kill_at} (exit codes {codes})"],
+        ["recovered", f"step {resumed['step']} from {resumed['tier']} in {resumed['s'] * 1e3:.0f} ms"],
+        ["after recovery", "losses identical to the reference" if exact else "MISMATCH"],
         [
-            "size",
-            f"{human_bytes(total)} in {sum(1 for s in saves if s.bytes_written)} data files + index.json",
+            "resharded",
+            f"{save_world} -> {resume_world} ranks from step {save_at}, "
+            f"{human_bytes(loaded.bytes_read)} read by rank 0",
         ],
-        ["save (per rank)", ", ".join(f"r{s.rank}: {s.seconds * 1e3:.0f} ms" for s in saves)],
-        ["written (per rank)", ", ".join(f"r{s.rank}: {human_bytes(s.bytes_written)}" for s in saves)],
-        ["load (per rank)", ", ".join(f"r{x.rank}: {x.seconds * 1e3:.0f} ms" for x in loads)],
-        ["bytes read (per rank)", ", ".join(f"r{x.rank}: {human_bytes(x.bytes_read)}" for x in loads)],
-        ["wall time", f"first job {t1 - t0:.1f} s, resumed job {t2 - t1:.1f} s"],
-        ["max |loss diff|", f"{worst:.2e} (tolerance {TOLERANCE:g})"],
+        ["max |loss diff| resharded", f"{worst:.2e} (tolerance {TOLERANCE:g})"],
+        [
+            "wall time",
+            ", ".join(
+                f"{n} {b - a:.1f} s"
+                for n, a, b in zip(["reference", "crashed job", "restart", "reshard"], t, t[1:])
+            ),
+        ],
     ]
     print()
     print(table(["summary", ""], summary))
-    ok = worst <= TOLERANCE and start == save_at
+    ok = exact and resumed["tier"] == "memory" and worst <= TOLERANCE and elsewhere[0]["start"] == save_at
     print()
-    print("resumed run matches the uninterrupted run" if ok else "MISMATCH: resumed run diverged")
-    print(f"try: stashpoint inspect {path}")
+    print("recovered from memory and matched the uninterrupted run" if ok else "MISMATCH")
+    print(f"try: stashpoint inspect {durable}")
     return 0 if ok else 1
