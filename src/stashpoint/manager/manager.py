@@ -21,6 +21,7 @@ import torch.distributed as dist
 from stashpoint._dist import Coordinator
 from stashpoint.engine.async_save import BackgroundWriter, SaveHandle, async_save_state, warmup
 from stashpoint.engine.load import load_state
+from stashpoint.engine.memtier import reclaim_memory_roots
 from stashpoint.engine.save import save_state
 from stashpoint.engine.shm import reclaim_orphans, shm_dir
 from stashpoint.engine.snapshot import SnapshotHandle
@@ -513,6 +514,8 @@ __all__ = ["CheckpointInfo", "CheckpointManager", "ManagerConfig", "checkpoint_n
 
 def _reclaim_staging() -> None:
     """Remove shared-memory staging left by killed writer processes, and say how much."""
+    for root in reclaim_memory_roots():
+        warnings.warn(f"removed the memory tier {root}: its keeper processes were killed", stacklevel=3)
     freed = reclaim_orphans()
     if freed:
         warnings.warn(
