@@ -8,6 +8,8 @@ Used by the synchronous and the asynchronous save alike.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -18,9 +20,18 @@ from stashpoint._dist import Coordinator
 from stashpoint.engine.checksum import crc32c
 from stashpoint.engine.publish import Publisher, new_token
 from stashpoint.engine.records import Chunk, EncodedValue, FileItem, Inline, Source
-from stashpoint.engine.tensors import as_bytes, dtensor_boxes, dtensor_layout, full_box, local_tensor, region
+from stashpoint.engine.tensors import (
+    as_bytes,
+    content_digest,
+    dtensor_boxes,
+    dtensor_layout,
+    full_box,
+    local_tensor,
+    region,
+)
 from stashpoint.errors import InvalidStateError, StashpointError
 from stashpoint.format.dtypes import dtype_name, is_supported, itemsize
+from stashpoint.format.index import NameLayout
 from stashpoint.planning.save_plan import LocalItem, SavePlan, WriteItem, build_save_plan
 from stashpoint.storage import Storage
 from stashpoint.storage.commit import CommitStrategy
@@ -31,6 +42,8 @@ class PreparedSave:
     plan: SavePlan
     publisher: Publisher  # the same on every rank: its token names the staging location and the save
     sources: dict[str, Source]
+    #: every rank's renumbering of its names, for the index's ``metadata.names``
+    layouts: tuple[NameLayout, ...] = ()
 
 
 def describe(leaf: _state.Leaf, allow_pickle: bool = False) -> tuple[LocalItem, Source]:
@@ -49,7 +62,9 @@ def describe(leaf: _state.Leaf, allow_pickle: bool = False) -> tuple[LocalItem, 
             boxes = full_box(tuple(local.shape))
         digest = None
         if leaf.scope == _state.CHECKED:
-            digest = crc32c(as_bytes(local.cpu().contiguous()))
+            digest = ("crc32c", crc32c(as_bytes(local.cpu().contiguous())))
+        elif leaf.scope == _state.REPLICATED:  # for the collision check of build_save_plan
+            digest = content_digest(local)
         item = LocalItem(
             fqn=leaf.fqn,
             is_tensor=True,
@@ -68,7 +83,7 @@ def describe(leaf: _state.Leaf, allow_pickle: bool = False) -> tuple[LocalItem, 
         fqn=leaf.fqn,
         is_tensor=False,
         scope=leaf.scope,
-        digest=crc32c(payload),
+        digest=("crc32c", crc32c(payload)),
         encoding=encoding,
         payload_bytes=len(payload),
     )
@@ -87,25 +102,42 @@ def prepare_save(
     """Collective: every rank calls it; returns the same plan and publisher everywhere."""
     where = storage.describe(final)
 
-    def inventory() -> tuple[list[LocalItem], str, dict[str, Source]]:
+    def inventory() -> tuple[list[LocalItem], str, tuple[NameLayout, ...], dict[str, Source]]:
         token = ""
-        try:
+        with _naming(where):
             if coord.is_coordinator:
                 token = new_token()
                 Publisher(storage, final, token=token, overwrite=overwrite, commit=commit).prepare()
             flat = _state.flatten_state(state)
             described = {fqn: describe(leaf, allow_pickle) for fqn, leaf in flat.leaves.items()}
-        except StashpointError as exc:
-            if where not in str(exc):  # every message names the checkpoint
-                raise type(exc)(f"{where}: {exc}") from exc
-            raise
         sources = {f: d[1] for f, d in described.items()}
-        return [d[0] for d in described.values()], token, sources
+        return [d[0] for d in described.values()], token, _layout_records(flat, coord.rank), sources
 
-    agreed = coord.run_everywhere("save: exchange inventories", inventory, share=lambda r: (r[0], r[1]))
-    plan = build_save_plan([g[0] for g in agreed.everyone])
+    agreed = coord.run_everywhere("save: exchange inventories", inventory, share=lambda r: r[:3])
+    with _naming(where):
+        plan = build_save_plan([g[0] for g in agreed.everyone])
     publisher = Publisher(storage, final, token=agreed.everyone[0][1], overwrite=overwrite, commit=commit)
-    return PreparedSave(plan=plan, publisher=publisher, sources=agreed.mine[2])
+    layouts = tuple(n for g in agreed.everyone for n in g[2])
+    return PreparedSave(plan=plan, publisher=publisher, sources=agreed.mine[3], layouts=layouts)
+
+
+@contextmanager
+def _naming(where: str) -> Iterator[None]:
+    """Every message names the checkpoint: add ``where`` to a stashpoint error that lacks it."""
+    try:
+        yield
+    except StashpointError as exc:
+        if where not in str(exc):
+            raise type(exc)(f"{where}: {exc}") from exc
+        raise
+
+
+def _layout_records(flat: _state.FlatState, rank: int) -> tuple[NameLayout, ...]:
+    return tuple(
+        NameLayout(rank=rank, prefix=prefix, kind=lay.kind, key=lay.key, global_ids=lay.global_ids)
+        for prefix, layouts in flat.layouts.items()
+        for lay in layouts
+    )
 
 
 def chunk_of(w: WriteItem, src: Source) -> Chunk | None:

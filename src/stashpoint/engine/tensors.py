@@ -6,6 +6,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Partial, Replicate, Shard, _StridedShard
 
+from stashpoint.engine.checksum import crc32c
 from stashpoint.errors import InvalidStateError
 from stashpoint.format.index import Layout
 from stashpoint.planning.layout import REPLICATE, Box, PlacementSpec, local_boxes
@@ -83,3 +84,30 @@ def as_bytes(t: torch.Tensor) -> memoryview:
     if flat.numel() == 0:
         return memoryview(b"")
     return memoryview(flat.view(torch.uint8).numpy())
+
+
+#: bytes hashed per step on a device, and the prime the position weights run modulo:
+#: 2**24 bytes * 255 * 2**23 stays below 2**63, so the int64 sums never overflow
+_DEVICE_STEP = 1 << 24
+_WEIGHT_MOD = (1 << 23) - 15
+
+
+def content_digest(t: torch.Tensor) -> tuple[str, int]:
+    """A digest of a tensor's bytes, computed where the tensor lives (no copy to the host).
+
+    CPU tensors: ``("crc32c", crc)``.  Others: ``("sums", s)``, a plain sum and a
+    position-weighted sum of the bytes, computed on the device.  Digests of the same
+    kind are equal for equal bytes; digests of different kinds cannot be compared.
+    """
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.device.type == "cpu":
+        return "crc32c", crc32c(memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b"")
+    data = flat.view(torch.uint8)
+    plain = torch.zeros((), dtype=torch.int64, device=data.device)
+    weighted = torch.zeros((), dtype=torch.int64, device=data.device)
+    for start in range(0, data.numel(), _DEVICE_STEP):
+        part = data[start : start + _DEVICE_STEP].to(torch.int64)
+        weights = torch.arange(start, start + part.numel(), device=data.device, dtype=torch.int64)
+        plain += part.sum()
+        weighted += (part * (weights % _WEIGHT_MOD + 1)).sum() % _WEIGHT_MOD
+    return "sums", (int(plain.item()) << 32) ^ int(weighted.item())

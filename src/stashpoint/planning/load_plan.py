@@ -21,6 +21,7 @@ from stashpoint.errors import (
 )
 from stashpoint.format.index import Index, ObjectRecord, PerRankRecord, Record, TensorRecord
 from stashpoint.planning.layout import Box
+from stashpoint.planning.name_match import owned
 from stashpoint.planning.read_plan import ChunkRead, plan_chunk_reads
 
 #: What to do with a per-rank item saved at another world size: "error", "drop",
@@ -83,10 +84,6 @@ class LoadPlan:
         return sum(r.nbytes for t in self.tensors for r in t.reads)
 
 
-def _owned(fqn: str, prefixes: list[str]) -> bool:
-    return any(fqn == p or fqn.startswith(p + ".") for p in prefixes)
-
-
 def _resolve_per_rank(
     fqn: str, item: PerRankRecord, rank: int, world: int, policy: PerRankPolicy, where: str
 ) -> Record | tuple[Record, ...] | None:
@@ -131,22 +128,13 @@ def plan_load(
     rank: int,
     world_size: int,
     strict: bool,
+    partial: bool = False,
     verify: bool,
     allow_pickle: bool,
     per_rank: PerRankPolicy,
     where: str,
 ) -> LoadPlan:
-    if strict:
-        missing = sorted(f for f in targets if f not in index.items)
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise MissingKeyError(f"{where}: key {missing[0]!r} is not in the checkpoint{more}")
-        extra = sorted(f for f in index.items if _owned(f, prefixes) and f not in targets)
-        if extra:
-            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-            raise UnexpectedKeyError(
-                f"{where}: checkpoint key {extra[0]!r} has no place in the target state{more}"
-            )
+    _check_names(index, targets, prefixes, strict=strict, partial=partial, where=where)
     crc = index.crc_block_bytes if verify else None
     tensors, objects, combines, skipped = [], [], [], []
     for fqn in sorted(targets):
@@ -187,6 +175,29 @@ def plan_load(
             raise PickleNotAllowedError(_pickle_msg(where, fqn))
         objects.append(ObjectLoad(fqn, rec))
     return LoadPlan(tuple(tensors), tuple(objects), tuple(combines), tuple(skipped))
+
+
+def _check_names(
+    index: Index, targets: dict[str, Target], prefixes: list[str], *, strict: bool, partial: bool, where: str
+) -> None:
+    """Strict: every target is in the checkpoint (unless ``partial``) and every checkpoint
+    key under the target's top-level names has a place in the target."""
+    if not strict:
+        return
+    how = (
+        "pass partial=True to leave them as they are; stashpoint.diff_keys(state, path) lists the differences"
+    )
+    missing = sorted(f for f in targets if f not in index.items)
+    if missing and not partial:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise MissingKeyError(f"{where}: key {missing[0]!r} is not in the checkpoint{more}; {how}")
+    extra = sorted(f for f in index.items if owned(f, prefixes) and f not in targets)
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise UnexpectedKeyError(
+            f"{where}: checkpoint key {extra[0]!r} has no place in the target state{more}; "
+            "pass strict=False to ignore such keys"
+        )
 
 
 def _whole(shape: tuple[int, ...]) -> tuple[Box, ...]:
