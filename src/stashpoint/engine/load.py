@@ -37,6 +37,7 @@ from stashpoint.planning.load_plan import (
     TargetObject,
     TargetTensor,
     plan_load,
+    unexpected_everywhere,
 )
 from stashpoint.storage import resolve
 from stashpoint.vocab import PerRankChoice, choose
@@ -323,7 +324,9 @@ def load_state(
         with timer.phase("plan"):
             return _plan(storage, ckpt, state, opts, coord)
 
-    p = coord.run_everywhere("load: plan", plan, share=lambda r: r.plan.bytes_to_read).mine
+    agreed = coord.run_everywhere("load: plan", plan, share=lambda r: r.plan.unplaced)
+    p = agreed.mine
+    unexpected_everywhere(agreed.everyone, p.reader.where)
 
     def fetch() -> _Fetched:
         # early device copies happen inside the reads, so their time counts as "read"

@@ -78,6 +78,9 @@ class LoadPlan:
     objects: tuple[ObjectLoad, ...]
     combines: tuple[CombineLoad, ...]
     skipped: tuple[str, ...]
+    #: strict loads: checkpoint names under the target's top-level names that this rank
+    #: has no place for; unexpected only if no rank has (:func:`unexpected_everywhere`)
+    unplaced: tuple[str, ...] = ()
 
     @property
     def bytes_to_read(self) -> int:
@@ -134,7 +137,11 @@ def plan_load(
     per_rank: PerRankPolicy,
     where: str,
 ) -> LoadPlan:
-    _check_names(index, targets, prefixes, strict=strict, partial=partial, where=where)
+    if strict and not partial:
+        _check_missing(index, targets, where)
+    unplaced = (
+        tuple(sorted(f for f in index.items if owned(f, prefixes) and f not in targets)) if strict else ()
+    )
     crc = index.crc_block_bytes if verify else None
     tensors, objects, combines, skipped = [], [], [], []
     for fqn in sorted(targets):
@@ -174,25 +181,29 @@ def plan_load(
         if rec.pickled and not allow_pickle:
             raise PickleNotAllowedError(_pickle_msg(where, fqn))
         objects.append(ObjectLoad(fqn, rec))
-    return LoadPlan(tuple(tensors), tuple(objects), tuple(combines), tuple(skipped))
+    return LoadPlan(tuple(tensors), tuple(objects), tuple(combines), tuple(skipped), unplaced)
 
 
-def _check_names(
-    index: Index, targets: dict[str, Target], prefixes: list[str], *, strict: bool, partial: bool, where: str
-) -> None:
-    """Strict: every target is in the checkpoint (unless ``partial``) and every checkpoint
-    key under the target's top-level names has a place in the target."""
-    if not strict:
-        return
-    how = (
-        "pass partial=True to leave them as they are; stashpoint.diff_keys(state, path) lists the differences"
-    )
+def _check_missing(index: Index, targets: dict[str, Target], where: str) -> None:
+    """Every target is in the checkpoint (a strict load that is not partial)."""
     missing = sorted(f for f in targets if f not in index.items)
-    if missing and not partial:
+    if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise MissingKeyError(f"{where}: key {missing[0]!r} is not in the checkpoint{more}; {how}")
-    extra = sorted(f for f in index.items if owned(f, prefixes) and f not in targets)
-    if extra:
+        raise MissingKeyError(
+            f"{where}: key {missing[0]!r} is not in the checkpoint{more}; pass partial=True to leave "
+            "them as they are; stashpoint.diff_keys(state, path) lists the differences"
+        )
+
+
+def unexpected_everywhere(unplaced: list[tuple[str, ...]], where: str) -> None:
+    """Raise when a checkpoint name has a place on no rank (each rank's ``LoadPlan.unplaced``).
+
+    A pipeline stage has no place for another stage's layers; the load is still whole
+    when some rank has.  Every rank computes the same answer from the same input.
+    """
+    common = set(unplaced[0]).intersection(*unplaced[1:]) if unplaced else set()
+    if common:
+        extra = sorted(common)
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         raise UnexpectedKeyError(
             f"{where}: checkpoint key {extra[0]!r} has no place in the target state{more}; "
