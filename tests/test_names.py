@@ -17,6 +17,7 @@ from stashpoint.errors import (
     NameCollisionError,
 )
 from stashpoint.format.index import ChunkRecord, Index, NameLayout, SaveMetadata, TensorRecord
+from stashpoint.format.index_json import seal
 from stashpoint.planning.layout import Box
 from stashpoint.planning.name_match import checkpoint_names, ddp_roots, diff_keys
 from stashpoint.planning.names import (
@@ -285,8 +286,6 @@ def test_names_round_trip_through_the_index() -> None:
 
 
 def _edited(edit) -> str:
-    from stashpoint.format.index_json import seal
-
     doc = json.loads(
         _index((NameLayout(rank=0, prefix="m", kind="stage", key="layers", global_ids=(2,)),)).to_json()
     )
