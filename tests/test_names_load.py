@@ -10,9 +10,11 @@ import pytest
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.pipelining import SplitPoint, pipeline
 
 import stashpoint as sp
 from stashpoint.convert import import_torch_save
+from stashpoint.engine.tensors import content_digest, word_sums
 from stashpoint.errors import MissingKeyError, UnexpectedKeyError
 
 
@@ -244,3 +246,35 @@ def test_a_local_number_beyond_the_layout_is_refused(tmp_path: Path) -> None:
         sp.save({"model": sp.WithLayout(Net(layers=3), layout)}, tmp_path / "ck")
     assert str(tmp_path / "ck") in str(info.value)
     assert not (tmp_path / "ck").exists()
+
+
+def test_content_digests_tell_different_bytes_apart() -> None:
+    """The digests the collision check compares (word_sums is the GPU one; it runs on CPU too)."""
+    torch.manual_seed(0)
+    a = torch.randn(1001, dtype=torch.bfloat16)
+    b = a.clone()
+    b.view(torch.int16)[500] ^= 1  # one bit
+    c = a.clone()
+    c[[2, 3]] = a[[3, 2]]  # two elements swapped
+    assert content_digest(a) == content_digest(a.clone()) and content_digest(a)[0] == "crc32c"
+    assert word_sums(a) == word_sums(a.clone())
+    for other in (b, c):
+        assert content_digest(other) != content_digest(a)
+        assert word_sums(other) != word_sums(a)
+    odd = torch.arange(11, dtype=torch.uint8)[1:]  # starts at byte 1: not 4-byte aligned
+    assert word_sums(odd) == word_sums(odd.clone())
+    assert word_sums(torch.empty(0)) == 0
+
+
+def test_traced_pipeline_stages_keep_global_names_without_a_layout(tmp_path: Path) -> None:
+    """torch.distributed.pipelining's tracer keeps the original names: no layout needed."""
+    full = Net(layers=4, seed=0)
+    pipe = pipeline(full, mb_args=(torch.ones(2, 4),), split_spec={"layers.2": SplitPoint.BEGINNING})
+    second = pipe.get_stage_module(1)
+    sp.save({"model": second}, tmp_path / "ck")
+    names = set(sp.read_index(tmp_path / "ck").items)
+    assert {"model.layers.2.attn.weight", "model.layers.3.mlp.bias", "model.head.weight"} <= names
+    assert not any(n.startswith("model.layers.0.") for n in names)
+    whole = Net(layers=4, seed=5)
+    sp.load({"model": whole}, tmp_path / "ck", partial=True)
+    assert bits(whole.layers[3]) == bits(full.layers[3]) and bits(whole.head) == bits(full.head)

@@ -46,8 +46,14 @@ class PreparedSave:
     layouts: tuple[NameLayout, ...] = ()
 
 
-def describe(leaf: _state.Leaf, allow_pickle: bool = False) -> tuple[LocalItem, Source]:
-    """A leaf's inventory entry and the source this rank would write from."""
+def describe(
+    leaf: _state.Leaf, allow_pickle: bool = False, replicas: bool = True
+) -> tuple[LocalItem, Source]:
+    """A leaf's inventory entry and the source this rank would write from.
+
+    ``replicas``: other ranks may hold the same module tensors (the world has more than
+    one rank), so replicated tensors get a digest for the collision check.
+    """
     v = leaf.value
     if isinstance(v, torch.Tensor):
         if not is_supported(v.dtype):
@@ -63,7 +69,7 @@ def describe(leaf: _state.Leaf, allow_pickle: bool = False) -> tuple[LocalItem, 
         digest = None
         if leaf.scope == _state.CHECKED:
             digest = ("crc32c", crc32c(as_bytes(local.cpu().contiguous())))
-        elif leaf.scope == _state.REPLICATED:  # for the collision check of build_save_plan
+        elif leaf.scope == _state.REPLICATED and replicas:  # for build_save_plan's collision check
             digest = content_digest(local)
         item = LocalItem(
             fqn=leaf.fqn,
@@ -109,7 +115,8 @@ def prepare_save(
                 token = new_token()
                 Publisher(storage, final, token=token, overwrite=overwrite, commit=commit).prepare()
             flat = _state.flatten_state(state)
-            described = {fqn: describe(leaf, allow_pickle) for fqn, leaf in flat.leaves.items()}
+            replicas = coord.world_size > 1
+            described = {fqn: describe(leaf, allow_pickle, replicas) for fqn, leaf in flat.leaves.items()}
         sources = {f: d[1] for f, d in described.items()}
         return [d[0] for d in described.values()], token, _layout_records(flat, coord.rank), sources
 
