@@ -14,7 +14,7 @@ from torch.distributed.pipelining import SplitPoint, pipeline
 
 import stashpoint as sp
 from stashpoint.convert import import_torch_save
-from stashpoint.engine.tensors import content_digest, word_sums
+from stashpoint.engine.tensors import content_digests, word_sums
 from stashpoint.errors import MissingKeyError, UnexpectedKeyError
 
 
@@ -249,21 +249,23 @@ def test_a_local_number_beyond_the_layout_is_refused(tmp_path: Path) -> None:
 
 
 def test_content_digests_tell_different_bytes_apart() -> None:
-    """The digests the collision check compares (word_sums is the GPU one; it runs on CPU too)."""
+    """The digests the collision check compares; word_sums (the GPU one) runs on CPU too."""
     torch.manual_seed(0)
     a = torch.randn(1001, dtype=torch.bfloat16)
     b = a.clone()
     b.view(torch.int16)[500] ^= 1  # one bit
     c = a.clone()
     c[[2, 3]] = a[[3, 2]]  # two elements swapped
-    assert content_digest(a) == content_digest(a.clone()) and content_digest(a)[0] == "crc32c"
-    assert word_sums(a) == word_sums(a.clone())
+    da, da2, db, dc = content_digests([a, a.clone(), b, c])
+    assert da == da2 and da[0] == "crc32c" and db != da and dc != da
+    assert torch.equal(word_sums(a), word_sums(a.clone()))
     for other in (b, c):
-        assert content_digest(other) != content_digest(a)
-        assert word_sums(other) != word_sums(a)
-    odd = torch.arange(11, dtype=torch.uint8)[1:]  # starts at byte 1: not 4-byte aligned
-    assert word_sums(odd) == word_sums(odd.clone())
-    assert word_sums(torch.empty(0)) == 0
+        assert not torch.equal(word_sums(other), word_sums(a))
+    odd = torch.arange(20, dtype=torch.uint8)[1:]  # starts at byte 1 (not 4-byte aligned), 19 bytes
+    sums = word_sums(odd)
+    assert sums.tolist() == word_sums(odd.clone()).tolist()
+    assert int(sums[-1]) == 17 + 18 + 19  # the 3 bytes after the 4 words
+    assert word_sums(torch.empty(0)).tolist() == [0] * 6
 
 
 def test_traced_pipeline_stages_keep_global_names_without_a_layout(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ Used by the synchronous and the asynchronous save alike.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from stashpoint.engine.publish import Publisher, new_token
 from stashpoint.engine.records import Chunk, EncodedValue, FileItem, Inline, Source
 from stashpoint.engine.tensors import (
     as_bytes,
-    content_digest,
+    content_digests,
     dtensor_boxes,
     dtensor_layout,
     full_box,
@@ -46,14 +47,9 @@ class PreparedSave:
     layouts: tuple[NameLayout, ...] = ()
 
 
-def describe(
-    leaf: _state.Leaf, allow_pickle: bool = False, replicas: bool = True
-) -> tuple[LocalItem, Source]:
-    """A leaf's inventory entry and the source this rank would write from.
-
-    ``replicas``: other ranks may hold the same module tensors (the world has more than
-    one rank), so replicated tensors get a digest for the collision check.
-    """
+def describe(leaf: _state.Leaf, allow_pickle: bool = False) -> tuple[LocalItem, Source]:
+    """A leaf's inventory entry and the source this rank would write from (replicated
+    tensors get their digest from :func:`with_digests`)."""
     v = leaf.value
     if isinstance(v, torch.Tensor):
         if not is_supported(v.dtype):
@@ -69,8 +65,6 @@ def describe(
         digest = None
         if leaf.scope == _state.CHECKED:
             digest = ("crc32c", crc32c(as_bytes(local.cpu().contiguous())))
-        elif leaf.scope == _state.REPLICATED and replicas:  # for build_save_plan's collision check
-            digest = content_digest(local)
         item = LocalItem(
             fqn=leaf.fqn,
             is_tensor=True,
@@ -115,8 +109,9 @@ def prepare_save(
                 token = new_token()
                 Publisher(storage, final, token=token, overwrite=overwrite, commit=commit).prepare()
             flat = _state.flatten_state(state)
-            replicas = coord.world_size > 1
-            described = {fqn: describe(leaf, allow_pickle, replicas) for fqn, leaf in flat.leaves.items()}
+            described = {fqn: describe(leaf, allow_pickle) for fqn, leaf in flat.leaves.items()}
+            if coord.world_size > 1:  # other ranks may hold the same names: the collision check
+                described = with_digests(described)
         sources = {f: d[1] for f, d in described.items()}
         return [d[0] for d in described.values()], token, _layout_records(flat, coord.rank), sources
 
@@ -126,6 +121,18 @@ def prepare_save(
     publisher = Publisher(storage, final, token=agreed.everyone[0][1], overwrite=overwrite, commit=commit)
     layouts = tuple(n for g in agreed.everyone for n in g[2])
     return PreparedSave(plan=plan, publisher=publisher, sources=agreed.mine[3], layouts=layouts)
+
+
+def with_digests(described: dict[str, tuple[LocalItem, Source]]) -> dict[str, tuple[LocalItem, Source]]:
+    """Replicated tensors' entries with the digest of their bytes, for the save plan's
+    collision check (every device's digests with one synchronisation)."""
+    names = [f for f, (it, _) in described.items() if it.scope == _state.REPLICATED and it.is_tensor]
+    digests = content_digests([described[f][1] for f in names])  # type: ignore[misc]
+    out = dict(described)
+    for fqn, digest in zip(names, digests):
+        item, source = described[fqn]
+        out[fqn] = (dataclasses.replace(item, digest=digest), source)
+    return out
 
 
 @contextmanager
