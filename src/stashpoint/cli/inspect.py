@@ -16,7 +16,14 @@ from stashpoint.errors import (
     NotACheckpointError,
     StashpointError,
 )
-from stashpoint.format.index import INDEX_FILE, Index, ObjectRecord, PerRankRecord, TensorRecord
+from stashpoint.format.index import (
+    INDEX_FILE,
+    Index,
+    ObjectRecord,
+    PerRankRecord,
+    TensorRecord,
+    layout_to_json,
+)
 from stashpoint.planning.name_match import KeyDiff, checkpoint_names, diff_keys
 from stashpoint.storage import Storage, resolve
 from stashpoint.storage.commit import PARTIAL_TAG
@@ -87,16 +94,7 @@ def summarize(index: Index) -> dict:
             "torch_version": m.torch_version or None,
             "stashpoint_version": m.stashpoint_version or None,
             "user": m.user,
-            "layouts": [
-                {
-                    "rank": n.rank,
-                    "prefix": n.prefix,
-                    "kind": n.kind,
-                    "key": n.key,
-                    "global_ids": list(n.global_ids),
-                }
-                for n in m.layouts
-            ],
+            "layouts": [layout_to_json(n) for n in m.layouts],
         },
         "items": rows,
         "totals": {

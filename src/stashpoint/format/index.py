@@ -51,6 +51,7 @@ __all__ = [
     "SaveMetadata",
     "TensorRecord",
     "iter_chunks",
+    "layout_to_json",
 ]
 
 FORMAT_NAME = "stashpoint"
@@ -147,20 +148,19 @@ def iter_chunks(index: Index) -> Iterator[tuple[str, ChunkRecord]]:
                 yield name, chunk
 
 
-def _names_to_json(layouts: tuple[NameLayout, ...]) -> dict:
+def layout_to_json(n: NameLayout) -> dict:
+    """One entry of ``metadata.names.layouts`` (docs/FORMAT.md §3.2)."""
     return {
-        "version": NAMES_VERSION,
-        "layouts": [
-            {
-                "rank": n.rank,
-                "prefix": n.prefix,
-                "kind": n.kind,
-                "key": n.key,
-                "global_ids": list(n.global_ids),
-            }
-            for n in layouts
-        ],
+        "rank": n.rank,
+        "prefix": n.prefix,
+        "kind": n.kind,
+        "key": n.key,
+        "global_ids": list(n.global_ids),
     }
+
+
+def _names_to_json(layouts: tuple[NameLayout, ...]) -> dict:
+    return {"version": NAMES_VERSION, "layouts": [layout_to_json(n) for n in layouts]}
 
 
 def _chunk_to_json(c: ChunkRecord) -> dict:
