@@ -280,3 +280,21 @@ def test_traced_pipeline_stages_keep_global_names_without_a_layout(tmp_path: Pat
     whole = Net(layers=4, seed=5)
     sp.load({"model": whole}, tmp_path / "ck", partial=True)
     assert bits(whole.layers[3]) == bits(full.layers[3]) and bits(whole.head) == bits(full.head)
+
+
+def test_async_save_records_layouts_and_global_names(tmp_path: Path) -> None:
+    stage = Net(layers=2, seed=3)
+    optim = torch.optim.Adam(stage.parameters())
+    stage(torch.ones(1, 4)).sum().backward()
+    optim.step()
+    layout = sp.StageLayout(layers_key="layers", first_layer=4, num_layers=2)
+    handle = sp.async_save(
+        {"model": sp.WithLayout(stage, layout), "optim": optim}, tmp_path / "ck", mode="lazy"
+    )
+    handle.wait()
+    index = sp.read_index(tmp_path / "ck")
+    assert {"model.layers.5.attn.weight", "optim.state.layers.4.mlp.bias.exp_avg"} <= set(index.items)
+    assert [(n.key, n.global_ids) for n in index.metadata.layouts] == [("layers", (4, 5))]
+    back = Net(layers=2, seed=8)
+    sp.load({"model": sp.WithLayout(back, layout)}, tmp_path / "ck")
+    assert bits(back) == bits(stage)
