@@ -159,7 +159,9 @@ def _walk_named(sd: dict, name: str, layouts: tuple[Layout, ...], scope: Scope, 
         _walk(value, f"{name}.{to_global(key, layouts)}", scope, out, sd, key)
 
 
-def _module_entry(name: str, module: nn.Module, out: FlatState, scope: Scope, layouts=()) -> None:
+def _module_entry(
+    name: str, module: nn.Module, out: FlatState, scope: Scope, layouts: tuple[Layout, ...] = ()
+) -> None:
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -174,7 +176,9 @@ def _module_entry(name: str, module: nn.Module, out: FlatState, scope: Scope, la
     out.finishers.append(lambda: set_model_state_dict(module, sd, options=StateDictOptions(strict=True)))
 
 
-def _optimizer_entry(name: str, optim, model: nn.Module, out: FlatState, scope: Scope, layouts=()) -> None:
+def _optimizer_entry(
+    name: str, optim, model: nn.Module, out: FlatState, scope: Scope, layouts: tuple[Layout, ...] = ()
+) -> None:
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_optimizer_state_dict,
