@@ -106,3 +106,34 @@ def test_report_table_and_timeline(tmp_path):
     assert "training stall median" in out
     png = (tmp_path / "t.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_inspect_names_against_another_checkpoint_and_recorded_layouts(tmp_path):
+    stage = torch.nn.Module()
+    stage.layers = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(2))
+    laid = str(tmp_path / "stage")
+    layout = stashpoint.StageLayout(layers_key="layers", first_layer=2, num_layers=2)
+    stashpoint.save({"model": stashpoint.WithLayout(stage, layout)}, laid)
+    compiled = str(tmp_path / "compiled")
+    stashpoint.save({"model": {f"_orig_mod.{k}": v for k, v in stage.state_dict().items()}}, compiled)
+    wrapped = str(tmp_path / "wrapped")
+    torch.save(
+        {f"_orig_mod.layers.{i}.{p}": torch.zeros(2, 2) for i in (2, 5) for p in ("weight",)},
+        tmp_path / "w.pt",
+    )
+    stashpoint.convert(str(tmp_path / "w.pt"), wrapped, to="stashpoint")  # names gain "model."
+    out = run("inspect", laid).stdout
+    assert "rank 0 saved model.layers entries 0-1 as [2, 3] (stage)" in out
+    out = run("inspect", wrapped, "--names-against", laid).stdout
+    assert "names against" in out
+    assert "1 unexpected: model.layers.5.weight" in out
+    assert "3 missing: model.layers.2.bias, model.layers.3.bias, model.layers.3.weight" in out
+    assert "1 renamed: model._orig_mod.layers.2.weight -> model.layers.2.weight" in out
+    doc = json.loads(run("inspect", laid, "--json", "--names-against", compiled).stdout)
+    assert doc["metadata"]["layouts"] == [
+        {"rank": 0, "prefix": "model", "kind": "stage", "key": "layers", "global_ids": [2, 3]}
+    ]
+    assert doc["names_against"]["missing"] == ["model.layers.0.bias", "model.layers.0.weight"] + [
+        "model.layers.1.bias",
+        "model.layers.1.weight",
+    ]

@@ -37,6 +37,8 @@ from stashpoint import errors
 from stashpoint.engine.checksum import crc32c
 from stashpoint.format.index import INDEX_FILE, TensorRecord, iter_chunks
 from stashpoint.format.index_json import CHECKSUM_MEMBER, seal
+from stashpoint.planning.layout import Box
+from stashpoint.planning.save_plan import REPLICATED, LocalItem, build_save_plan
 
 DATA_FILE = "data-00000.safetensors"
 full_dir = test_storage_full.full_dir  # the fixture of a tiny tmpfs, for running out of space
@@ -784,6 +786,29 @@ def test_invalid_state_message_names_path_and_key(tmp_path: Path, bad: str) -> N
     with pytest.raises(Exception) as info:
         sp.save(make_state(1, extra=value), tmp_path / "ckpt")
     assert_error(info.value, errors.InvalidStateError, tmp_path / "ckpt", key)
+
+
+def test_name_collision_names_both_ranks_and_the_key() -> None:
+    """Two ranks' replicas of one name with different bytes.  One process cannot have two
+    ranks: the plan is built from two inventories here; test_names_dist.py raises it from a
+    real 2-rank save, whose message also names the checkpoint."""
+    def replica(value: int) -> LocalItem:
+        box = Box((0,), (3,), (0,))
+        return LocalItem(
+            fqn="model.layers.0.w",
+            is_tensor=True,
+            scope=REPLICATED,
+            dtype="float32",
+            shape=(3,),
+            itemsize=4,
+            boxes=(box,),
+            digest=("crc32c", value),
+        )
+
+    with pytest.raises(errors.NameCollisionError) as info:
+        build_save_plan([[replica(1)], [replica(2)]])
+    assert "ranks 0 and 1" in str(info.value) and "'model.layers.0.w'" in str(info.value)
+    assert isinstance(info.value, errors.InconsistentStateError)
 
 
 def test_data_file_linked_out_of_the_checkpoint_is_unsafe(saved: Saved, tmp_path: Path) -> None:

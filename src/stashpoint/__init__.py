@@ -28,8 +28,10 @@ from stashpoint import errors, vocab
 from stashpoint._version import __version__
 from stashpoint.engine.telemetry import LoadResult, SaveResult
 from stashpoint.format.index import Index
+from stashpoint.planning.name_match import KeyDiff
+from stashpoint.planning.names import ExpertLayout, StageLayout, stage_layouts
 from stashpoint.vocab import IfBusy, PerRankChoice, SaveMode
-from stashpoint.wrappers import OptimizerState, PerRank
+from stashpoint.wrappers import OptimizerState, PerRank, WithLayout
 
 if TYPE_CHECKING:  # imported on first use only: they need torch
     from stashpoint.convert.hf import load_hf
@@ -155,6 +157,7 @@ def load(
     path: PathLike,
     *,
     strict: bool = True,
+    partial: bool = False,
     verify: bool = True,
     allow_pickle: bool = False,
     per_rank: PerRankChoice | Callable[[str, list, int, int], object] = "error",
@@ -167,7 +170,12 @@ def load(
     Targets keep their current layout: each rank reads only the byte ranges that
     overlap its shards.  Everything is validated and read before any target is
     written, so a failed load changes nothing.  ``strict`` makes missing and
-    unexpected keys errors (keys under names not in ``state`` are ignored).
+    unexpected keys errors (keys under names not in ``state`` are ignored);
+    ``partial=True`` allows missing keys only: those targets keep their values and
+    the result's ``unwritten`` names them.  Names are matched canonically
+    (``docs/LAYOUTS.md``): a checkpoint of a compiled, activation-checkpointed or DDP
+    module loads into the plain module and back; the result's ``renamed`` lists the
+    names so matched.  :func:`diff_keys` shows the differences without loading.
     ``per_rank`` says what to do with per-rank items saved at another world size:
     ``"error"``, ``"drop"`` (leave the target as is), ``"rank0"``, or a function
     ``(name, values, rank, world_size) -> value``.  Files of the checkpoint that are
@@ -181,6 +189,7 @@ def load(
         state,
         os.fspath(path),
         strict=strict,
+        partial=partial,
         verify=verify,
         allow_pickle=allow_pickle,
         per_rank=per_rank,
@@ -188,6 +197,15 @@ def load(
         timeout_s=timeout_s,
         follow_symlinks=follow_symlinks,
     )
+
+
+def diff_keys(state: dict, path: PathLike, *, rename: Callable[[str], str | None] | None = None) -> KeyDiff:
+    """The names a load of ``path`` into ``state`` would leave ``missing``, find
+    ``unexpected``, or match ``renamed`` (canonical names); only the index is read, and
+    no other rank takes part.  ``print(diff.summary())`` for people."""
+    from stashpoint.engine.key_diff import diff_keys as _diff_keys
+
+    return _diff_keys(state, os.fspath(path), rename=rename)
 
 
 def load_full(path: PathLike, keys: list[str] | None = None, **kwargs) -> dict[str, object]:
@@ -282,7 +300,9 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "CheckpointManager",
+    "ExpertLayout",
     "Index",
+    "KeyDiff",
     "LoadResult",
     "ManagerConfig",
     "OptimizerState",
@@ -291,10 +311,13 @@ __all__ = [
     "SaveHandle",
     "SavePolicy",
     "SaveResult",
+    "StageLayout",
+    "WithLayout",
     "__version__",
     "async_save",
     "async_warmup",
     "convert",
+    "diff_keys",
     "errors",
     "iter_full",
     "load",
@@ -303,4 +326,5 @@ __all__ = [
     "merge",
     "read_index",
     "save",
+    "stage_layouts",
 ]

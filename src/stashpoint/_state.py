@@ -22,11 +22,11 @@ from torch.distributed.tensor import DTensor
 
 from stashpoint.errors import InvalidStateError
 from stashpoint.format.values import MalformedValue, NotRepresentable, check_plain, to_json
+from stashpoint.planning.names import Layout, check_layouts, strip_wrappers, to_global
 from stashpoint.planning.save_plan import CHECKED, PER_RANK, REPLICATED, SHARDED
 from stashpoint.vocab import Scope
-from stashpoint.wrappers import OptimizerState, PerRank
+from stashpoint.wrappers import OptimizerState, PerRank, WithLayout
 
-# how a leaf is shared among ranks
 # how a leaf is shared among ranks: the planner's vocabulary (stashpoint.vocab.Scope)
 
 JSON_TYPES = (type(None), bool, int, float, str)
@@ -58,6 +58,8 @@ class FlatState:
     leaves: dict[str, Leaf] = field(default_factory=dict)
     finishers: list[Callable[[], None]] = field(default_factory=list)
     prefixes: list[str] = field(default_factory=list)
+    #: top-level name -> the layouts its module's names were renumbered with
+    layouts: dict[str, tuple[Layout, ...]] = field(default_factory=dict)
 
 
 def is_exact_json(value: object) -> bool:
@@ -142,12 +144,24 @@ def _walk(value, fqn: str, scope: str, out: FlatState, container, key) -> None:
 
 
 def _add(out: FlatState, leaf: Leaf) -> None:
+    leaf.fqn = strip_wrappers(leaf.fqn)  # canonical names (planning.names)
     if leaf.fqn in out.leaves:
         raise InvalidStateError(f"two entries of the state map to the same name {leaf.fqn!r}")
     out.leaves[leaf.fqn] = leaf
 
 
-def _module_entry(name: str, module: nn.Module, out: FlatState, scope: Scope) -> None:
+def _walk_named(sd: dict, name: str, layouts: tuple[Layout, ...], scope: Scope, out: FlatState) -> None:
+    """A state dict keyed by module-relative names, renumbered by ``layouts``."""
+    if not layouts:
+        _walk(sd, name, scope, out, None, None)
+        return
+    for key, value in sd.items():
+        _walk(value, f"{name}.{to_global(key, layouts)}", scope, out, sd, key)
+
+
+def _module_entry(
+    name: str, module: nn.Module, out: FlatState, scope: Scope, layouts: tuple[Layout, ...] = ()
+) -> None:
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -156,13 +170,15 @@ def _module_entry(name: str, module: nn.Module, out: FlatState, scope: Scope) ->
 
     sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=False))
     first = len(out.leaves)
-    _walk(sd, name, scope, out, None, None)
+    _walk_named(sd, name, layouts, scope, out)
     for leaf in list(out.leaves.values())[first:]:
         leaf.keep_structure = True
     out.finishers.append(lambda: set_model_state_dict(module, sd, options=StateDictOptions(strict=True)))
 
 
-def _optimizer_entry(name: str, optim, model: nn.Module, out: FlatState, scope: Scope) -> None:
+def _optimizer_entry(
+    name: str, optim, model: nn.Module, out: FlatState, scope: Scope, layouts: tuple[Layout, ...] = ()
+) -> None:
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_optimizer_state_dict,
@@ -174,7 +190,8 @@ def _optimizer_entry(name: str, optim, model: nn.Module, out: FlatState, scope: 
     # fixed top level, whatever the contents: an optimizer that has not stepped yet
     # must still name its items like one that has
     for param_fqn, param_state in osd.get("state", {}).items():
-        _walk(param_state, f"{name}.state.{param_fqn}", scope, out, osd["state"], param_fqn)
+        fqn = f"{name}.state.{to_global(param_fqn, layouts)}"
+        _walk(param_state, fqn, scope, out, osd["state"], param_fqn)
     _walk(osd["param_groups"], f"{name}.param_groups", scope, out, osd, "param_groups")
     for leaf in list(out.leaves.values())[first:]:
         leaf.keep_structure = True
@@ -188,6 +205,23 @@ def _stateful_entry(name: str, obj, out: FlatState, scope: Scope) -> None:
     out.finishers.append(lambda: obj.load_state_dict(holder[name]))
 
 
+def _unwrap(value: object) -> object:
+    value = value.value if isinstance(value, PerRank) else value
+    return value.module if isinstance(value, WithLayout) else value
+
+
+def _module_layouts(state: dict) -> dict[int, tuple[Layout, ...]]:
+    """``id(module) -> layouts`` for the modules of ``state`` wrapped in WithLayout."""
+    out = {}
+    for value in state.values():
+        value = value.value if isinstance(value, PerRank) else value
+        if isinstance(value, WithLayout):
+            if not isinstance(value.module, nn.Module):
+                raise InvalidStateError(f"WithLayout wraps modules, not {type(value.module).__name__}")
+            out[id(value.module)] = check_layouts(value.layouts)
+    return out
+
+
 def flatten_state(state: dict) -> FlatState:
     """Flatten ``state`` into leaves keyed by fully-qualified name.
 
@@ -196,7 +230,8 @@ def flatten_state(state: dict) -> FlatState:
     """
     if not isinstance(state, dict):
         raise InvalidStateError(f"state must be a dict of name -> object, got {type(state).__name__}")
-    modules = [v for v in state.values() if isinstance(v, nn.Module)]
+    laid = _module_layouts(state)
+    modules = [v for v in map(_unwrap, state.values()) if isinstance(v, nn.Module)]
     out = FlatState()
     for name, value in state.items():
         if not isinstance(name, str) or not name:
@@ -205,17 +240,21 @@ def flatten_state(state: dict) -> FlatState:
         scope = REPLICATED
         if isinstance(value, PerRank):
             value, scope = value.value, PER_RANK
+        if isinstance(value, WithLayout):
+            value = value.module
+            out.layouts[name] = laid[id(value)]
         if isinstance(value, nn.Module):
-            _module_entry(name, value, out, scope)
+            _module_entry(name, value, out, scope, laid.get(id(value), ()))
         elif isinstance(value, OptimizerState):
-            _optimizer_entry(name, value.optimizer, value.model, out, scope)
+            layouts = laid.get(id(value.model), ())
+            _optimizer_entry(name, value.optimizer, value.model, out, scope, layouts)
         elif isinstance(value, torch.optim.Optimizer):
             if len(modules) != 1:
                 raise InvalidStateError(
                     f"optimizer {name!r}: state holds {len(modules)} modules; wrap it as "
                     "stashpoint.OptimizerState(optimizer, model) to say which it updates"
                 )
-            _optimizer_entry(name, value, modules[0], out, scope)
+            _optimizer_entry(name, value, modules[0], out, scope, laid.get(id(modules[0]), ()))
         elif isinstance(value, torch.Tensor):
             _walk(value, name, scope if scope == PER_RANK else CHECKED, out, state, name)
         elif hasattr(value, "state_dict") and hasattr(value, "load_state_dict"):

@@ -126,6 +126,14 @@ class InconsistentStateError(StashpointError):
     """Ranks disagree about a tensor (dtype, global shape) or shards do not tile it."""
 
 
+class NameCollisionError(InconsistentStateError):
+    """Two ranks hold the same name, overlapping, with different bytes (docs/LAYOUTS.md).
+
+    Typically pipeline stages or expert shards that number their layers from 0 on
+    every rank: wrap the module in ``stashpoint.WithLayout`` with its layout.
+    """
+
+
 # --- coordination ---------------------------------------------------------------------------
 
 

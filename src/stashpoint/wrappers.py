@@ -29,3 +29,16 @@ class OptimizerState:
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
         self.optimizer, self.model = optimizer, model
+
+
+class WithLayout:
+    """A module whose ``nn.ModuleList`` entries are numbered locally on this rank.
+
+    ``stashpoint.WithLayout(stage, StageLayout(layers_key="layers", first_layer=8,
+    num_layers=4))`` saves and loads the stage's ``layers.0`` as ``layers.8``; an
+    :class:`~stashpoint.planning.names.ExpertLayout` does the same for per-expert
+    modules.  An optimizer paired with the module follows the same names.
+    """
+
+    def __init__(self, module: nn.Module, *layouts: object) -> None:
+        self.module, self.layouts = module, layouts

@@ -16,7 +16,15 @@ from stashpoint.errors import (
     NotACheckpointError,
     StashpointError,
 )
-from stashpoint.format.index import INDEX_FILE, Index, ObjectRecord, PerRankRecord, TensorRecord
+from stashpoint.format.index import (
+    INDEX_FILE,
+    Index,
+    ObjectRecord,
+    PerRankRecord,
+    TensorRecord,
+    layout_to_json,
+)
+from stashpoint.planning.name_match import KeyDiff, checkpoint_names, diff_keys
 from stashpoint.storage import Storage, resolve
 from stashpoint.storage.commit import PARTIAL_TAG
 from stashpoint.textfmt import human_bytes, table
@@ -86,6 +94,7 @@ def summarize(index: Index) -> dict:
             "torch_version": m.torch_version or None,
             "stashpoint_version": m.stashpoint_version or None,
             "user": m.user,
+            "layouts": [layout_to_json(n) for n in m.layouts],
         },
         "items": rows,
         "totals": {
@@ -133,8 +142,25 @@ def no_checkpoint(storage: Storage, path: str) -> StashpointError:
     )
 
 
-def run(path: str, as_json: bool = False) -> int:
-    summary = summarize(open_index(path))
+def names_diff(index: Index, other: Index) -> KeyDiff:
+    """What reading ``index`` under ``other``'s names (as a load would) leaves missing,
+    finds unexpected, or renames; ``other``'s top-level names are the target's."""
+    prefixes = sorted({n.split(".", 1)[0] for n in other.items})
+    renames = checkpoint_names(index.items.keys(), other.items.keys(), prefixes)
+    return diff_keys(index.items.keys(), other.items.keys(), prefixes, renames)
+
+
+def run(path: str, as_json: bool = False, against: str | None = None) -> int:
+    index = open_index(path)
+    summary = summarize(index)
+    diff = None if against is None else names_diff(index, open_index(against))
+    if diff is not None:
+        summary["names_against"] = {
+            "checkpoint": against,
+            "missing": list(diff.missing),
+            "unexpected": list(diff.unexpected),
+            "renamed": [list(pair) for pair in diff.renamed],
+        }
     if as_json:
         print(json.dumps(summary, indent=1))
         return 0
@@ -165,4 +191,12 @@ def run(path: str, as_json: bool = False) -> int:
     )
     if m["user"]:
         print(f"metadata: {json.dumps(m['user'])}")
+    for n in m["layouts"]:
+        ids = n["global_ids"]
+        print(
+            f"rank {n['rank']} saved {n['prefix']}.{n['key']} entries 0-{len(ids) - 1} as {ids} ({n['kind']})"
+        )
+    if diff is not None:
+        print(f"names against {against}:")
+        print(diff.summary())
     return 0

@@ -37,7 +37,7 @@ class Parser(argparse.ArgumentParser):
 def _inspect(args: argparse.Namespace) -> int:
     from stashpoint.cli.inspect import run
 
-    return run(args.path, as_json=args.json)
+    return run(args.path, as_json=args.json, against=args.names_against)
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show what a checkpoint holds")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--names-against",
+        metavar="OTHER",
+        help="names a load into checkpoint OTHER's names would find missing, unexpected, renamed",
+    )
     p.set_defaults(func=_inspect, flags=p.flags)
 
     p = sub.add_parser("verify", help="check every chunk's checksum and the index")

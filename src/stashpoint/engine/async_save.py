@@ -193,7 +193,7 @@ def _coordinator_part(coord: Coordinator, prepared: PreparedSave, step: int | No
     """What only rank 0's job carries: the plan and the metadata the index is built from."""
     if not coord.is_coordinator:
         return {}
-    meta = save_metadata(coord.world_size, step, user, prepared.publisher.token)
+    meta = save_metadata(coord.world_size, step, user, prepared.publisher.token, prepared.layouts)
     return {"plan_items": prepared.plan.items, "metadata": meta}
 
 

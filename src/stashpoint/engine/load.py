@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 
 from stashpoint import _state
 from stashpoint._dist import Coordinator
+from stashpoint.engine.key_diff import canonical_index, renamed_index
 from stashpoint.engine.reader import CheckpointReader, files_of
 from stashpoint.engine.telemetry import LoadResult, PhaseTimer, env_telemetry
 from stashpoint.engine.tensors import dtensor_boxes, full_box, local_tensor
@@ -36,6 +37,7 @@ from stashpoint.planning.load_plan import (
     TargetObject,
     TargetTensor,
     plan_load,
+    unexpected_everywhere,
 )
 from stashpoint.storage import resolve
 from stashpoint.vocab import PerRankChoice, choose
@@ -114,17 +116,6 @@ def _copy_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return out
 
 
-def _renamed(index: Index, rename: Callable[[str], str | None]) -> Index:
-    items = {}
-    for name, rec in index.items.items():
-        new = rename(name)
-        if new is not None:
-            items[new] = rec
-    return dataclasses.replace(index, items=items)
-
-
-
-
 def tied_groups(flat: _state.FlatState) -> list[tuple[str, ...]]:
     """Target tensors that share their memory (tied weights), as groups of names.
 
@@ -161,6 +152,8 @@ class LoadOptions:
     """How :func:`load_state` matches and reads (see :func:`stashpoint.load`)."""
 
     strict: bool = True
+    #: targets the checkpoint does not hold keep their values (missing keys allowed)
+    partial: bool = False
     verify: bool = True
     allow_pickle: bool = False
     per_rank: PerRankPolicy = "error"
@@ -177,6 +170,8 @@ class _Planned:
     index: Index
     flat: _state.FlatState
     plan: LoadPlan
+    #: checkpoint name -> target name, matched through the canonical-name rules
+    renames: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -196,8 +191,9 @@ def _load_per_rank(per_rank: PerRankPolicy) -> PerRankPolicy:
 def _plan(storage, ckpt: str, state: dict, opts: LoadOptions, coord: Coordinator) -> _Planned:
     """Step 1: read the index, flatten the target and match the two; check the files."""
     reader = CheckpointReader(storage, ckpt, verify=opts.verify, follow_symlinks=opts.follow_symlinks)
-    index = reader.index if opts.rename is None else _renamed(reader.index, opts.rename)
+    index = reader.index if opts.rename is None else renamed_index(reader.index, opts.rename)
     flat = _state.flatten_state(state)
+    index, renames = canonical_index(index, flat)
     index = _with_ties(index, [*tied_groups(flat), *opts.tied])
     targets = {fqn: _target(leaf) for fqn, leaf in flat.leaves.items()}
     try:
@@ -208,6 +204,7 @@ def _plan(storage, ckpt: str, state: dict, opts: LoadOptions, coord: Coordinator
             rank=coord.rank,
             world_size=coord.world_size,
             strict=opts.strict,
+            partial=opts.partial,
             verify=opts.verify,
             allow_pickle=opts.allow_pickle,
             per_rank=opts.per_rank,
@@ -222,7 +219,7 @@ def _plan(storage, ckpt: str, state: dict, opts: LoadOptions, coord: Coordinator
         ) from exc
     records = [r.chunk for t in plan.tensors for r in t.reads]
     reader.check_files({c.file for c in records} | files_of(o.record for o in plan.objects))
-    return _Planned(reader=reader, index=index, flat=flat, plan=plan)
+    return _Planned(reader=reader, index=index, flat=flat, plan=plan, renames=renames)
 
 
 def _read_tensors(p: _Planned) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.device]]:
@@ -298,6 +295,7 @@ def load_state(
     path: str,
     *,
     strict: bool = True,
+    partial: bool = False,
     verify: bool = True,
     allow_pickle: bool = False,
     per_rank: PerRankPolicy = "error",
@@ -310,6 +308,7 @@ def load_state(
     """See :func:`stashpoint.load` and :class:`LoadOptions`; the module docstring gives the steps."""
     opts = LoadOptions(
         strict=strict,
+        partial=partial,
         verify=verify,
         allow_pickle=allow_pickle,
         per_rank=_load_per_rank(per_rank),
@@ -325,7 +324,9 @@ def load_state(
         with timer.phase("plan"):
             return _plan(storage, ckpt, state, opts, coord)
 
-    p = coord.run_everywhere("load: plan", plan, share=lambda r: r.plan.bytes_to_read).mine
+    agreed = coord.run_everywhere("load: plan", plan, share=lambda r: r.plan.unplaced)
+    p = agreed.mine
+    unexpected_everywhere(agreed.everyone, p.reader.where)
 
     def fetch() -> _Fetched:
         # early device copies happen inside the reads, so their time counts as "read"
@@ -345,6 +346,8 @@ def load_state(
         bytes_loaded=sum(t.numel() * t.element_size() for t in f.staged.values()),
         keys=tuple(sorted(list(f.staged) + list(f.values))),
         phase_seconds=dict(timer.seconds),
+        unwritten=p.plan.skipped,
+        renamed=tuple(sorted(p.renames.items())),
     )
     env_telemetry("load", result, step=p.index.metadata.step)
     return result

@@ -45,7 +45,7 @@ from stashpoint.engine.persist import build_index, data_file_name
 from stashpoint.engine.records import Contribution, contribution_from_json, contribution_to_json
 from stashpoint.engine.shm import shm_dir
 from stashpoint.errors import ChecksumMismatchError, IncompleteCheckpointError, IndexCorruptError
-from stashpoint.format.index import INDEX_FILE, Layout, SaveMetadata
+from stashpoint.format.index import INDEX_FILE, Layout, NameLayout, SaveMetadata
 from stashpoint.format.index_json import check_seal, parse_strict, seal
 from stashpoint.planning.save_plan import ItemPlan
 
@@ -158,6 +158,20 @@ def _plan_from_json(raw: list[dict]) -> dict[str, ItemPlan]:
     return out
 
 
+def _metadata_from_json(meta: dict) -> SaveMetadata:
+    layouts = tuple(
+        NameLayout(
+            rank=n["rank"],
+            prefix=n["prefix"],
+            kind=n["kind"],
+            key=n["key"],
+            global_ids=tuple(n["global_ids"]),
+        )
+        for n in meta.get("layouts", ())
+    )
+    return SaveMetadata(**{**meta, "layouts": layouts})
+
+
 def manifest_to_json(m: Manifest) -> str:
     doc = {
         "kind": MANIFEST_KIND,
@@ -195,7 +209,7 @@ def manifest_from_json(raw: bytes, where: str) -> Manifest:
             file_size=int(doc["file_size"]),
             records=tuple(contribution_from_json(c) for c in doc["records"]),
             plan=None if doc["plan"] is None else _plan_from_json(doc["plan"]),
-            metadata=None if meta is None else SaveMetadata(**meta),
+            metadata=None if meta is None else _metadata_from_json(meta),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise IndexCorruptError(

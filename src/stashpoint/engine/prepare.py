@@ -8,7 +8,9 @@ Used by the synchronous and the asynchronous save alike.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -19,9 +21,18 @@ from stashpoint._dist import Coordinator
 from stashpoint.engine.checksum import crc32c
 from stashpoint.engine.publish import Publisher, new_token
 from stashpoint.engine.records import Chunk, EncodedValue, FileItem, Inline, Source
-from stashpoint.engine.tensors import as_bytes, dtensor_boxes, dtensor_layout, full_box, local_tensor, region
+from stashpoint.engine.tensors import (
+    as_bytes,
+    content_digests,
+    dtensor_boxes,
+    dtensor_layout,
+    full_box,
+    local_tensor,
+    region,
+)
 from stashpoint.errors import InvalidStateError, StashpointError
 from stashpoint.format.dtypes import dtype_name, is_supported, itemsize
+from stashpoint.format.index import NameLayout
 from stashpoint.planning.save_plan import LocalItem, SavePlan, WriteItem, build_save_plan
 from stashpoint.storage import Storage
 from stashpoint.storage.commit import CommitStrategy
@@ -32,10 +43,13 @@ class PreparedSave:
     plan: SavePlan
     publisher: Publisher  # the same on every rank: its token names the staging location and the save
     sources: dict[str, Source]
+    #: every rank's renumbering of its names, for the index's ``metadata.names``
+    layouts: tuple[NameLayout, ...] = ()
 
 
 def describe(leaf: _state.Leaf, allow_pickle: bool = False) -> tuple[LocalItem, Source]:
-    """A leaf's inventory entry and the source this rank would write from."""
+    """A leaf's inventory entry and the source this rank would write from (replicated
+    tensors get their digest from :func:`with_digests`)."""
     v = leaf.value
     if isinstance(v, torch.Tensor):
         if not is_supported(v.dtype):
@@ -50,7 +64,7 @@ def describe(leaf: _state.Leaf, allow_pickle: bool = False) -> tuple[LocalItem, 
             boxes = full_box(tuple(local.shape))
         digest = None
         if leaf.scope == _state.CHECKED:
-            digest = crc32c(as_bytes(local.cpu().contiguous()))
+            digest = ("crc32c", crc32c(as_bytes(local.cpu().contiguous())))
         item = LocalItem(
             fqn=leaf.fqn,
             is_tensor=True,
@@ -69,11 +83,21 @@ def describe(leaf: _state.Leaf, allow_pickle: bool = False) -> tuple[LocalItem, 
         fqn=leaf.fqn,
         is_tensor=False,
         scope=leaf.scope,
-        digest=crc32c(payload),
+        digest=("crc32c", crc32c(payload)),
         encoding=encoding,
         payload_bytes=len(payload),
     )
     return item, value
+
+
+@dataclass(frozen=True, kw_only=True)
+class Planned:
+    """What every save path plans first (:func:`plan_state`)."""
+
+    plan: SavePlan
+    save_id: str  # the same on every rank
+    sources: dict[str, Source]  # this rank's
+    layouts: tuple[NameLayout, ...]  # every rank's renumbering rules (see planning.names)
 
 
 def prepare_save(
@@ -90,9 +114,9 @@ def prepare_save(
     def before(token: str) -> None:  # the coordinator makes room (or refuses) before anyone writes
         Publisher(storage, final, token=token, overwrite=overwrite, commit=commit).prepare()
 
-    plan, token, sources = plan_state(state, coord, storage.describe(final), allow_pickle, before)
-    publisher = Publisher(storage, final, token=token, overwrite=overwrite, commit=commit)
-    return PreparedSave(plan=plan, publisher=publisher, sources=sources)
+    got = plan_state(state, coord, storage.describe(final), allow_pickle, before)
+    publisher = Publisher(storage, final, token=got.save_id, overwrite=overwrite, commit=commit)
+    return PreparedSave(plan=got.plan, publisher=publisher, sources=got.sources, layouts=got.layouts)
 
 
 def plan_state(
@@ -101,30 +125,61 @@ def plan_state(
     where: str,
     allow_pickle: bool = False,
     before: Callable[[str], None] | None = None,
-) -> tuple[SavePlan, str, dict[str, Source]]:
-    """Collective: the save plan, a save id all ranks share, and this rank's sources.
+) -> Planned:
+    """Collective: the save plan, a save id all ranks share, this rank's sources, name layouts.
 
     ``before(save_id)`` runs on the coordinator first (a durable save makes room for itself);
     every error names ``where``.
     """
     token = new_token()
 
-    def inventory() -> tuple[list[LocalItem], str, dict[str, Source]]:
-        try:
+    def inventory() -> tuple[list[LocalItem], str, tuple[NameLayout, ...], dict[str, Source]]:
+        with _naming(where):
             if coord.is_coordinator and before is not None:
                 before(token)
             flat = _state.flatten_state(state)
             described = {fqn: describe(leaf, allow_pickle) for fqn, leaf in flat.leaves.items()}
-        except StashpointError as exc:
-            if where not in str(exc):  # every message names the checkpoint
-                raise type(exc)(f"{where}: {exc}") from exc
-            raise
+            if coord.world_size > 1:  # other ranks may hold the same names: the collision check
+                described = with_digests(described)
         sources = {f: d[1] for f, d in described.items()}
-        return [d[0] for d in described.values()], token, sources
+        return [d[0] for d in described.values()], token, _layout_records(flat, coord.rank), sources
 
-    agreed = coord.run_everywhere("save: exchange inventories", inventory, share=lambda r: (r[0], r[1]))
-    plan = build_save_plan([g[0] for g in agreed.everyone])
-    return plan, agreed.everyone[0][1], agreed.mine[2]
+    agreed = coord.run_everywhere("save: exchange inventories", inventory, share=lambda r: r[:3])
+    with _naming(where):
+        plan = build_save_plan([g[0] for g in agreed.everyone])
+    layouts = tuple(n for g in agreed.everyone for n in g[2])
+    return Planned(plan=plan, save_id=agreed.everyone[0][1], sources=agreed.mine[3], layouts=layouts)
+
+
+def with_digests(described: dict[str, tuple[LocalItem, Source]]) -> dict[str, tuple[LocalItem, Source]]:
+    """Replicated tensors' entries with the digest of their bytes, for the save plan's
+    collision check (every device's digests with one synchronisation)."""
+    names = [f for f, (it, _) in described.items() if it.scope == _state.REPLICATED and it.is_tensor]
+    digests = content_digests([described[f][1] for f in names])  # type: ignore[misc]
+    out = dict(described)
+    for fqn, digest in zip(names, digests):
+        item, source = described[fqn]
+        out[fqn] = (dataclasses.replace(item, digest=digest), source)
+    return out
+
+
+@contextmanager
+def _naming(where: str) -> Iterator[None]:
+    """Every message names the checkpoint: add ``where`` to a stashpoint error that lacks it."""
+    try:
+        yield
+    except StashpointError as exc:
+        if where not in str(exc):
+            raise type(exc)(f"{where}: {exc}") from exc
+        raise
+
+
+def _layout_records(flat: _state.FlatState, rank: int) -> tuple[NameLayout, ...]:
+    return tuple(
+        NameLayout(rank=rank, prefix=prefix, kind=lay.kind, key=lay.key, global_ids=lay.global_ids)
+        for prefix, layouts in flat.layouts.items()
+        for lay in layouts
+    )
 
 
 def chunk_of(w: WriteItem, src: Source) -> Chunk | None:

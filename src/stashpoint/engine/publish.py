@@ -58,7 +58,7 @@ from stashpoint.engine.records import (
 from stashpoint.engine.telemetry import PhaseTimer
 from stashpoint.errors import CoordinationError, RemoteRankError, StashpointError
 from stashpoint.format.dtypes import dtype_name, itemsize
-from stashpoint.format.index import DEFAULT_CRC_BLOCK_BYTES, INDEX_FILE, Index, SaveMetadata
+from stashpoint.format.index import DEFAULT_CRC_BLOCK_BYTES, INDEX_FILE, Index, NameLayout, SaveMetadata
 from stashpoint.planning.save_plan import GLOBAL, ItemPlan
 from stashpoint.storage import LocalStorage, Storage, resolve
 from stashpoint.storage.commit import AtomicRenameCommit, CommitStrategy, default_commit
@@ -72,8 +72,11 @@ def new_token() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def save_metadata(world_size: int, step: int | None, user: dict, save_id: str = "") -> SaveMetadata:
+def save_metadata(
+    world_size: int, step: int | None, user: dict, save_id: str = "", layouts: tuple[NameLayout, ...] = ()
+) -> SaveMetadata:
     return SaveMetadata(
+        layouts=layouts,
         save_id=save_id,
         world_size=world_size,
         created_unix=time.time(),

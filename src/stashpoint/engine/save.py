@@ -67,7 +67,7 @@ def save_state(
     def finish():
         if not coord.is_coordinator:
             return None
-        meta = save_metadata(coord.world_size, step, user, publisher.token)
+        meta = save_metadata(coord.world_size, step, user, publisher.token, prepared.layouts)
         return publisher.finish(plan.items, [r[0] for r in results], meta, crc_block_bytes, timer).total_bytes
 
     try:

@@ -208,7 +208,8 @@ class MemorySnapshots:
         t0 = time.perf_counter()
         timer = PhaseTimer()
         with timer.phase("plan"):
-            plan, save_id, sources = plan_state(state, self.coord, f"memory snapshot of step {step}")
+            planned = plan_state(state, self.coord, f"memory snapshot of step {step}")
+            plan, save_id, sources = planned.plan, planned.save_id, planned.sources
             shape = self._shape_of(plan, sources)
         slot = self._agree_on_slot(shape.layout.size, if_busy)
         if slot is None:
@@ -221,7 +222,7 @@ class MemorySnapshots:
             tickets = run_copies(self._pairs(shape, slot, sources), copy_engine, device_buffer)
         writes = shape.writes
         meta = (
-            save_metadata(self.coord.world_size, step, dict(metadata or {}), save_id)
+            save_metadata(self.coord.world_size, step, dict(metadata or {}), save_id, planned.layouts)
             if self.coord.is_coordinator
             else None
         )
@@ -365,8 +366,9 @@ class MemorySnapshots:
     def warmup(self, state: dict, *, device_buffer: bool = False) -> int:
         """Allocate (and page-lock) every slot for ``state`` now (a collective), so no
         snapshot pays it; returns the shared-memory bytes held."""
-        plan, _, sources = plan_state(state, self.coord, "memory snapshot warm-up")
-        shape = self._shape_of(plan, sources)
+        planned = plan_state(state, self.coord, "memory snapshot warm-up")
+        sources = planned.sources
+        shape = self._shape_of(planned.plan, sources)
         for slot in self.slots:
             with self._freed:
                 slot.busy += 1

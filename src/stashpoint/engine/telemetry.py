@@ -50,6 +50,10 @@ class LoadResult:
     bytes_loaded: int  # bytes of the target tensors that were filled
     keys: tuple[str, ...]
     phase_seconds: dict[str, float]
+    #: targets this rank left as they were (a partial load, or per-rank items dropped)
+    unwritten: tuple[str, ...] = ()
+    #: ``(checkpoint name, target name)`` pairs matched through the canonical-name rules
+    renamed: tuple[tuple[str, str], ...] = ()
 
     @property
     def seconds(self) -> float:
@@ -66,8 +70,9 @@ def to_record(kind: str, result: SaveResult | LoadResult, **extra) -> dict:
     seconds = sum(result.phase_seconds.values())
     rec["seconds"] = seconds
     rec["gb_per_s"] = nbytes / seconds / 1e9 if seconds > 0 else None
-    if "keys" in rec:
-        rec["keys"] = len(rec["keys"])
+    for counted in ("keys", "unwritten", "renamed"):  # counts: names can be many
+        if counted in rec:
+            rec[counted] = len(rec[counted])
     return rec
 
 

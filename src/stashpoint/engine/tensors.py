@@ -6,6 +6,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Partial, Replicate, Shard, _StridedShard
 
+from stashpoint.engine.checksum import crc32c
 from stashpoint.errors import InvalidStateError
 from stashpoint.format.index import Layout
 from stashpoint.planning.layout import REPLICATE, Box, PlacementSpec, local_boxes
@@ -83,3 +84,47 @@ def as_bytes(t: torch.Tensor) -> memoryview:
     if flat.numel() == 0:
         return memoryview(b"")
     return memoryview(flat.view(torch.uint8).numpy())
+
+
+def content_digests(tensors: list[torch.Tensor]) -> list[tuple[str, int]]:
+    """A digest of each tensor's bytes, computed where it lives (nothing is copied to the host).
+
+    CPU tensors: ``("crc32c", crc)``.  Others: ``("sums", s)`` from :func:`word_sums`, all
+    of a device's tensors with one synchronisation.  Digests of one kind are equal for
+    equal bytes; digests of different kinds cannot be compared.
+    """
+    out: list[tuple[str, int] | None] = [None] * len(tensors)
+    on_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+    for i, t in enumerate(tensors):
+        flat = t.detach().contiguous().reshape(-1)
+        if flat.device.type == "cpu":
+            out[i] = ("crc32c", crc32c(memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b""))
+        else:
+            on_device.setdefault(flat.device, []).append((i, word_sums(flat)))
+    for pending in on_device.values():
+        values = torch.stack([sums for _, sums in pending]).tolist()
+        for (i, _), v in zip(pending, values):
+            out[i] = ("sums", sum((x & (1 << 64) - 1) << (64 * k) for k, x in enumerate(v)))
+    return out  # type: ignore[return-value]
+
+
+def word_sums(flat: torch.Tensor) -> torch.Tensor:
+    """Six int64 sums of a flat contiguous tensor's bytes, on its device, in one pass.
+
+    The 32-bit words (of the largest multiple of 4 words) are read as a ``(2, n, 2)``
+    view and summed over ``n``: the even and odd words of each half.  The words and the
+    bytes left over are summed apart.  Nothing of the tensor's size is allocated.
+    """
+    if flat.storage_offset() * flat.element_size() % 4:
+        flat = flat.clone()  # a 32-bit view needs a 4-byte aligned start
+    data = flat.view(torch.uint8)
+    whole = data.numel() // 4 * 4
+    words = data[:whole].view(torch.int32)
+    quads = words.numel() // 4 * 4
+    return torch.cat(
+        [
+            words[:quads].view(2, -1, 2).sum(dim=1, dtype=torch.int64).reshape(-1),
+            words[quads:].sum(dtype=torch.int64).reshape(1),
+            data[whole:].sum(dtype=torch.int64).reshape(1),
+        ]
+    )

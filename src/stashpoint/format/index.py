@@ -21,6 +21,7 @@ from stashpoint.format.records import (
     ChunkRecord,
     Item,
     Layout,
+    NameLayout,
     ObjectRecord,
     PerRankRecord,
     Record,
@@ -42,12 +43,15 @@ __all__ = [
     "Item",
     "JSONValue",
     "Layout",
+    "NAMES_VERSION",
+    "NameLayout",
     "ObjectRecord",
     "PerRankRecord",
     "Record",
     "SaveMetadata",
     "TensorRecord",
     "iter_chunks",
+    "layout_to_json",
 ]
 
 FORMAT_NAME = "stashpoint"
@@ -55,6 +59,8 @@ FORMAT_NAME = "stashpoint"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 INDEX_FILE = "index.json"
+#: version of the optional ``metadata.names`` member (its own, beside the format's)
+NAMES_VERSION = 1
 DEFAULT_CRC_BLOCK_BYTES = 1 << 20
 
 
@@ -78,19 +84,22 @@ class Index:
 
     def to_json(self) -> str:
         """The bytes of ``index.json`` (as text), sealed with its checksum from version 2 on."""
+        meta = {
+            "world_size": self.metadata.world_size,
+            "created_unix": self.metadata.created_unix,
+            "step": self.metadata.step,
+            "torch_version": self.metadata.torch_version,
+            "stashpoint_version": self.metadata.stashpoint_version,
+            "user": self.metadata.user,
+            "save_id": self.metadata.save_id,
+        }
+        if self.metadata.layouts:  # optional: absent when no rank renumbered anything
+            meta["names"] = _names_to_json(self.metadata.layouts)
         doc = {
             "format": FORMAT_NAME,
             "format_version": self.format_version,
             "crc_block_bytes": self.crc_block_bytes,
-            "metadata": {
-                "world_size": self.metadata.world_size,
-                "created_unix": self.metadata.created_unix,
-                "step": self.metadata.step,
-                "torch_version": self.metadata.torch_version,
-                "stashpoint_version": self.metadata.stashpoint_version,
-                "user": self.metadata.user,
-                "save_id": self.metadata.save_id,
-            },
+            "metadata": meta,
             "items": {name: _item_to_json(item) for name, item in sorted(self.items.items())},
         }
         body = json.dumps(doc, indent=1, allow_nan=False)
@@ -137,6 +146,21 @@ def iter_chunks(index: Index) -> Iterator[tuple[str, ChunkRecord]]:
         for rec in records_of([item]):
             for chunk in chunks_of(rec):
                 yield name, chunk
+
+
+def layout_to_json(n: NameLayout) -> dict:
+    """One entry of ``metadata.names.layouts`` (docs/FORMAT.md §3.2)."""
+    return {
+        "rank": n.rank,
+        "prefix": n.prefix,
+        "kind": n.kind,
+        "key": n.key,
+        "global_ids": list(n.global_ids),
+    }
+
+
+def _names_to_json(layouts: tuple[NameLayout, ...]) -> dict:
+    return {"version": NAMES_VERSION, "layouts": [layout_to_json(n) for n in layouts]}
 
 
 def _chunk_to_json(c: ChunkRecord) -> dict:

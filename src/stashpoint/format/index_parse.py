@@ -14,6 +14,7 @@ from stashpoint.format.records import (
     ChunkRecord,
     Item,
     Layout,
+    NameLayout,
     ObjectRecord,
     PerRankRecord,
     Record,
@@ -22,6 +23,7 @@ from stashpoint.format.records import (
     chunks_of,
 )
 from stashpoint.format.values import MalformedValue, check_plain, from_json
+from stashpoint.vocab import LayoutKind, words
 
 #: exclusive upper bounds of the index's ints
 BYTES_LIMIT = 1 << 63
@@ -142,7 +144,34 @@ class IndexParser:
             step=step,
             user=user,
             save_id=save_id,
+            layouts=self.names(meta),
         )
+
+    def names(self, meta: dict) -> tuple[NameLayout, ...]:
+        """``metadata.names`` (optional); a later version of it than 1 is left unread."""
+        if "names" not in meta:
+            return ()
+        names = self.obj(meta, "names", "metadata")
+        version = names.get("version")
+        self.expect(type(version) is int and version >= 1, "metadata.names.version", "an integer >= 1")
+        if version != 1:
+            return ()  # informational only: a newer writer's record does not stop a load
+        out = []
+        for i, raw in enumerate(self.list(names, "layouts", "metadata.names")):
+            ctx = f"metadata.names.layouts[{i}]"
+            self.expect(isinstance(raw, dict), ctx, "a JSON object")
+            kind = self.str(raw, "kind", ctx)
+            self.expect(kind in words(LayoutKind), f"{ctx}.kind", " or ".join(map(repr, words(LayoutKind))))
+            out.append(
+                NameLayout(
+                    rank=self.int(raw, "rank", ctx, hi=RANKS_LIMIT),
+                    prefix=self.str(raw, "prefix", ctx),
+                    kind=kind,
+                    key=self.str(raw, "key", ctx),
+                    global_ids=self.ints(raw, "global_ids", ctx, hi=RANKS_LIMIT),
+                )
+            )
+        return tuple(out)
 
     def chunk(self, raw: object, ctx: str) -> ChunkRecord:
         self.expect(isinstance(raw, dict), ctx, "a JSON object")

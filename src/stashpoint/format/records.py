@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from stashpoint.format.values import JSONValue
+from stashpoint.vocab import LayoutKind
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,21 @@ Item = Union[TensorRecord, ObjectRecord, PerRankRecord]
 
 
 @dataclass(frozen=True)
+class NameLayout:
+    """How one rank renumbered one ``nn.ModuleList`` of one top-level entry at save.
+
+    Entry ``i`` of ``key`` under ``prefix`` on ``rank`` was saved as ``global_ids[i]``
+    (docs/FORMAT.md §3, ``metadata.names``; docs/LAYOUTS.md).
+    """
+
+    rank: int
+    prefix: str
+    kind: LayoutKind
+    key: str
+    global_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class SaveMetadata:
     world_size: int
     created_unix: float
@@ -101,6 +117,8 @@ class SaveMetadata:
     user: dict[str, JSONValue] = field(default_factory=dict)
     #: unique per save; lets every rank recognise the index its own save committed
     save_id: str = ""
+    #: the layouts the ranks' names were renumbered with (``metadata.names``; empty: none)
+    layouts: tuple[NameLayout, ...] = ()
 
 
 def records_of(items: Iterable[Item]) -> Iterator[Record]:

@@ -21,6 +21,7 @@ from stashpoint.errors import (
 )
 from stashpoint.format.index import Index, ObjectRecord, PerRankRecord, Record, TensorRecord
 from stashpoint.planning.layout import Box
+from stashpoint.planning.name_match import owned
 from stashpoint.planning.read_plan import ChunkRead, plan_chunk_reads
 
 #: What to do with a per-rank item saved at another world size: "error", "drop",
@@ -77,14 +78,13 @@ class LoadPlan:
     objects: tuple[ObjectLoad, ...]
     combines: tuple[CombineLoad, ...]
     skipped: tuple[str, ...]
+    #: strict loads: checkpoint names under the target's top-level names that this rank
+    #: has no place for; unexpected only if no rank has (:func:`unexpected_everywhere`)
+    unplaced: tuple[str, ...] = ()
 
     @property
     def bytes_to_read(self) -> int:
         return sum(r.nbytes for t in self.tensors for r in t.reads)
-
-
-def _owned(fqn: str, prefixes: list[str]) -> bool:
-    return any(fqn == p or fqn.startswith(p + ".") for p in prefixes)
 
 
 def _resolve_per_rank(
@@ -131,22 +131,17 @@ def plan_load(
     rank: int,
     world_size: int,
     strict: bool,
+    partial: bool = False,
     verify: bool,
     allow_pickle: bool,
     per_rank: PerRankPolicy,
     where: str,
 ) -> LoadPlan:
-    if strict:
-        missing = sorted(f for f in targets if f not in index.items)
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise MissingKeyError(f"{where}: key {missing[0]!r} is not in the checkpoint{more}")
-        extra = sorted(f for f in index.items if _owned(f, prefixes) and f not in targets)
-        if extra:
-            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-            raise UnexpectedKeyError(
-                f"{where}: checkpoint key {extra[0]!r} has no place in the target state{more}"
-            )
+    if strict and not partial:
+        _check_missing(index, targets, where)
+    unplaced = (
+        tuple(sorted(f for f in index.items if owned(f, prefixes) and f not in targets)) if strict else ()
+    )
     crc = index.crc_block_bytes if verify else None
     tensors, objects, combines, skipped = [], [], [], []
     for fqn in sorted(targets):
@@ -186,7 +181,34 @@ def plan_load(
         if rec.pickled and not allow_pickle:
             raise PickleNotAllowedError(_pickle_msg(where, fqn))
         objects.append(ObjectLoad(fqn, rec))
-    return LoadPlan(tuple(tensors), tuple(objects), tuple(combines), tuple(skipped))
+    return LoadPlan(tuple(tensors), tuple(objects), tuple(combines), tuple(skipped), unplaced)
+
+
+def _check_missing(index: Index, targets: dict[str, Target], where: str) -> None:
+    """Every target is in the checkpoint (a strict load that is not partial)."""
+    missing = sorted(f for f in targets if f not in index.items)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise MissingKeyError(
+            f"{where}: key {missing[0]!r} is not in the checkpoint{more}; pass partial=True to leave "
+            "them as they are; stashpoint.diff_keys(state, path) lists the differences"
+        )
+
+
+def unexpected_everywhere(unplaced: list[tuple[str, ...]], where: str) -> None:
+    """Raise when a checkpoint name has a place on no rank (each rank's ``LoadPlan.unplaced``).
+
+    A pipeline stage has no place for another stage's layers; the load is still whole
+    when some rank has.  Every rank computes the same answer from the same input.
+    """
+    common = set(unplaced[0]).intersection(*unplaced[1:]) if unplaced else set()
+    if common:
+        extra = sorted(common)
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise UnexpectedKeyError(
+            f"{where}: checkpoint key {extra[0]!r} has no place in the target state{more}; "
+            "pass strict=False to ignore such keys"
+        )
 
 
 def _whole(shape: tuple[int, ...]) -> tuple[Box, ...]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stashpoint.errors import InconsistentStateError
+from stashpoint.errors import InconsistentStateError, NameCollisionError
 from stashpoint.format.index import Layout
 from stashpoint.planning.layout import Box
 from stashpoint.vocab import Scope, StoredScope
@@ -37,7 +37,9 @@ class LocalItem:
     shape: tuple[int, ...] = ()
     itemsize: int = 0
     boxes: tuple[Box, ...] = ()
-    digest: int | None = None  # content checksum, for "checked" leaves
+    #: (algorithm, value) of the content, for "checked" and "replicated" leaves: digests
+    #: of one algorithm are equal for equal bytes; of different ones, not comparable
+    digest: tuple[str, int] | None = None
     encoding: str = ""  # objects: "json" | "pickle"
     payload_bytes: int = 0  # objects: encoded size
     layout: Layout | None = None
@@ -174,11 +176,31 @@ def _scope_of(fqn: str, held: list[tuple[int, LocalItem]], world: int) -> tuple[
         kinds = {(it.is_tensor, it.dtype, it.shape, it.digest) for _, it in held}
         per_rank = len(held) != world or len(kinds) > 1
     if not per_rank:
-        return False, _check_consistent(fqn, held)
+        first = _check_consistent(fqn, held)
+        _check_collision(fqn, held)
+        return False, first
     if len(held) != world:
         missing = sorted(set(range(world)) - {r for r, _ in held})
         raise InconsistentStateError(f"per-rank item {fqn!r} is missing on ranks {missing}")
     return True, first
+
+
+def _check_collision(fqn: str, held: list[tuple[int, LocalItem]]) -> None:
+    """Replicated copies of one name must hold the same bytes: another rank's different
+    tensor under the same name would be silently dropped (one copy is written)."""
+    seen: dict[str, tuple[int, int]] = {}  # algorithm -> (rank, value)
+    for rank, it in held:
+        if it.scope != REPLICATED or it.digest is None:
+            continue
+        algorithm, value = it.digest
+        other = seen.setdefault(algorithm, (rank, value))
+        if other[1] != value:
+            raise NameCollisionError(
+                f"ranks {other[0]} and {rank} both hold {fqn!r} ({it.dtype}{list(it.shape)}) with "
+                "different bytes; only one could be saved under that name. Pipeline stages or expert "
+                "shards that number their layers from 0 need stashpoint.WithLayout(module, "
+                "StageLayout(...)/ExpertLayout(...)); values that belong to each rank, stashpoint.PerRank"
+            )
 
 
 def _write_per_rank(
