@@ -17,7 +17,9 @@ import torch
 import stashpoint
 from stashpoint import errors
 from stashpoint.engine import load as load_mod
+from stashpoint.engine import ranged
 from stashpoint.engine.reader import CheckpointReader
+from stashpoint.engine.save import save_state
 from stashpoint.engine.tensors import full_box
 from stashpoint.format.index import TensorRecord
 from stashpoint.planning.layout import Box
@@ -216,17 +218,6 @@ def test_per_tensor_reads_finish_tensors_without_reads(split_ckpt):
     assert n == 0 and finished == ["e"]
 
 
-def test_copy_to_device_keeps_the_host_buffer_when_out_of_memory(monkeypatch):
-    host = torch.arange(6.0)
-    assert torch.equal(load_mod._copy_to_device(host, torch.device("cpu")), host)
-
-    def no_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("no memory")
-
-    monkeypatch.setattr(torch, "empty_like", no_memory)
-    assert load_mod._copy_to_device(host, torch.device("cpu")) is host
-
-
 def _state(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {
@@ -243,44 +234,38 @@ def _snapshot(state: dict) -> dict:
 
 
 @pytest.fixture
-def forced_early(monkeypatch):
-    """Takes the early-copy path with CPU tensors standing in for device copies."""
-    copies: list[torch.Tensor] = []
-    lock = threading.Lock()
-    real_copy = load_mod._copy_to_device
+def forced_bounce(monkeypatch):
+    """Reads for CPU targets go through the bounce buffer, as reads for a GPU do, in
+    pieces smaller than a tensor; returns the reads that took that path."""
+    seen: list[str] = []
+    real = ranged._read_to_device
 
-    def devices(plan, flat):
-        return {t.fqn: torch.device("cpu") for t in plan.tensors}
+    def spy(storage, file_path, where, fqn, read, target, crc_block):
+        seen.append(fqn)
+        return real(storage, file_path, where, fqn, read, target, crc_block)
 
-    def copy(host, device):
-        out = real_copy(host, device)
-        assert out is not host
-        with lock:
-            copies.append(out)
-        return out
-
-    monkeypatch.setattr(load_mod, "_early_copy_devices", devices)
-    monkeypatch.setattr(load_mod, "_copy_to_device", copy)
-    return copies
+    monkeypatch.setattr(ranged, "through_bounce", lambda t: True)
+    monkeypatch.setattr(ranged, "BOUNCE_BYTES", 64 << 10)
+    monkeypatch.setattr(ranged, "_read_to_device", spy)
+    return seen
 
 
-def test_early_copy_path_loads_the_same_bits(tmp_path, forced_early):
+def test_bounce_path_loads_the_same_bits(tmp_path, forced_bounce):
     path = str(tmp_path / "ckpt")
     saved = _state(1)
-    stashpoint.save(saved, path)
+    save_state(saved, path, crc_block_bytes=16 << 10)
     target = _state(2)
     result = stashpoint.load(target, path)
     assert _snapshot(target) == _snapshot(saved)
-    assert len(forced_early) == 4
+    assert sorted(forced_bounce) == ["a", "b", "n", "z"]
     assert result.bytes_loaded == sum(
         t.numel() * t.element_size() for t in saved.values() if torch.is_tensor(t)
     )
-    assert "read" in result.phase_seconds and "host_to_device" in result.phase_seconds
 
 
-def test_checksum_error_in_one_tensor_leaves_every_target_unchanged(tmp_path, forced_early):
+def test_checksum_error_in_one_tensor_leaves_every_target_unchanged(tmp_path, forced_bounce):
     path = str(tmp_path / "ckpt")
-    stashpoint.save(_state(1), path)
+    save_state(_state(1), path, crc_block_bytes=16 << 10)
     # damage one byte in the middle of "z"
     chunk = stashpoint.read_index(path).items["z"].chunks[0]
     lo, hi = chunk.byte_range
@@ -293,10 +278,8 @@ def test_checksum_error_in_one_tensor_leaves_every_target_unchanged(tmp_path, fo
     before = _snapshot(target)
     with pytest.raises(errors.ChecksumMismatchError, match="'z'"):
         stashpoint.load(target, path)
-    assert _snapshot(target) == before
-    # the early path ran (the sound tensors may already have been copied), yet no
-    # target was written
-    assert len(forced_early) <= 3
+    assert _snapshot(target) == before  # the bounce path ran, yet no target was written
+    assert "z" in forced_bounce
 
 
 def test_no_early_copies_for_cpu_targets(tmp_path, monkeypatch):

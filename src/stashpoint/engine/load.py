@@ -99,23 +99,6 @@ def _early_copy_devices(plan: LoadPlan, flat: _state.FlatState) -> dict[str, tor
     return devices
 
 
-def _copy_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A copy of ``host`` on ``device``; ``host`` itself when the device is out of memory.
-
-    The copy is blocking (from pageable memory it would be staged synchronously
-    anyway), so it is complete when the reading thread moves on, and nothing needs
-    to be synchronized before the apply phase.  Free memory was checked up front,
-    but another process may have taken it since: keeping the host buffer then only
-    costs the overlap (the apply phase copies it from the host, as without this step).
-    """
-    try:
-        out = torch.empty_like(host, device=device)
-        out.copy_(host)
-    except torch.OutOfMemoryError:
-        return host
-    return out
-
-
 def tied_groups(flat: _state.FlatState) -> list[tuple[str, ...]]:
     """Target tensors that share their memory (tied weights), as groups of names.
 
@@ -223,23 +206,17 @@ def _plan(storage, ckpt: str, state: dict, opts: LoadOptions, coord: Coordinator
 
 
 def _read_tensors(p: _Planned) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.device]]:
-    """Step 2a: every tensor's byte ranges into host staging (or early device copies)."""
-    staged = {t.fqn: torch.empty(t.local_shape, dtype=dtype_from_name(t.dtype)) for t in p.plan.tensors}
+    """Step 2a: every tensor's byte ranges into staging: on the device for CUDA targets
+    when memory allows (:func:`_early_copy_devices`; the reads go through page-locked
+    bounce buffers, :mod:`~stashpoint.engine.ranged`), in host memory otherwise.  The
+    targets themselves are written only after every rank has read everything."""
     early = _early_copy_devices(p.plan, p.flat)
-    if not early:
-        jobs = [(t.fqn, r, staged[t.fqn]) for t in p.plan.tensors for r in t.reads]
-        return p.reader.read_chunks(jobs), staged, early
-
-    # Copy each tensor to its device as soon as its own reads are verified, while other
-    # tensors are still being read, instead of one serial host-to-device copy of
-    # everything in the apply phase.  The copies go into new device buffers, never into
-    # the targets: those are written only after every rank has read everything.
-    def finish(fqn: str, host: torch.Tensor) -> torch.Tensor:
-        dev = early.get(fqn)
-        return host if dev is None else _copy_to_device(host, dev)
-
-    n = p.reader.read_per_tensor({t.fqn: t.reads for t in p.plan.tensors}, staged, finish)
-    return n, staged, early
+    staged = {
+        t.fqn: torch.empty(t.local_shape, dtype=dtype_from_name(t.dtype), device=early.get(t.fqn, "cpu"))
+        for t in p.plan.tensors
+    }
+    jobs = [(t.fqn, r, staged[t.fqn]) for t in p.plan.tensors for r in t.reads]
+    return p.reader.read_chunks(jobs), staged, early
 
 
 def _read_values(p: _Planned, opts: LoadOptions, coord: Coordinator, staged: dict) -> dict[str, object]:

@@ -31,6 +31,54 @@ def _verify(fqn: str, chunk: ChunkRecord, run_start: int, data: memoryview, bloc
             )
 
 
+#: bytes of a reading thread's page-locked bounce buffer (device destinations)
+BOUNCE_BYTES = 32 << 20
+_bounce = threading.local()
+
+
+def _bounce_buffer() -> torch.Tensor:
+    """This thread's page-locked buffer, allocated once: reads for a device go through it
+    so the copy to the device runs at the link's speed, not through pageable memory."""
+    buf = getattr(_bounce, "buf", None)
+    if buf is None or buf.numel() != BOUNCE_BYTES:
+        pinned = torch.cuda.is_available()
+        buf = _bounce.buf = torch.empty(BOUNCE_BYTES, dtype=torch.uint8, pin_memory=pinned)
+    return buf
+
+
+def through_bounce(target: torch.Tensor) -> bool:
+    """Whether reads for ``target`` go through the bounce buffer (device memory)."""
+    return target.device.type != "cpu"
+
+
+def _read_to_device(storage, file_path, where, fqn, read, target, crc_block) -> int:
+    """A run that maps one-to-one onto contiguous device bytes: through the bounce buffer,
+    piece by piece, each piece verified before it is copied up."""
+    chunk = read.chunk
+    (a, b), total = read.runs[0], 0
+    buf = _bounce_buffer()
+    step = BOUNCE_BYTES if not crc_block else max(crc_block, BOUNCE_BYTES // crc_block * crc_block)
+    if step > BOUNCE_BYTES:  # a checksum block larger than the buffer: read as host runs do
+        return -1
+    for lo in range(a, b, step):
+        n = min(step, b - lo)
+        view = as_bytes(buf[:n])
+        try:
+            got = storage.read_into(file_path, chunk.byte_range[0] + lo, view)
+        except FileNotFoundError:
+            raise DataFileMissingError(f"{where}: data file {chunk.file!r} is missing") from None
+        if got < n:
+            raise TruncatedDataError(
+                f"{where}: data file {chunk.file!r} ended early while reading {fqn!r} "
+                f"(wanted bytes {chunk.byte_range[0] + lo}..{chunk.byte_range[0] + lo + n})"
+            )
+        if crc_block:
+            _verify(fqn, chunk, lo, view, crc_block, where)
+        target[lo - a : lo - a + n].copy_(buf[:n])
+        total += got
+    return total
+
+
 def execute_read(
     storage,
     file_path: str,
@@ -46,6 +94,12 @@ def execute_read(
     strides = contiguous_strides(chunk.shape)
     total = 0
     direct = _direct_target(read, dest, strides, itemsize)
+    if direct is not None and through_bounce(direct):
+        n = _read_to_device(storage, file_path, where, fqn, read, direct, crc_block)
+        if n >= 0:
+            return n
+    if through_bounce(dest):  # the general case reads into host memory and copies the overlaps up
+        direct = None
     for a, b in read.runs:
         buf = direct if direct is not None else torch.empty(b - a, dtype=torch.uint8)
         view = as_bytes(buf)
