@@ -5,13 +5,17 @@ and at another world size, step counter included."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 import stashpoint
-from stashpoint.errors import InvalidOptionError
+from stashpoint.errors import CheckpointNotFoundError, InvalidOptionError
 
 titan = pytest.importorskip("torchtitan", reason="pip install 'stashpoint[torchtitan]'")
+from torchtitan.components.checkpointer import ModelWrapper  # noqa: E402
 
 from stashpoint.integrations.torchtitan import StashpointCheckpointManager  # noqa: E402
 from test_interop_dist import flat_tensors, same_bits  # noqa: E402
@@ -63,3 +67,55 @@ def test_config_refuses_what_it_cannot_do():
         dataloader=None, model_parts=[], optimizers=None, lr_schedulers=None, states={}, sd_adapter=None
     )
     assert disabled.save(1) is False and disabled.load() is False
+
+
+def _single(tmp_path, seed: int, **options):
+    """One process: a plain module, torchtitan's containers, and the manager in sync mode."""
+    model, optimizers, schedulers = titan_cases.parts(None, seed)
+    state = titan_cases.TrainState()
+    config = StashpointCheckpointManager.Config(
+        enable=True, folder="ckpt", interval=1, mode="sync", **options
+    )
+    manager = config.build(
+        dataloader=None,
+        model_parts=[model],
+        optimizers=optimizers,
+        lr_schedulers=schedulers,
+        states={"train_state": state},
+        sd_adapter=None,
+        base_folder=str(tmp_path),
+    )
+    return manager, model, optimizers, schedulers, state
+
+
+def test_initial_load_from_a_dcp_seed_then_a_chosen_step_with_exclusions(tmp_path):
+    warnings.simplefilter("ignore")  # dcp warns that no process group is initialised
+    seed_model, _, _ = titan_cases.parts(None, 0)
+    # torchtitan's seed checkpoint: the model's flat state dict, written by DCP
+    dcp.save(ModelWrapper(seed_model).state_dict(), checkpoint_id=str(tmp_path / "seed"))
+
+    manager, model, optimizers, schedulers, state = _single(
+        tmp_path, 1, initial_load_path=str(tmp_path / "seed")
+    )
+    assert manager.load() is True  # nothing in the folder yet: the seed, model only, read in place
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), seed_model.parameters()))
+    after_first = None
+    for step in (1, 2):
+        state.step = step
+        model(torch.randn(2, 12)).square().mean().backward()
+        optimizers.step()
+        schedulers.step()
+        optimizers.zero_grad()
+        assert manager.save(step) is True
+        after_first = after_first or [p.detach().clone() for p in model.parameters()]
+    manager.close()
+
+    manager, model, optimizers, schedulers, state = _single(
+        tmp_path, 2, exclude_from_loading=["lr_scheduler"]
+    )
+    assert manager.load(step=1) is True
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), after_first))
+    assert state.step == 1 and schedulers.state_dict()["last_epoch"] == 0  # excluded: untouched
+    with pytest.raises(CheckpointNotFoundError):
+        manager.load(step=7)
+    manager.close()

@@ -31,13 +31,15 @@ class TrainState(Stateful):
         self.step, self.ntokens_seen = state_dict["step"], state_dict["ntokens_seen"]
 
 
-def _parts(world: int, seed: int):
+def parts(world: int | None, seed: int):
+    """A tiny model (FSDP2 over ``world`` ranks; plain when None) and torchtitan's containers."""
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.GELU(), torch.nn.Linear(20, 7))
-    mesh = init_device_mesh("cpu", (world,))
-    for layer in (model[0], model[2]):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    if world is not None:
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     config = default_adamw(lr=0.01)
     config.implementation = "for-loop"
     optimizers = config.build(model_parts=[model])
@@ -58,7 +60,7 @@ def train(rank: int, world: int, base: str, seed: int, last: int, snapshot_at: i
     """Resume from ``base`` if it holds a checkpoint, train to step ``last`` (saving every 2 steps,
     the final step model-only), and return rank 0's snapshots: after the load, at
     ``snapshot_at`` and at the end."""
-    model, optimizers, schedulers = _parts(world, seed)
+    model, optimizers, schedulers = parts(world, seed)
     state = TrainState()
     config = StashpointCheckpointManager.Config(
         enable=True, folder="ckpt", interval=2, mode=mode, timeout_s=120, initial_load_model_only=False

@@ -200,36 +200,37 @@ class StashpointCheckpointManager(BaseCheckpointManager):
     @torch.no_grad()
     def _load(self, step: int = -1) -> bool:
         """Restore ``step`` (``-1``: the newest whole checkpoint, else ``initial_load_path``)."""
-        opts = {"per_rank": self.config.per_rank}
         if step != -1:
             path = filesystem.join(self.folder, checkpoint_name(step))
             storage, where = resolve(path)
             if not storage.exists(where):
                 raise CheckpointNotFoundError(f"checkpoint.load_step={step}: nothing at {path}")
-            return self._load_path(path, model_only=step == 0, opts=opts)
+            return self._load_path(path, model_only=step == 0)
         latest = self.manager.latest()
         if latest is not None and latest.step == 0:  # a seed checkpoint holds the model only
-            return self._load_path(latest.path, model_only=True, opts=opts)
+            return self._load_path(latest.path, model_only=True)
         if latest is not None:
-            state, model_sd = self._state(exclude=tuple(self.config.exclude_from_loading))
-            if self.manager.load_latest(state, **opts) is not None:
+            state, model_sd = self._load_state(model_only=False)
+            if self.manager.load_latest(state, per_rank=self.config.per_rank) is not None:
                 self.states[MODEL].load_state_dict(model_sd)
                 return True
         if not self.config.initial_load_path:
             return False  # a fresh start
-        return self._load_path(
-            self.config.initial_load_path, model_only=self.config.initial_load_model_only, opts=opts
-        )
+        return self._load_path(self.config.initial_load_path, model_only=self.config.initial_load_model_only)
 
-    def _load_path(self, path: str, *, model_only: bool, opts: dict) -> bool:
+    def _load_path(self, path: str, *, model_only: bool) -> bool:
+        state, model_sd = self._load_state(model_only=model_only)
+        stashpoint.load(state, path, per_rank=self.config.per_rank, timeout_s=self.config.timeout_s)
+        self.states[MODEL].load_state_dict(model_sd)
+        return True
+
+    def _load_state(self, *, model_only: bool) -> tuple[dict, dict]:
+        """What a load fills; afterwards the model's part is handed back to the model (tensors
+        a ``state_dict`` hook produced are not the parameters themselves)."""
         for name in self.config.exclude_from_loading:
             if name not in self.states:
                 raise InvalidOptionError(f"exclude_from_loading names {name!r}, which is not a saved state")
-        state, model_sd = self._state(model_only=model_only, exclude=tuple(self.config.exclude_from_loading))
-        stashpoint.load(state, path, timeout_s=self.config.timeout_s, **opts)
-        # tensors a state_dict hook produced are not the parameters: hand them back
-        self.states[MODEL].load_state_dict(model_sd)
-        return True
+        return self._state(model_only=model_only, exclude=tuple(self.config.exclude_from_loading))
 
     def _close(self) -> None:
         if getattr(self, "_hook", None) is not None:
