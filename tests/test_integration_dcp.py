@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -139,3 +141,9 @@ def test_dcp_leaves_and_groups_are_inverse():
     # a group that holds a pickled leaf, or that cannot be rebuilt, stays split as DCP names it
     assert group_values(leaves, tensor_paths, opaque=[("train", "blob")])["train.step"] == 3
     assert group_values([Leaf(fqn="x.1.a", path=("x", 1, "a"), value=1)], []) == {"x.1.a": 1}
+
+
+def test_import_stashpoint_imports_no_adapter():
+    code = "import sys, stashpoint; print(sorted(m for m in sys.modules if 'integrations' in m))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

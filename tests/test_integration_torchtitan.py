@@ -76,15 +76,7 @@ def _single(tmp_path, seed: int, **options):
     config = StashpointCheckpointManager.Config(
         enable=True, folder="ckpt", interval=1, mode="sync", **options
     )
-    manager = config.build(
-        dataloader=None,
-        model_parts=[model],
-        optimizers=optimizers,
-        lr_schedulers=schedulers,
-        states={"train_state": state},
-        sd_adapter=None,
-        base_folder=str(tmp_path),
-    )
+    manager = titan_cases.build(config, model, optimizers, schedulers, state, str(tmp_path))
     return manager, model, optimizers, schedulers, state
 
 

@@ -47,6 +47,19 @@ def parts(world: int | None, seed: int):
     return model, optimizers, schedulers
 
 
+def build(config, model, optimizers, schedulers, state: TrainState, base: str):
+    """The manager, built as torchtitan's Trainer builds whatever its checkpoint config names."""
+    return config.build(
+        dataloader=None,
+        model_parts=[model],
+        optimizers=optimizers,
+        lr_schedulers=schedulers,
+        states={"train_state": state},
+        sd_adapter=None,
+        base_folder=base,
+    )
+
+
 def _snapshot(model, optimizers, schedulers, state: TrainState) -> dict:
     """The whole training state, gathered (a collective); tensors copied."""
     out = copy.deepcopy(_full(model, optimizers.optimizers[0]))
@@ -65,15 +78,7 @@ def train(rank: int, world: int, base: str, seed: int, last: int, snapshot_at: i
     config = StashpointCheckpointManager.Config(
         enable=True, folder="ckpt", interval=2, mode=mode, timeout_s=120, initial_load_model_only=False
     )
-    checkpointer = config.build(
-        dataloader=None,
-        model_parts=[model],
-        optimizers=optimizers,
-        lr_schedulers=schedulers,
-        states={"train_state": state},
-        sd_adapter=None,
-        base_folder=base,
-    )
+    checkpointer = build(config, model, optimizers, schedulers, state, base)
     out = {"resumed": checkpointer.load(step=-1)}
     out["loaded"] = _snapshot(model, optimizers, schedulers, state)
     while state.step < last:

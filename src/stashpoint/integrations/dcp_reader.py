@@ -43,7 +43,7 @@ from stashpoint.errors import InvalidOptionError, MissingKeyError, PickleNotAllo
 from stashpoint.format.dtypes import dtype_from_name, itemsize
 from stashpoint.format.index import ChunkRecord, ObjectRecord, PerRankRecord, TensorRecord
 from stashpoint.format.values import from_json
-from stashpoint.integrations.dcp_values import dcp_leaves
+from stashpoint.integrations.dcp_values import accepts_checkpoint_id, dcp_leaves
 from stashpoint.planning.layout import Box
 from stashpoint.planning.read_plan import plan_chunk_reads
 from stashpoint.storage import resolve
@@ -153,11 +153,7 @@ class StashpointReader(StorageReader):
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        try:
-            resolve(checkpoint_id)
-        except Exception:
-            return False
-        return True
+        return accepts_checkpoint_id(checkpoint_id)
 
     # -- helpers ------------------------------------------------------------------------
 

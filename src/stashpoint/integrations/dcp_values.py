@@ -8,12 +8,16 @@ tensor (:func:`stashpoint._state.flatten_state`), so the same ``param_groups`` i
 item.  :func:`group_values` turns DCP's leaves into stashpoint's items when a checkpoint is
 written, so that :func:`stashpoint.load` finds them; :func:`dcp_leaves` splits a stashpoint
 item into DCP's leaves when one is read, so that ``dcp.load`` finds them.
+:func:`accepts_checkpoint_id` is the writer's and the reader's ``validate_checkpoint_id``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+
+from stashpoint.storage import resolve
 
 #: where a leaf sits in the state dict: dict keys (as strings) and list indices
 Path = tuple[str | int, ...]
@@ -115,3 +119,12 @@ def _walk(path: Path, value: object) -> Iterator[tuple[Path, object]]:
 def dcp_leaves(name: str, value: object) -> list[Leaf]:
     """The leaves DCP flattens the stashpoint item ``name`` (a plain value) into."""
     return [Leaf(fqn=name_of(p), path=p, value=v) for p, v in _walk((name,), value)]
+
+
+def accepts_checkpoint_id(checkpoint_id: str | os.PathLike) -> bool:
+    """Whether ``checkpoint_id`` is a path or URL that some storage backend handles."""
+    try:
+        resolve(checkpoint_id)
+    except Exception:
+        return False
+    return True

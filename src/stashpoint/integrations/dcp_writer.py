@@ -47,7 +47,7 @@ from stashpoint.errors import InconsistentStateError, InvalidOptionError, Invali
 from stashpoint.format.dtypes import dtype_name, itemsize
 from stashpoint.format.index import DEFAULT_CRC_BLOCK_BYTES
 from stashpoint.format.values import from_json, to_json
-from stashpoint.integrations.dcp_values import Leaf, Path, group_values
+from stashpoint.integrations.dcp_values import Leaf, Path, accepts_checkpoint_id, group_values
 from stashpoint.planning.layout import Box
 from stashpoint.planning.save_plan import GLOBAL, ItemPlan, chunk_key
 from stashpoint.storage import resolve
@@ -145,11 +145,7 @@ class StashpointWriter(StorageWriter):
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        try:
-            resolve(checkpoint_id)
-        except Exception:
-            return False
-        return True
+        return accepts_checkpoint_id(checkpoint_id)
 
     # -- helpers --------------------------------------------------------------------------
 
