@@ -6,6 +6,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stashpoint-installed
 PYTEST_ARGS ?=
+# The torchtitan adapter's tests need torchtitan's checkpoint, optimizer and config modules
+# and what they import, not its trainer's dependencies (datasets, wandb, tensorboard...,
+# which would move huggingface_hub and fsspec); torch stays at the installed version.
+# Users install the adapter with `pip install 'stashpoint[torchtitan]'`.
+TITAN         := 0.3.0
+TITAN_IMPORTS := tyro==1.0.17 spmd_types==0.2.3 torchdata==0.11.0 einops==0.8.2
 
 .PHONY: demo test lint bench-cpu clean
 
@@ -13,6 +19,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-pin.txt $(TITAN_IMPORTS)
+	$(PY) -m pip install -q --no-deps torchtitan==$(TITAN)
 	touch $@
 
 demo: $(STAMP)
