@@ -167,6 +167,7 @@ def restore(tr: GPT, durable: str) -> dict:
     return {
         "memory_s": memory_s,
         "memory_recovery_s": mgr.recovered.seconds,
+        "memory_load_phases_s": dict(mgr.recovered.result.phase_seconds),
         "disk_cold_s": disk_s,
         "cache_dropped": cold,
         "speedup": disk_s / memory_s,
