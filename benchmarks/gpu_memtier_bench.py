@@ -88,7 +88,7 @@ def shm_bytes(root: str | None) -> int:
 
 def run(tr: GPT, steps: int, durable: str, memory_every: int | None, durable_every: int | None) -> dict:
     """``steps`` training steps with the given tiers; throughput and per-snapshot numbers."""
-    mgr = None
+    mgr, shm_start = None, 0
     if memory_every is not None or durable_every is not None:
         policy = (
             None if memory_every is None else MemoryPolicy(every_steps=memory_every, slots=3, signal=None)
@@ -103,6 +103,7 @@ def run(tr: GPT, steps: int, durable: str, memory_every: int | None, durable_eve
         )
         # outside the timed region: slots (and the device buffer) are allocated and pinned once
         mgr.warmup(tr.state())
+        shm_start = shm_bytes(mgr.memory_root)
     torch.cuda.synchronize()
     stalls, phases, shm, skipped = [], [], [], 0
     t = time.perf_counter()
@@ -130,6 +131,7 @@ def run(tr: GPT, steps: int, durable: str, memory_every: int | None, durable_eve
         t = time.perf_counter()
         mgr.wait()
         out["drain_s"] = time.perf_counter() - t
+        out["shm_bytes_after_warmup"] = shm_start
         out["shm_bytes"] = shm_bytes(mgr.memory_root)
         shm.append(out["shm_bytes"])
         out["memory_root"] = mgr.memory_root
