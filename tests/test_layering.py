@@ -29,7 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("engine",),
     ("convert", "merging", "manager"),
     ("__init__",),  # the public API
-    ("cli", "demo"),  # applications of the public API
+    ("cli", "demo", "integrations"),  # applications of the public API; framework adapters
 )
 #: same-layer imports that are not allowed (importer, imported)
 FORBIDDEN = {("convert", "merging"), ("merging", "convert"), ("demo", "cli")}
