@@ -85,14 +85,20 @@ def _accelerate_steps(job, n: int) -> list[float]:
     losses = []
     for _ in range(n):
         x = torch.randn(4, 8) * float(np.random.uniform(0.5, 1.5)) + random.random()
-        loss = model(x).pow(2).mean()
-        accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
+        with accelerator.accumulate(model):  # counts accelerator.step
+            loss = model(x).pow(2).mean()
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
         counter.seen += len(x)
         losses.append(loss.item())
     return losses
+
+
+def _accelerate_outcome(job) -> tuple:
+    accelerator, model, optimizer, scheduler, counter = job
+    return bits(model.state_dict()), optimizer_bits(optimizer), scheduler.state_dict(), counter.seen
 
 
 def accelerate_save_resume(rank: int, world: int, path: str, steps: int, save_at: int) -> dict:
@@ -110,14 +116,14 @@ def accelerate_save_resume(rank: int, world: int, path: str, steps: int, save_at
             _accelerate_steps(job, save_at)
             save_state(job[0], path)
             reference = _accelerate_steps(job, steps - save_at)
-            want = (bits(job[1].state_dict()), optimizer_bits(job[2]), job[3].state_dict(), job[4].seen)
+            want = _accelerate_outcome(job)
 
             torch.manual_seed(99)  # another job: other weights, other RNG states
             resumed = _accelerate_job(init_seed=2)
             load_state(resumed[0], path)
             step_after_load = resumed[0].step
             losses = _accelerate_steps(resumed, steps - save_at)
-            got = (bits(resumed[1].state_dict()), optimizer_bits(resumed[2]), resumed[3].state_dict(), resumed[4].seen)
+            got = _accelerate_outcome(resumed)
         finally:
             AcceleratorState._reset_state(reset_partial_state=True)
     return {

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from rankpool import RankPool
-
 import integration_cases
+from rankpool import RankPool
 
 pytest.importorskip("accelerate")
 pytest.importorskip("pytorch_lightning")
@@ -35,5 +34,6 @@ def test_accelerate_save_state_and_load_state(pool, tmp_path):
     for rank, r in enumerate(results):
         assert r["resumed"] == r["reference"], rank  # the same losses, step for step
         assert r["same_state"], rank  # weights, optimizer, scheduler, registered object: bit-exact
+        assert r["step_after_load"] == 3
         assert _only_stashpoint_files(r["files"]), r["files"]
     assert results[0]["reference"] != results[1]["reference"]  # each rank resumed its own RNG states

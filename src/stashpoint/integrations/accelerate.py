@@ -90,7 +90,9 @@ def save_state(
     return out
 
 
-def load_state(accelerator: Accelerator, path: str | os.PathLike[str], *, timeout_s: float = 600.0) -> LoadResult:
+def load_state(
+    accelerator: Accelerator, path: str | os.PathLike[str], *, timeout_s: float = 600.0
+) -> LoadResult:
     """Load a checkpoint written by :func:`save_state` into the accelerator's objects (a collective).
 
     Everything is checked and read before anything changes; ``accelerator.step`` and
