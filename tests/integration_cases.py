@@ -133,3 +133,91 @@ def accelerate_save_resume(rank: int, world: int, path: str, steps: int, save_at
         "step_after_load": step_after_load,
         "files": sorted(os.listdir(path)),
     }
+
+
+# --- Lightning --------------------------------------------------------------------------------
+
+
+def _lightning_module(init_seed: int):
+    import pytorch_lightning as pl
+
+    class Regression(pl.LightningModule):
+        def __init__(self, lr: float = 0.05) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.net = tiny_net(init_seed)
+            self.losses: list[float] = []
+
+        def training_step(self, batch, _index):
+            (x,) = batch
+            loss = self.net(x).pow(2).mean()  # dropout: the losses depend on the RNG states
+            self.losses.append(loss.item())
+            return loss
+
+        def configure_optimizers(self):
+            optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    return Regression()
+
+
+def _lightning_fit(root: str, epochs: int, init_seed: int, ckpt_path: str | None = None):
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from stashpoint.integrations.lightning import StashpointDDPStrategy
+
+    model = _lightning_module(init_seed)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 8, generator=torch.Generator().manual_seed(0)))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=StashpointDDPStrategy(),
+        max_epochs=epochs,
+        default_root_dir=root,
+        callbacks=[ModelCheckpoint(dirpath=os.path.join(root, "ckpt"))],  # keeps the newest: removes
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True)
+    trainer.fit(model, loader, ckpt_path=ckpt_path)
+    return trainer, model
+
+
+def lightning_save_resume(rank: int, world: int, root: str, epochs: int, save_at: int) -> dict:
+    """Fit ``epochs`` epochs; fit ``save_at`` in another run, resume it to ``epochs``: both runs' results."""
+    with launched_as(rank, world):
+        torch.manual_seed(SEED_DATA + rank)
+        whole, whole_model = _lightning_fit(os.path.join(root, "whole"), epochs, init_seed=1)
+        torch.manual_seed(SEED_DATA + rank)
+        first, first_model = _lightning_fit(os.path.join(root, "run"), save_at, init_seed=1)
+        ckpt = first.checkpoint_callback.best_model_path
+        torch.manual_seed(99)  # another job: other weights, other RNG states
+        resumed, model = _lightning_fit(os.path.join(root, "run2"), epochs, init_seed=2, ckpt_path=ckpt)
+    return {
+        "misuse": _rank0_only_save_refused(ckpt + ".other"),
+        "reference": whole_model.losses,
+        "before": first_model.losses,
+        "resumed": model.losses,
+        "same_weights": bits(whole_model.state_dict()) == bits(model.state_dict()),
+        "same_optimizer": optimizer_bits(whole.optimizers[0]) == optimizer_bits(resumed.optimizers[0]),
+        "global_step": resumed.global_step,
+        "checkpoint": ckpt,
+        "files": sorted(os.listdir(ckpt)),
+        "kept": sorted(os.listdir(os.path.join(root, "whole", "ckpt"))),
+    }
+
+
+def _rank0_only_save_refused(path: str) -> str:
+    """What the plugin says when a strategy calls it on one rank (Lightning's own DDPStrategy does)."""
+    from stashpoint.errors import InvalidOptionError
+    from stashpoint.integrations.lightning import StashpointCheckpointIO
+
+    try:
+        StashpointCheckpointIO().save_checkpoint({"w": torch.zeros(1)}, path)
+    except InvalidOptionError as exc:
+        return str(exc)
+    return "saved"

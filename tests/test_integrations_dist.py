@@ -37,3 +37,19 @@ def test_accelerate_save_state_and_load_state(pool, tmp_path):
         assert r["step_after_load"] == 3
         assert _only_stashpoint_files(r["files"]), r["files"]
     assert results[0]["reference"] != results[1]["reference"]  # each rank resumed its own RNG states
+
+
+def test_lightning_ddp_save_and_resume(pool, tmp_path):
+    epochs, save_at = 3, 2  # 32 samples, 2 ranks, batch 4: 4 steps per epoch
+    results = pool.run(integration_cases.lightning_save_resume, str(tmp_path), epochs, save_at)
+    for rank, r in enumerate(results):
+        assert len(r["reference"]) == epochs * 4
+        assert r["before"] == r["reference"][: save_at * 4], rank
+        assert r["resumed"] == r["reference"][save_at * 4 :], rank  # step for step, exactly
+        assert r["same_weights"] and r["same_optimizer"], rank
+        assert r["global_step"] == epochs * 4
+        assert r["checkpoint"].endswith("epoch=1-step=8.ckpt")
+        assert _only_stashpoint_files(r["files"]), r["files"]
+        assert r["kept"] == ["epoch=2-step=12.ckpt"]  # ModelCheckpoint removed the older ones
+        assert "StashpointDDPStrategy" in r["misuse"] and r["misuse"].startswith(r["checkpoint"])
+    assert results[0]["reference"] != results[1]["reference"]
