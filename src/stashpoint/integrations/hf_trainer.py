@@ -27,6 +27,7 @@ import json
 import os
 
 import torch
+import transformers
 from transformers import Trainer
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import compare_trainer_and_checkpoint_args
@@ -36,6 +37,14 @@ from stashpoint.errors import CheckpointNotFoundError
 from stashpoint.integrations.rng import capture_rng, restore_rng
 from stashpoint.manager import CheckpointManager, ManagerConfig, RetentionPolicy
 from stashpoint.manager.housekeeping import checkpoint_name
+
+#: the Trainer methods overridden here, as transformers 5 splits its training loop
+_SEAMS = ("_init_training_state", "_prepare_for_training", "_run_epoch", "_save_checkpoint", "_load_rng_state")
+if not all(hasattr(Trainer, name) for name in _SEAMS):
+    raise ImportError(
+        f"stashpoint.integrations.hf_trainer needs transformers 5 (pip install 'stashpoint[hf]'); "
+        f"transformers {transformers.__version__} lacks some of {', '.join(_SEAMS)}"
+    )
 
 #: TrainerState fields that differ between ranks; ``init_training_references`` sets them
 _PER_PROCESS_FIELDS = ("is_local_process_zero", "is_world_process_zero")
