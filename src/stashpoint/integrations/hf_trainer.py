@@ -39,7 +39,9 @@ from stashpoint.manager import CheckpointManager, ManagerConfig, RetentionPolicy
 from stashpoint.manager.housekeeping import checkpoint_name
 
 #: the Trainer methods overridden here, as transformers 5 splits its training loop
-_SEAMS = ("_init_training_state", "_prepare_for_training", "_run_epoch", "_save_checkpoint", "_load_rng_state")
+_SEAMS = (
+    "_init_training_state", "_prepare_for_training", "_run_epoch", "_save_checkpoint", "_load_rng_state",
+)
 if not all(hasattr(Trainer, name) for name in _SEAMS):
     raise ImportError(
         f"stashpoint.integrations.hf_trainer needs transformers 5 (pip install 'stashpoint[hf]'); "
