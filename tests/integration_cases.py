@@ -45,9 +45,15 @@ def bits(module_or_tensors) -> dict[str, bytes]:
     return {k: v.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() for k, v in items}
 
 
+def _local(tensors: dict) -> dict:
+    """This rank's shard of each DTensor (and plain tensors as they are)."""
+    return {k: v.to_local() if hasattr(v, "to_local") else v for k, v in tensors.items()}
+
+
 def optimizer_bits(optimizer: torch.optim.Optimizer) -> dict[str, bytes]:
     sd = optimizer.state_dict()
-    return bits({f"{p}.{k}": v for p, s in sd["state"].items() for k, v in s.items() if torch.is_tensor(v)})
+    flat = {f"{p}.{k}": v for p, s in sd["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+    return bits(_local(flat))
 
 
 # --- accelerate ------------------------------------------------------------------------------
@@ -138,8 +144,9 @@ def accelerate_save_resume(rank: int, world: int, path: str, steps: int, save_at
 # --- Lightning --------------------------------------------------------------------------------
 
 
-def _lightning_module(init_seed: int):
+def _lightning_module(init_seed: int, sharded: bool):
     import pytorch_lightning as pl
+    from torch.distributed.fsdp import fully_shard
 
     class Regression(pl.LightningModule):
         def __init__(self, lr: float = 0.05) -> None:
@@ -154,6 +161,13 @@ def _lightning_module(init_seed: int):
             self.losses.append(loss.item())
             return loss
 
+        def configure_model(self) -> None:
+            if sharded:  # FSDP2 over the data-parallel mesh: parameters and Adam states are DTensors
+                mesh = self.device_mesh["data_parallel"]
+                for layer in (self.net[0], self.net[3]):
+                    fully_shard(layer, mesh=mesh)
+                fully_shard(self.net, mesh=mesh)
+
         def configure_optimizers(self):
             optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
             scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
@@ -162,18 +176,22 @@ def _lightning_module(init_seed: int):
     return Regression()
 
 
-def _lightning_fit(root: str, epochs: int, init_seed: int, ckpt_path: str | None = None):
+def _lightning_fit(root: str, epochs: int, init_seed: int, sharded: bool, ckpt_path: str | None = None):
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from stashpoint.integrations.lightning import StashpointDDPStrategy
+    from stashpoint.integrations.lightning import StashpointDDPStrategy, StashpointModelParallelStrategy
 
-    model = _lightning_module(init_seed)
+    if sharded:
+        strategy = StashpointModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    else:
+        strategy = StashpointDDPStrategy()
+    model = _lightning_module(init_seed, sharded)
     data = torch.utils.data.TensorDataset(torch.randn(32, 8, generator=torch.Generator().manual_seed(0)))
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=StashpointDDPStrategy(),
+        strategy=strategy,
         max_epochs=epochs,
         default_root_dir=root,
         callbacks=[ModelCheckpoint(dirpath=os.path.join(root, "ckpt"))],  # keeps the newest: removes
@@ -187,27 +205,28 @@ def _lightning_fit(root: str, epochs: int, init_seed: int, ckpt_path: str | None
     return trainer, model
 
 
-def lightning_save_resume(rank: int, world: int, root: str, epochs: int, save_at: int) -> dict:
+def lightning_save_resume(rank: int, world: int, root: str, epochs: int, save_at: int, sharded: bool) -> dict:
     """Fit ``epochs`` epochs; fit ``save_at`` in another run, resume it to ``epochs``: both runs' results."""
+    from stashpoint import read_index
+
     with launched_as(rank, world):
-        torch.manual_seed(SEED_DATA + rank)
-        whole, whole_model = _lightning_fit(os.path.join(root, "whole"), epochs, init_seed=1)
-        torch.manual_seed(SEED_DATA + rank)
-        first, first_model = _lightning_fit(os.path.join(root, "run"), save_at, init_seed=1)
+        whole, whole_model = _lightning_fit(os.path.join(root, "whole"), epochs, 1, sharded)
+        first, first_model = _lightning_fit(os.path.join(root, "run"), save_at, 1, sharded)
         ckpt = first.checkpoint_callback.best_model_path
-        torch.manual_seed(99)  # another job: other weights, other RNG states
-        resumed, model = _lightning_fit(os.path.join(root, "run2"), epochs, init_seed=2, ckpt_path=ckpt)
+        # another job: other weights, other RNG states
+        resumed, model = _lightning_fit(os.path.join(root, "run2"), epochs, 2, sharded, ckpt_path=ckpt)
     return {
         "misuse": _rank0_only_save_refused(ckpt + ".other"),
         "reference": whole_model.losses,
         "before": first_model.losses,
         "resumed": model.losses,
-        "same_weights": bits(whole_model.state_dict()) == bits(model.state_dict()),
+        "same_weights": bits(_local(whole_model.state_dict())) == bits(_local(model.state_dict())),
         "same_optimizer": optimizer_bits(whole.optimizers[0]) == optimizer_bits(resumed.optimizers[0]),
         "global_step": resumed.global_step,
         "checkpoint": ckpt,
         "files": sorted(os.listdir(ckpt)),
         "kept": sorted(os.listdir(os.path.join(root, "whole", "ckpt"))),
+        "sharded_items": sorted(n for n, it in read_index(ckpt).items.items() if getattr(it, "layout", None)),
     }
 
 

@@ -39,9 +39,10 @@ def test_accelerate_save_state_and_load_state(pool, tmp_path):
     assert results[0]["reference"] != results[1]["reference"]  # each rank resumed its own RNG states
 
 
-def test_lightning_ddp_save_and_resume(pool, tmp_path):
+@pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fsdp2"])
+def test_lightning_save_and_resume(pool, tmp_path, sharded):
     epochs, save_at = 3, 2  # 32 samples, 2 ranks, batch 4: 4 steps per epoch
-    results = pool.run(integration_cases.lightning_save_resume, str(tmp_path), epochs, save_at)
+    results = pool.run(integration_cases.lightning_save_resume, str(tmp_path), epochs, save_at, sharded)
     for rank, r in enumerate(results):
         assert len(r["reference"]) == epochs * 4
         assert r["before"] == r["reference"][: save_at * 4], rank
@@ -52,4 +53,9 @@ def test_lightning_ddp_save_and_resume(pool, tmp_path):
         assert _only_stashpoint_files(r["files"]), r["files"]
         assert r["kept"] == ["epoch=2-step=12.ckpt"]  # ModelCheckpoint removed the older ones
         assert "StashpointDDPStrategy" in r["misuse"] and r["misuse"].startswith(r["checkpoint"])
+        if sharded:  # saved from the live FSDP2 module: its shards, with their layout
+            sharded_items = set(r["sharded_items"])
+            assert {"model.net.0.weight", "optimizer_0.state.net.0.weight.exp_avg"} <= sharded_items
+        else:
+            assert r["sharded_items"] == []
     assert results[0]["reference"] != results[1]["reference"]

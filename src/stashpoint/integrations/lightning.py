@@ -24,7 +24,7 @@ from typing import Any
 
 import torch.distributed as dist
 from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
-from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy
 
 import stashpoint
 from stashpoint.engine.async_save import SaveHandle
@@ -100,9 +100,7 @@ class StashpointCheckpointIO(CheckpointIO):
     def remove_checkpoint(self, path) -> None:
         """Delete the checkpoint at ``path`` (hidden first, so a crash never leaves half of it in view)."""
         self.wait()
-        storage, full = resolve(os.fspath(path))
-        parent, name = os.path.split(full.rstrip("/"))
-        delete_checkpoint(storage, parent, name)
+        _remove(path)
 
     def wait(self) -> None:
         """Wait for a save still committing (``mode="eager"``); raises what it failed with."""
@@ -112,6 +110,12 @@ class StashpointCheckpointIO(CheckpointIO):
 
     def teardown(self) -> None:
         self.wait()
+
+
+def _remove(path) -> None:
+    storage, full = resolve(os.fspath(path))
+    parent, name = os.path.split(full.rstrip("/"))
+    delete_checkpoint(storage, parent, name)
 
 
 def _world_size() -> int:
@@ -152,4 +156,54 @@ class StashpointDDPStrategy(DDPStrategy):
         return checkpoint
 
 
-__all__ = ["StashpointCheckpointIO", "StashpointDDPStrategy"]
+class StashpointModelParallelStrategy(ModelParallelStrategy):
+    """``ModelParallelStrategy`` (FSDP2, tensor parallel) checkpointing through stashpoint.
+
+    Lightning's sharded strategies bypass ``CheckpointIO``.  This one saves the live,
+    sharded module and optimizers on every rank (each writes its shards) beside the
+    rest of Lightning's checkpoint dict, and loads them in place: a checkpoint saved
+    with one mesh loads into another, at any world size.  Each rank's RNG states are
+    saved and restored too.
+    """
+
+    strategy_name = "stashpoint_model_parallel"
+
+    def __init__(self, *args, allow_pickle: bool = False, timeout_s: float = 600.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.allow_pickle, self.timeout_s = allow_pickle, timeout_s
+
+    def _options(self) -> dict:
+        return {"timeout_s": self.timeout_s, "allow_pickle": self.allow_pickle}
+
+    def _live_state(self) -> dict:
+        """The module and optimizers themselves, as stashpoint saves and loads them."""
+        model = self.lightning_module
+        state: dict = {"model": model}
+        for i, optimizer in enumerate(self.optimizers):
+            optimizer = getattr(optimizer, "_optimizer", optimizer)  # under a LightningOptimizer
+            state[f"optimizer_{i}"] = stashpoint.OptimizerState(optimizer, model)
+        state[RNG_ITEM] = stashpoint.PerRank(capture_rng())
+        return state
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None
+    ) -> None:
+        where = os.fspath(self.broadcast(filepath))  # every rank saves to rank 0's path
+        rest = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        state = {**tree_state(rest, where, self.allow_pickle), **self._live_state()}
+        stashpoint.save(state, where, overwrite=True, **self._options())
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load the module, optimizers and RNG states in place; the rest of the checkpoint dict."""
+        where = os.fspath(self.broadcast(checkpoint_path))
+        state = self._live_state()
+        stashpoint.load(state, where, per_rank="drop", **self._options())
+        restore_rng(state[RNG_ITEM].value)
+        return load_tree(where, allow_pickle=self.allow_pickle)
+
+    def remove_checkpoint(self, filepath) -> None:
+        if self.is_global_zero:
+            _remove(filepath)
+
+
+__all__ = ["StashpointCheckpointIO", "StashpointDDPStrategy", "StashpointModelParallelStrategy"]

@@ -101,13 +101,16 @@ def save_tree(
 
 
 def load_tree(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> object:
-    """The tree saved at ``path`` by :func:`save_tree`, with whole CPU tensors (not a collective)."""
-    values = stashpoint.load_full(path, allow_pickle=allow_pickle)
-    if STRUCTURE not in values:
-        where = os.fspath(path)
-        raise MissingKeyError(f"{where}: no item {STRUCTURE!r}: not a checkpoint written by save_tree")
-    structure = values.pop(STRUCTURE)
-    return join_tree(structure["tree"], structure["tensors"], values)
+    """The tree saved at ``path`` by :func:`save_tree`, with whole CPU tensors (not a collective).
+
+    Only the tree's items are read: the checkpoint may hold others beside it.
+    """
+    try:
+        structure = stashpoint.load_full(path, keys=[STRUCTURE], allow_pickle=allow_pickle)[STRUCTURE]
+    except MissingKeyError as exc:
+        raise MissingKeyError(f"{exc}: not a checkpoint written by save_tree") from exc
+    tensors = stashpoint.load_full(path, keys=list(structure["tensors"])) if structure["tensors"] else {}
+    return join_tree(structure["tree"], structure["tensors"], tensors)
 
 
 __all__ = ["STRUCTURE", "SplitTree", "join_tree", "load_tree", "save_tree", "split_tree", "tree_state"]
