@@ -240,3 +240,4 @@ def _rank0_only_save_refused(path: str) -> str:
     except InvalidOptionError as exc:
         return str(exc)
     return "saved"
+

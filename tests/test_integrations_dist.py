@@ -21,7 +21,8 @@ WORLD = 2
 def pool():
     p = RankPool(WORLD)
     yield p
-    p.close()
+    # every task has finished: no need to wait for the frameworks' process groups to wind down
+    p.close(kill=True)
 
 
 def _only_stashpoint_files(files: list[str]) -> bool:
