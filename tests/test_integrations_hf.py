@@ -39,26 +39,27 @@ class StopAt(transformers.TrainerCallback):
             control.should_save = control.should_training_stop = True
 
 
-def trainer(out: str, init_seed: int, callbacks=()) -> StashpointTrainer:
+def trainer(out: str, init_seed: int, callbacks=(), **options) -> StashpointTrainer:
     torch.manual_seed(init_seed)
     config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+    settings = dict(max_steps=STEPS, save_strategy="steps", save_steps=3, save_total_limit=2) | options
     args = transformers.TrainingArguments(
         output_dir=out,
-        max_steps=STEPS,
         per_device_train_batch_size=4,
         logging_steps=1,
-        save_strategy="steps",
-        save_steps=3,
-        save_total_limit=2,
         report_to=[],
         use_cpu=True,
         seed=7,
         learning_rate=1e-3,
         warmup_steps=2,
         disable_tqdm=True,
+        **settings,
     )
     model = transformers.GPT2LMHeadModel(config)  # dropout 0.1: losses depend on the RNG states
-    return StashpointTrainer(model=model, args=args, train_dataset=Tokens(), callbacks=list(callbacks))
+    data = Tokens()
+    return StashpointTrainer(
+        model=model, args=args, train_dataset=data, eval_dataset=data, callbacks=list(callbacks)
+    )
 
 
 def losses(t: StashpointTrainer) -> list[tuple[int, float]]:
@@ -100,3 +101,20 @@ def test_resume_from_an_explicit_checkpoint_path(tmp_path):
     assert losses(again)[:3] == losses(first)
     with pytest.raises(stashpoint.errors.CheckpointNotFoundError, match="empty"):
         trainer(str(tmp_path / "empty"), init_seed=1).train(resume_from_checkpoint=True)
+
+
+def test_the_best_checkpoint_is_kept_and_loaded_at_the_end(tmp_path):
+    # "best" is the highest loss: an early checkpoint, so the end must go back to it
+    best_at_end = dict(eval_strategy="steps", eval_steps=2, save_steps=2, save_total_limit=1)
+    best_at_end.update(load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True)
+    t = trainer(str(tmp_path / "run"), init_seed=1, **best_at_end)
+    t.train()
+    evals = {e["step"]: e["eval_loss"] for e in t.state.log_history if "eval_loss" in e}
+    best = max(evals, key=evals.get)
+    assert best < STEPS
+    assert t.state.best_model_checkpoint == t.checkpoint_path(best)
+    kept = {c.step for c in t.checkpoint_manager.checkpoints()}
+    assert kept == {best, STEPS}  # keep_last=1, and the best by eval_loss
+    name = "model.transformer.h.0.mlp.c_fc.weight"
+    saved = stashpoint.load_full(t.checkpoint_path(best), keys=[name])[name]
+    assert torch.equal(saved, t.model.transformer.h[0].mlp.c_fc.weight)
