@@ -241,3 +241,24 @@ def _rank0_only_save_refused(path: str) -> str:
         return str(exc)
     return "saved"
 
+
+
+def checkpoint_io_eager(rank: int, world: int, path: str) -> dict:
+    """The plugin's asynchronous mode, called on every rank as the strategies do."""
+    from stashpoint.errors import InvalidOptionError
+    from stashpoint.integrations.lightning import StashpointCheckpointIO
+
+    try:
+        StashpointCheckpointIO(mode="lazy")
+        lazy = "accepted"
+    except InvalidOptionError as exc:
+        lazy = str(exc)
+    io = StashpointCheckpointIO(mode="eager")
+    checkpoint = {"state_dict": {"w": torch.arange(6.0).reshape(2, 3)}, "epoch": 4, "betas": (0.9, 0.99)}
+    with io.on_every_rank():
+        io.save_checkpoint(checkpoint, path)
+    pending = io._pending is not None
+    back = io.load_checkpoint(path, map_location="cpu")  # waits for the save first
+    same = torch.equal(back["state_dict"]["w"], checkpoint["state_dict"]["w"])
+    same = same and back["betas"] == (0.9, 0.99)
+    return {"lazy": lazy, "pending": pending, "same": same, "epoch": back["epoch"]}

@@ -60,3 +60,9 @@ def test_lightning_save_and_resume(pool, tmp_path, sharded):
         else:
             assert r["sharded_items"] == []
     assert results[0]["reference"] != results[1]["reference"]
+
+
+def test_lightning_checkpoint_io_saves_in_the_background(pool, tmp_path):
+    for r in pool.run(integration_cases.checkpoint_io_eager, str(tmp_path / "c.ckpt")):
+        assert r["pending"] and r["same"] and r["epoch"] == 4
+        assert "'sync', 'eager'" in r["lazy"]
