@@ -7,8 +7,9 @@ asked for (``import stashpoint`` imports none of them):
   resumes through a :class:`~stashpoint.CheckpointManager` (``stashpoint[hf]``);
 * :mod:`stashpoint.integrations.accelerate`: ``save_state`` / ``load_state`` for an
   ``accelerate.Accelerator`` (``stashpoint[accelerate]``);
-* :mod:`stashpoint.integrations.lightning`: a Lightning ``CheckpointIO`` plugin and a
-  DDP strategy that saves through it on every rank (``stashpoint[lightning]``).
+* :mod:`stashpoint.integrations.lightning`: a Lightning ``CheckpointIO`` plugin, a
+  DDP strategy that saves through it on every rank, and a ModelParallel (FSDP2/TP)
+  strategy that saves and loads the sharded module in place (``stashpoint[lightning]``).
 
 Nothing is pickled: values are stored as JSON and tensors as tensors, RNG states
 included (:mod:`stashpoint.integrations.rng`).

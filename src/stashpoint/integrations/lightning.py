@@ -10,6 +10,9 @@
   on global rank 0 alone, but a stashpoint save is a collective in which every rank
   writes its share; this DDP strategy calls the plugin on every rank
   (``Trainer(strategy=StashpointDDPStrategy())``; the plugin is its default).
+* :class:`StashpointModelParallelStrategy`: the sharded strategy (FSDP2, TP) bypasses
+  ``CheckpointIO``; this one saves the live sharded module and optimizers and loads
+  them in place.
 
 Nothing is pickled: a value of the checkpoint dict that JSON cannot hold (say an
 object in ``save_hyperparameters``) raises ``InvalidStateError`` naming where it is,
