@@ -25,6 +25,7 @@ import os
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
 from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy
@@ -93,12 +94,12 @@ class StashpointCheckpointIO(CheckpointIO):
     def load_checkpoint(
         self, path, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
-        """The checkpoint dict saved at ``path``: CPU tensors, or on ``map_location`` if given."""
+        """The checkpoint dict saved at ``path``: CPU tensors, or on ``map_location`` (a device)."""
         self.wait()
         checkpoint = load_tree(path, allow_pickle=self.allow_pickle)
-        if map_location is None:
+        if not isinstance(map_location, (str, torch.device)):
             return checkpoint
-        return _move(checkpoint, map_location)
+        return _move(checkpoint, torch.device(map_location))
 
     def remove_checkpoint(self, path) -> None:
         """Delete the checkpoint at ``path`` (hidden first, so a crash never leaves half of it in view)."""
@@ -131,7 +132,7 @@ def _move(value: object, device: Any) -> object:
     if isinstance(value, (list, tuple)):
         items = [_move(v, device) for v in value]
         return items if isinstance(value, list) else tuple(items)
-    return value.to(device) if hasattr(value, "to") and hasattr(value, "device") else value
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 class StashpointDDPStrategy(DDPStrategy):
