@@ -1,6 +1,6 @@
 # Two entry points: `make demo` and `make test`.  Each creates .venv on first use and
 # installs torch (the 2.13.0 CPU wheel when no torch is present), the package and its
-# test extras.
+# test extras (the framework adapters' frameworks included), holding torch at its version.
 
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -18,9 +18,9 @@ TITAN_IMPORTS := tyro==1.0.17 spmd_types==0.2.3 torchdata==0.11.0 einops==0.8.2
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
-	$(PY) -m pip install -q -c $(VENV)/torch-pin.txt $(TITAN_IMPORTS)
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e '.[test]'  # extras never replace torch
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt $(TITAN_IMPORTS)
 	$(PY) -m pip install -q --no-deps torchtitan==$(TITAN)
 	touch $@
 

@@ -1,11 +1,21 @@
-"""Adapters that let other training frameworks write and read stashpoint checkpoints.
+"""Adapters that make training frameworks checkpoint through stashpoint.
+
+Each module needs its framework, installed with an extra, and is imported only when
+asked for (``import stashpoint`` never imports this package, and this package imports
+no adapter, so a framework that is not installed costs nothing):
 
 * :mod:`stashpoint.integrations.dcp`: ``StorageWriter`` / ``StorageReader`` for
-  ``torch.distributed.checkpoint`` (``dcp.save``, ``dcp.async_save``, ``dcp.load``).
+  ``torch.distributed.checkpoint`` (``dcp.save``, ``dcp.async_save``, ``dcp.load``);
 * :mod:`stashpoint.integrations.torchtitan`: a torchtitan checkpoint manager selected by
-  the trainer's config.
+  the trainer's config (``stashpoint[torchtitan]``);
+* :mod:`stashpoint.integrations.hf_trainer`: a HuggingFace ``Trainer`` that saves and
+  resumes through a :class:`~stashpoint.CheckpointManager` (``stashpoint[hf]``);
+* :mod:`stashpoint.integrations.accelerate`: ``save_state`` / ``load_state`` for an
+  ``accelerate.Accelerator`` (``stashpoint[accelerate]``);
+* :mod:`stashpoint.integrations.lightning`: a Lightning ``CheckpointIO`` plugin, a
+  DDP strategy that saves through it on every rank, and a ModelParallel (FSDP2/TP)
+  strategy that saves and loads the sharded module in place (``stashpoint[lightning]``).
 
-Each adapter uses the public API and the engine only, and is imported on demand:
-``import stashpoint`` never imports this package, and this package imports no adapter,
-so a framework that is not installed costs nothing until its adapter is asked for.
+Nothing is pickled unless asked for: values are stored as JSON and tensors as tensors,
+RNG states included (:mod:`stashpoint.integrations.rng`).
 """
