@@ -45,11 +45,12 @@ CFG = GPTConfig(vocab=32000, dim=2048, heads=16, layers=16, mlp=8192, seq=1024)
 
 
 class GPT:
-    def __init__(self, batch: int, seed: int = 0) -> None:
+    def __init__(self, batch: int, seed: int = 0, cfg: GPTConfig = CFG) -> None:
         torch.manual_seed(seed)
-        self.model = TinyGPT(CFG).cuda()
+        self.cfg = cfg
+        self.model = TinyGPT(cfg).cuda()
         self.optim = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
-        self.tokens = torch.randint(0, CFG.vocab, (batch, CFG.seq + 1), device="cuda")
+        self.tokens = torch.randint(0, cfg.vocab, (batch, cfg.seq + 1), device="cuda")
         self.loader = {"step": 0}
         self.batch = batch
 
@@ -57,7 +58,7 @@ class GPT:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = self.model(self.tokens[:, :-1])
             loss = torch.nn.functional.cross_entropy(
-                logits.float().view(-1, CFG.vocab), self.tokens[:, 1:].reshape(-1)
+                logits.float().view(-1, self.cfg.vocab), self.tokens[:, 1:].reshape(-1)
             )
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
@@ -136,6 +137,33 @@ def run(tr: GPT, steps: int, durable: str, memory_every: int | None, durable_eve
         shm.append(out["shm_bytes"])
         out["memory_root"] = mgr.memory_root
         mgr.close()
+    return out
+
+
+def stalls(entries_x: int, batch: int, durable: str, snapshots: int = 12) -> dict:
+    """The training thread's time per lazy snapshot for a model with ``entries_x`` times the
+    GPT's layers (narrower, so the state stays about the same size)."""
+    cfg = GPTConfig(
+        vocab=32000, dim=2048 // entries_x, heads=16, layers=16 * entries_x, mlp=8192 // entries_x, seq=1024
+    )
+    tr = GPT(batch, cfg=cfg)
+    tr.step()
+    policy = MemoryPolicy(every_steps=1, slots=3, signal=None)
+    mgr = CheckpointManager(
+        durable, memory=policy, save_policy=SavePolicy(every_steps=10**9), mode="lazy", device_buffer=True
+    )
+    mgr.warmup(tr.state())
+    out = {"entries": tr.entries(), "state_bytes": tr.state_bytes, "stall_s": [], "phase_s": []}
+    for _ in range(snapshots):
+        tr.step()
+        h = mgr.snapshot(tr.loader["step"], tr.state())
+        if h is not None:
+            out["stall_s"].append(h.stall_s)
+            out["phase_s"].append(dict(h.timer.seconds))
+            h.wait(120)
+    mgr.close()
+    del tr
+    torch.cuda.empty_cache()
     return out
 
 
@@ -247,7 +275,7 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/stashpoint-memtier")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--parts", default="limits,throughput,restore,kill")
+    ap.add_argument("--parts", default="limits,throughput,stalls,restore,kill")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--child-steps", type=int, default=1000)
     ap.add_argument("--release", action="store_true")
@@ -306,6 +334,14 @@ def main() -> None:
             r["vs_no_checkpoint"] = r["tokens_per_s"] / base
             p50 = sorted(r["stall_s"] or [0.0])[len(r["stall_s"]) // 2]
             print(name, f"{r['vs_no_checkpoint']:.4f}", f"stall p50 {p50 * 1e3:.1f} ms", flush=True)
+            save()
+            shutil.rmtree(d, ignore_errors=True)
+    if "stalls" in parts:
+        for x in (1, 4):
+            d = os.path.join(args.dir, f"stalls-{x}")
+            r = out.setdefault("stalls", {})[f"x{x}"] = stalls(x, args.batch, d)
+            p50 = sorted(r["stall_s"])[len(r["stall_s"]) // 2]
+            print(f"stalls x{x}: {r['entries']} entries, p50 {p50 * 1e3:.1f} ms", flush=True)
             save()
             shutil.rmtree(d, ignore_errors=True)
     if "restore" in parts:
