@@ -754,7 +754,7 @@ BAD_VALUES = {
     "lambda": ("extra", lambda: 0),
     "lambda-in-dict": ("extra", {"fn": lambda: 0}),
     "lambda-beside-tensor": ("extra.1", [torch.zeros(1), lambda: 0]),
-    "unsupported-dtype": ("extra", torch.zeros(2, dtype=torch.float8_e4m3fnuz)),
+    "unsupported-dtype": ("extra", torch.zeros(2, dtype=torch.bits8)),
 }
 
 
@@ -818,3 +818,35 @@ def test_disk_full_while_saving(saved: Saved) -> None:
     assert isinstance(info.value, errors.StorageWriteError) and "No space left" in str(info.value)
     assert dir_bytes(saved.path) == before
     assert os.listdir(saved.path.parent) == [saved.path.name]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tensor subclasses (Float8-style wrappers)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _scaled(orig_dtype: torch.dtype):
+    from float8_subclass import ScaledFloat8
+
+    return ScaledFloat8(torch.full((4,), 2.0).to(torch.float8_e4m3fn), torch.tensor(0.5), orig_dtype)
+
+
+def test_tensor_subclass_mismatch(tmp_path: Path) -> None:
+    sp.save({"extra": _scaled(torch.float32)}, tmp_path / "c")
+    target = _scaled(torch.bfloat16)  # same inner tensors, another flatten context
+    target._data.zero_()
+    with pytest.raises(Exception) as info:
+        sp.load({"extra": target}, tmp_path / "c")
+    assert_error(info.value, errors.TensorSubclassMismatchError, tmp_path / "c", "extra")
+    assert isinstance(info.value, errors.TypeMismatchError)
+    assert torch.equal(target._data.view(torch.uint8), torch.zeros(4, dtype=torch.uint8))
+
+
+def test_unsupported_tensor(tmp_path: Path) -> None:
+    odd = _scaled(torch.float32)
+    odd._orig_dtype = {1, 2}  # a flatten context stashpoint cannot record
+    with pytest.raises(Exception) as info:
+        sp.save({"extra": odd}, tmp_path / "c")
+    assert_error(info.value, errors.UnsupportedTensorError, tmp_path / "c", "extra")
+    assert isinstance(info.value, errors.InvalidStateError)
+    assert not (tmp_path / "c").exists()

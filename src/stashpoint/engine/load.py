@@ -251,6 +251,8 @@ def _read_values(p: _Planned, opts: LoadOptions, coord: Coordinator, staged: dic
     for o in p.plan.objects:
         values[o.fqn] = reader.read_value(o.fqn, o.record, allow_pickle=opts.allow_pickle)
         leaf = p.flat.leaves[o.fqn]
+        if leaf.describes_target:
+            _state.check_description(leaf, values[o.fqn], where)
         if leaf.keep_structure and not _state.same_structure(leaf.value, values[o.fqn]):
             raise TypeMismatchError(
                 f"{where}: {o.fqn!r} in the checkpoint does not have the structure the "
