@@ -48,6 +48,9 @@ class Leaf:
     #: a description of the target (a tensor subclass's class and context): load
     #: compares the saved one with it and never assigns it
     describes_target: bool = False
+    #: an optimizer's param_groups: a loaded value keeps the target's ``params`` lists
+    #: (see :func:`with_target_params`)
+    param_groups: bool = False
 
     @property
     def is_tensor(self) -> bool:
@@ -261,7 +264,24 @@ def _optimizer_entry(name: str, optim, model: nn.Module, out: FlatState, scope: 
     _walk(osd["param_groups"], f"{name}.param_groups", scope, out, osd, "param_groups")
     for leaf in list(out.leaves.values())[first:]:
         leaf.keep_structure = True
+    if f"{name}.param_groups" in out.leaves:
+        out.leaves[f"{name}.param_groups"].param_groups = True
     out.finishers.append(lambda: set_optimizer_state_dict(model, optim, osd))
+
+
+def with_target_params(template: object, loaded: object) -> object:
+    """Loaded optimizer param groups with the target's ``params`` lists, group by group.
+
+    ``params`` names the parameters a group updates on the rank that saved it; a pipeline
+    stage resumed with another layer split (or at another pipeline size) updates other
+    parameters, and torch matches loaded groups to its own by those names.  So the
+    hyperparameters come from the checkpoint, group ``i`` to group ``i``, and the names
+    stay the target's.  Anything else (another number of groups) is returned as loaded.
+    """
+    same_form = isinstance(template, list) and isinstance(loaded, list) and len(template) == len(loaded)
+    if not same_form or not all(isinstance(g, dict) for g in (*template, *loaded)):
+        return loaded
+    return [{**g, "params": t["params"]} if "params" in t else g for t, g in zip(template, loaded)]
 
 
 def _stateful_entry(name: str, obj, out: FlatState, scope: Scope) -> None:

@@ -35,6 +35,7 @@ from stashpoint.planning.load_plan import (
     Target,
     TargetObject,
     TargetTensor,
+    check_unclaimed,
     plan_load,
 )
 from stashpoint.storage import resolve
@@ -251,6 +252,8 @@ def _read_values(p: _Planned, opts: LoadOptions, coord: Coordinator, staged: dic
     for o in p.plan.objects:
         values[o.fqn] = reader.read_value(o.fqn, o.record, allow_pickle=opts.allow_pickle)
         leaf = p.flat.leaves[o.fqn]
+        if leaf.param_groups:
+            values[o.fqn] = _state.with_target_params(leaf.value, values[o.fqn])
         if leaf.describes_target:
             _state.check_description(leaf, values[o.fqn], where)
         if leaf.keep_structure and not _state.same_structure(leaf.value, values[o.fqn]):
@@ -262,7 +265,8 @@ def _read_values(p: _Planned, opts: LoadOptions, coord: Coordinator, staged: dic
         saved = [reader.read_record(c.fqn, r, allow_pickle=opts.allow_pickle) for r in c.records]
         value = opts.per_rank(c.fqn, saved, coord.rank, coord.world_size)  # type: ignore[operator]
         if not isinstance(c.target, TargetTensor):
-            values[c.fqn] = value
+            leaf = p.flat.leaves[c.fqn]
+            values[c.fqn] = _state.with_target_params(leaf.value, value) if leaf.param_groups else value
             continue
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != c.target.local_shape:
             raise ShapeMismatchError(
@@ -327,7 +331,9 @@ def load_state(
         with timer.phase("plan"):
             return _plan(storage, ckpt, state, opts, coord)
 
-    p = coord.run_everywhere("load: plan", plan, share=lambda r: r.plan.bytes_to_read).mine
+    agreed = coord.run_everywhere("load: plan", plan, share=lambda r: r.plan.unclaimed)
+    p = agreed.mine
+    check_unclaimed(agreed.everyone, p.reader.where)
 
     def fetch() -> _Fetched:
         # early device copies happen inside the reads, so their time counts as "read"

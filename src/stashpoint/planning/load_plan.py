@@ -77,6 +77,9 @@ class LoadPlan:
     objects: tuple[ObjectLoad, ...]
     combines: tuple[CombineLoad, ...]
     skipped: tuple[str, ...]
+    #: checkpoint items under the state's names that this rank has no target for; a
+    #: strict load fails on those no rank has a target for (see :func:`check_unclaimed`)
+    unclaimed: tuple[str, ...] = ()
 
     @property
     def bytes_to_read(self) -> int:
@@ -141,12 +144,7 @@ def plan_load(
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise MissingKeyError(f"{where}: key {missing[0]!r} is not in the checkpoint{more}")
-        extra = sorted(f for f in index.items if _owned(f, prefixes) and f not in targets)
-        if extra:
-            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-            raise UnexpectedKeyError(
-                f"{where}: checkpoint key {extra[0]!r} has no place in the target state{more}"
-            )
+    unclaimed = tuple(sorted(f for f in index.items if _owned(f, prefixes) and f not in targets))
     crc = index.crc_block_bytes if verify else None
     tensors, objects, combines, skipped = [], [], [], []
     for fqn in sorted(targets):
@@ -186,7 +184,27 @@ def plan_load(
         if rec.pickled and not allow_pickle:
             raise PickleNotAllowedError(_pickle_msg(where, fqn))
         objects.append(ObjectLoad(fqn, rec))
-    return LoadPlan(tuple(tensors), tuple(objects), tuple(combines), tuple(skipped))
+    return LoadPlan(
+        tensors=tuple(tensors),
+        objects=tuple(objects),
+        combines=tuple(combines),
+        skipped=tuple(skipped),
+        unclaimed=unclaimed if strict else (),
+    )
+
+
+def check_unclaimed(unclaimed_by_rank: list[tuple[str, ...]], where: str) -> None:
+    """A strict load's check that every checkpoint item has a place on some rank.
+
+    Each rank may hold only part of the state (a pipeline stage holds its own layers), so
+    an item is unexpected only when no rank's target state has a place for it.
+    """
+    extra = sorted(set.intersection(*(set(u) for u in unclaimed_by_rank))) if unclaimed_by_rank else []
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise UnexpectedKeyError(
+            f"{where}: checkpoint key {extra[0]!r} has no place in the target state{more}"
+        )
 
 
 def _whole(shape: tuple[int, ...]) -> tuple[Box, ...]:
