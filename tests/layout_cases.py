@@ -58,3 +58,96 @@ def _as_dtensor(local: torch.Tensor, like):
     from torch.distributed.tensor import DTensor
 
     return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False)
+
+
+# --------------------------------------------------------------------------- expert parallel
+
+EXPERTS, D, H, STEPS = 8, 6, 10, 3
+
+
+class MoE(torch.nn.Module):
+    """Grouped expert weights ``w1 [E, D, H]``, ``w2 [E, H, D]`` (DTensors ``Shard(0)`` over
+    the EP mesh dimension when ``mesh`` is given), and per-expert modules keyed by global
+    expert id, only this rank's experts kept; a router shared by all."""
+
+    def __init__(self, experts: list[int], mesh=None, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)  # the router's and experts' init
+        g = torch.Generator().manual_seed(seed)
+        self.router = torch.nn.Linear(D, EXPERTS)
+        w1, w2 = torch.randn(EXPERTS, D, H, generator=g), torch.randn(EXPERTS, H, D, generator=g)
+        self.w1, self.w2 = torch.nn.Parameter(_ep(w1, mesh)), torch.nn.Parameter(_ep(w2, mesh))
+        self.experts = torch.nn.ModuleDict({str(i): torch.nn.Linear(D, D) for i in range(EXPERTS)})
+        for i in range(EXPERTS):
+            if i not in experts:
+                del self.experts[str(i)]
+
+
+def _ep(t: torch.Tensor, mesh):
+    if mesh is None:
+        return t
+    placements = [Replicate()] * (mesh.ndim - 1) + [Shard(0)]
+    return distribute_tensor(t, mesh, placements)
+
+
+def _grad_for(name: str, p: torch.Tensor, step: int) -> torch.Tensor:
+    """A deterministic gradient of the parameter's global shape, laid out like it."""
+    g = torch.Generator().manual_seed(step * 1000 + sum(name.encode()))
+    full = torch.randn(tuple(p.shape), generator=g)
+    if hasattr(p, "device_mesh"):
+        return distribute_tensor(full, p.device_mesh, p.placements)
+    return full
+
+
+def moe_state(experts: list[int], mesh=None, seed: int = 0, steps: int = STEPS) -> dict:
+    """The MoE and its AdamW after ``steps`` steps of deterministic gradients (Adam is
+    elementwise, so every layout reaches the same bits)."""
+    model = MoE(experts, mesh, seed)
+    optim = torch.optim.AdamW(model.parameters(), lr=0.01, foreach=False)
+    for step in range(steps):
+        for name, p in model.named_parameters():
+            p.grad = _grad_for(name, p, step)
+        optim.step()
+    return {"model": model, "optim": optim}
+
+
+def moe_flat(state: dict) -> dict[str, torch.Tensor]:
+    """This rank's values of the model and of Adam's moments, as full-name -> local tensor."""
+    out = {}
+    names = {id(p): n for n, p in state["model"].named_parameters()}
+    for n, p in state["model"].named_parameters():
+        out[f"model.{n}"] = _local(p.detach())
+    for p, st in state["optim"].state.items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            out[f"optim.state.{names[id(p)]}.{k}"] = _local(st[k])
+    return out
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _experts_of(rank: int, ep: int) -> list[int]:
+    per = EXPERTS // ep
+    return list(range(rank * per, (rank + 1) * per))
+
+
+def moe_save_case(rank: int, world: int, path: str) -> list[str]:
+    """EP=world: save; returns the per-expert module names this rank held."""
+    state = moe_state(_experts_of(rank, world), mesh_of((world,), ("ep",)))
+    stashpoint.save(state, path)
+    return sorted(state["model"].experts)
+
+
+def moe_load_case(rank: int, world: int, path: str) -> list[str]:
+    """DP=2 x EP=world/2: load into fresh states, compare every local tensor with the one
+    training reaches in this layout; returns the names that differ."""
+    mesh = mesh_of((2, world // 2), ("dp", "ep"))
+    ep_rank = mesh["ep"].get_local_rank()
+    experts = _experts_of(ep_rank, world // 2)
+    target = moe_state(experts, mesh, seed=1, steps=1)
+    stashpoint.load(target, path, per_rank="rank0")
+    want = moe_flat(moe_state(experts, mesh))
+    got = moe_flat(target)
+    bad = [k for k in want if k not in got or not torch.equal(_bits(got[k]), _bits(want[k]))]
+    return bad + sorted(set(got) - set(want))
