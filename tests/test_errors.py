@@ -850,3 +850,15 @@ def test_unsupported_tensor(tmp_path: Path) -> None:
     assert_error(info.value, errors.UnsupportedTensorError, tmp_path / "c", "extra")
     assert isinstance(info.value, errors.InvalidStateError)
     assert not (tmp_path / "c").exists()
+
+
+def test_stage_recovery_error() -> None:
+    from stashpoint.recovery import rebuild_stage
+
+    stage = nn.ModuleDict({"0": nn.Linear(2, 2)})
+    before = [t.clone() for t in stage.state_dict().values()]
+    with pytest.raises(Exception) as info:
+        rebuild_stage(stage, prev_stage=nn.ModuleDict({"0": nn.Linear(3, 2)}))
+    assert type(info.value) is errors.StageRecoveryError
+    assert "'weight'" in str(info.value)
+    assert all(torch.equal(a, b) for a, b in zip(stage.state_dict().values(), before))

@@ -127,6 +127,11 @@ class InvalidStateError(StashpointError, TypeError):
     """The state handed to save or load cannot be checkpointed as it is."""
 
 
+class StageRecoveryError(StashpointError):
+    """A lost pipeline stage cannot be rebuilt from its neighbours (none given, or their
+    layers differ from the stage's); nothing was changed."""
+
+
 class UnsupportedTensorError(InvalidStateError):
     """A tensor stashpoint cannot save whole: a subclass without ``__tensor_flatten__``, a
     DTensor whose local shard is itself a subclass, or a flatten context with values that
