@@ -151,3 +151,22 @@ def moe_load_case(rank: int, world: int, path: str) -> list[str]:
     got = moe_flat(target)
     bad = [k for k in want if k not in got or not torch.equal(_bits(got[k]), _bits(want[k]))]
     return bad + sorted(set(got) - set(want))
+
+
+def float8_stages_case(rank: int, world: int, path: str) -> bool:
+    """Each rank holds another global layer with a Float8-style weight (a pipeline stage's
+    subclass parameters live on some ranks only); loaded back shifted by one rank."""
+    from float8_subclass import Float8Linear
+
+    def stage(layer: int, seed: int) -> torch.nn.ModuleDict:
+        return torch.nn.ModuleDict({str(layer): Float8Linear(8, 4, seed=seed)})
+
+    stashpoint.save({"model": stage(rank, seed=rank)}, path)
+    layer = (rank + 1) % world
+    target = stage(layer, seed=100 + rank)
+    stashpoint.load({"model": target}, path)
+    want = stage(layer, seed=layer)[str(layer)]
+    got = target[str(layer)]
+    same_data = torch.equal(got.weight._data.view(torch.uint8), want.weight._data.view(torch.uint8))
+    same_scale = torch.equal(got.weight._scale, want.weight._scale)
+    return same_data and same_scale and torch.equal(got.bias, want.bias)

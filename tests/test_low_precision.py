@@ -206,3 +206,10 @@ def test_float8_dtensors_reshard_over_gloo(pools, tmp_path):
     full = stashpoint.load_full(tmp_path / "c")
     for name, dtype in layout_cases.FLOAT8.items():
         assert _same(full[f"w.{name}"], layout_cases.float8_global(dtype)), name
+
+
+def test_float8_subclass_parameters_held_by_some_ranks_only(pools, tmp_path):
+    assert all(pools(4).run(layout_cases.float8_stages_case, str(tmp_path / "c")))
+    index = stashpoint.read_index(tmp_path / "c")
+    assert {f"model.{r}.weight" for r in range(4)} <= set(index.items)
+    assert index.items["model.2.weight"].value["tensor_subclass"] == "float8_subclass.ScaledFloat8"

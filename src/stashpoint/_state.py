@@ -166,7 +166,9 @@ def _walk_subclass(value: torch.Tensor, fqn: str, scope: str, out: FlatState) ->
         )
     description = subclass_description(value, fqn)
     holder = {fqn: description}
-    meta_scope = scope if scope == PER_RANK else CHECKED
+    # stored once like the inner tensors when they are a module's (a pipeline stage's
+    # parameters are held by some ranks only); compared across ranks otherwise
+    meta_scope = REPLICATED if scope in (REPLICATED, SHARDED) else scope
     _add(out, Leaf(fqn, description, meta_scope, holder, fqn, keep_structure=True, describes_target=True))
     for attr in description["inner"]:
         _walk(getattr(value, attr), f"{fqn}.{attr}", scope, out, None, None)
