@@ -132,7 +132,7 @@ def copy_to_stashpoint(
     values, skipped = {}, []
     joins = plan_joins(sorted(index.items), experts, reader.where)
     joined = {name for j in joins for name in j.experts}
-    tensors = [_joined_source(reader, j, rename) for j in joins]
+    tensors = [s for s in (_joined_source(reader, j, rename) for j in joins) if s is not None]
     for name in sorted(index.items):
         rec = index.items[name]
         if name in joined:
@@ -152,7 +152,6 @@ def copy_to_stashpoint(
             )
         elif isinstance(rec, ObjectRecord):
             values[new] = reader.read_value(name, rec, allow_pickle=allow_pickle)
-    tensors = [t for t in tensors if t is not None]
     summary = write_checkpoint(
         dst, tensors, values, source=source, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress
     )
