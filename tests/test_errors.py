@@ -756,7 +756,7 @@ BAD_VALUES = {
     "lambda": ("extra", lambda: 0),
     "lambda-in-dict": ("extra", {"fn": lambda: 0}),
     "lambda-beside-tensor": ("extra.1", [torch.zeros(1), lambda: 0]),
-    "unsupported-dtype": ("extra", torch.zeros(2, dtype=torch.float8_e4m3fnuz)),
+    "unsupported-dtype": ("extra", torch.zeros(2, dtype=torch.bits8)),
 }
 
 
@@ -843,3 +843,47 @@ def test_disk_full_while_saving(saved: Saved) -> None:
     assert isinstance(info.value, errors.StorageWriteError) and "No space left" in str(info.value)
     assert dir_bytes(saved.path) == before
     assert os.listdir(saved.path.parent) == [saved.path.name]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tensor subclasses (Float8-style wrappers)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _scaled(orig_dtype: torch.dtype):
+    from float8_subclass import ScaledFloat8
+
+    return ScaledFloat8(torch.full((4,), 2.0).to(torch.float8_e4m3fn), torch.tensor(0.5), orig_dtype)
+
+
+def test_tensor_subclass_mismatch(tmp_path: Path) -> None:
+    sp.save({"extra": _scaled(torch.float32)}, tmp_path / "c")
+    target = _scaled(torch.bfloat16)  # same inner tensors, another flatten context
+    target._data.zero_()
+    with pytest.raises(Exception) as info:
+        sp.load({"extra": target}, tmp_path / "c")
+    assert_error(info.value, errors.TensorSubclassMismatchError, tmp_path / "c", "extra")
+    assert isinstance(info.value, errors.TypeMismatchError)
+    assert torch.equal(target._data.view(torch.uint8), torch.zeros(4, dtype=torch.uint8))
+
+
+def test_unsupported_tensor(tmp_path: Path) -> None:
+    odd = _scaled(torch.float32)
+    odd._orig_dtype = {1, 2}  # a flatten context stashpoint cannot record
+    with pytest.raises(Exception) as info:
+        sp.save({"extra": odd}, tmp_path / "c")
+    assert_error(info.value, errors.UnsupportedTensorError, tmp_path / "c", "extra")
+    assert isinstance(info.value, errors.InvalidStateError)
+    assert not (tmp_path / "c").exists()
+
+
+def test_stage_recovery_error() -> None:
+    from stashpoint.recovery import rebuild_stage
+
+    stage = nn.ModuleDict({"0": nn.Linear(2, 2)})
+    before = [t.clone() for t in stage.state_dict().values()]
+    with pytest.raises(Exception) as info:
+        rebuild_stage(stage, prev_stage=nn.ModuleDict({"0": nn.Linear(3, 2)}))
+    assert type(info.value) is errors.StageRecoveryError
+    assert "'weight'" in str(info.value)
+    assert all(torch.equal(a, b) for a, b in zip(stage.state_dict().values(), before))

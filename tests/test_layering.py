@@ -27,7 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("_dist", "_state"),
     ("foreign",),  # other tools' formats (DCP, HF): detection and indexing
     ("engine",),
-    ("convert", "merging", "manager"),
+    ("convert", "merging", "manager", "recovery"),
     ("__init__",),  # the public API
     ("cli", "demo", "integrations"),  # applications of the public API; framework adapters
 )

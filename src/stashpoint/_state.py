@@ -10,6 +10,8 @@ top-level entry has a finisher that hands the filled state dict back to its owne
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import math
 import pickle
@@ -19,8 +21,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from stashpoint.errors import InvalidStateError
+from stashpoint.errors import InvalidStateError, TensorSubclassMismatchError, UnsupportedTensorError
 from stashpoint.format.values import MalformedValue, NotRepresentable, check_plain, to_json
 from stashpoint.planning.names import Layout, check_layouts, strip_wrappers, to_global
 from stashpoint.planning.save_plan import CHECKED, PER_RANK, REPLICATED, SHARDED
@@ -42,6 +45,12 @@ class Leaf:
     #: values owned by a module or optimizer must keep the template's structure,
     #: because torch's set_state_dict fails half-way through otherwise
     keep_structure: bool = False
+    #: a description of the target (a tensor subclass's class and context): load
+    #: compares the saved one with it and never assigns it
+    describes_target: bool = False
+    #: an optimizer's param_groups: a loaded value keeps the target's ``params`` lists
+    #: (see :func:`with_target_params`)
+    param_groups: bool = False
 
     @property
     def is_tensor(self) -> bool:
@@ -116,7 +125,86 @@ def same_structure(template: object, value: object) -> bool:
     return type(template) is type(value)
 
 
+def _context_json(ctx: object, fqn: str) -> object:
+    """A JSON description of a subclass's flatten context, compared on load (never decoded)."""
+    if ctx is None or isinstance(ctx, (bool, int, str)) or (isinstance(ctx, float) and math.isfinite(ctx)):
+        return ctx
+    if isinstance(ctx, (torch.dtype, torch.device, torch.Size)):
+        return str(ctx)
+    if isinstance(ctx, enum.Enum):
+        return f"{type(ctx).__qualname__}.{ctx.name}"
+    if isinstance(ctx, (list, tuple)):
+        return [_context_json(v, fqn) for v in ctx]
+    if isinstance(ctx, dict) and all(isinstance(k, str) for k in ctx):
+        return {k: _context_json(v, fqn) for k, v in sorted(ctx.items())}
+    if dataclasses.is_dataclass(ctx) and not isinstance(ctx, type):
+        fields = {f.name: _context_json(getattr(ctx, f.name), fqn) for f in dataclasses.fields(ctx)}
+        return {"class": type(ctx).__qualname__, "fields": fields}
+    raise UnsupportedTensorError(
+        f"{fqn!r}: the tensor subclass's flatten context holds a {type(ctx).__name__}, which "
+        "stashpoint cannot record (it records dtypes, enums, dataclasses and JSON values)"
+    )
+
+
+def subclass_description(value: torch.Tensor, fqn: str) -> dict:
+    """What the index records of a wrapper subclass besides its inner tensors."""
+    attrs, ctx = value.__tensor_flatten__()
+    cls = type(value)
+    return {
+        "tensor_subclass": f"{cls.__module__}.{cls.__qualname__}",
+        "inner": list(attrs),
+        "context": _context_json(ctx, fqn),
+        "dtype": str(value.dtype),
+        "shape": list(value.shape),
+    }
+
+
+def _walk_subclass(value: torch.Tensor, fqn: str, scope: str, out: FlatState) -> None:
+    """A wrapper subclass: its description as a value item, each inner tensor as an item."""
+    if not is_traceable_wrapper_subclass(value):
+        raise UnsupportedTensorError(
+            f"{fqn!r}: tensor subclass {type(value).__name__} defines __torch_dispatch__ but not "
+            "__tensor_flatten__, so stashpoint cannot tell what state it carries"
+        )
+    description = subclass_description(value, fqn)
+    holder = {fqn: description}
+    # stored once like the inner tensors when they are a module's (a pipeline stage's
+    # parameters are held by some ranks only); compared across ranks otherwise
+    meta_scope = REPLICATED if scope in (REPLICATED, SHARDED) else scope
+    _add(out, Leaf(fqn, description, meta_scope, holder, fqn, keep_structure=True, describes_target=True))
+    for attr in description["inner"]:
+        _walk(getattr(value, attr), f"{fqn}.{attr}", scope, out, None, None)
+
+
+def _is_subclass_with_state(value: torch.Tensor) -> bool:
+    """A tensor whose class takes over dispatch (a wrapper): its bytes are not its own."""
+    cls = type(value)
+    return cls.__torch_dispatch__ is not torch.Tensor.__torch_dispatch__ and not isinstance(value, DTensor)
+
+
+def check_description(leaf: Leaf, saved: object, where: str) -> None:
+    """Load: the saved subclass description must be the target's (class, context, shape)."""
+    if saved != leaf.value:
+        raise TensorSubclassMismatchError(
+            f"{where}: {leaf.fqn!r} was saved as {_summary(saved)} but the target is {_summary(leaf.value)}"
+        )
+
+
+def _summary(description: object) -> str:
+    if not isinstance(description, dict) or "tensor_subclass" not in description:
+        return f"a plain value {description!r:.80}"
+    return f"{description['tensor_subclass']} with context {description.get('context')!r:.200}"
+
+
 def _walk(value, fqn: str, scope: str, out: FlatState, container, key) -> None:
+    if isinstance(value, torch.Tensor) and _is_subclass_with_state(value):
+        _walk_subclass(value, fqn, scope, out)
+        return
+    if isinstance(value, DTensor) and _is_subclass_with_state(value.to_local()):
+        raise UnsupportedTensorError(
+            f"{fqn!r}: a DTensor whose local shard is a {type(value.to_local()).__name__} "
+            "cannot be resharded by stashpoint; save the subclass's inner tensors as DTensors"
+        )
     if isinstance(value, torch.Tensor):
         if not isinstance(value, DTensor) and scope == SHARDED:
             scope = REPLICATED
@@ -195,7 +283,24 @@ def _optimizer_entry(
     _walk(osd["param_groups"], f"{name}.param_groups", scope, out, osd, "param_groups")
     for leaf in list(out.leaves.values())[first:]:
         leaf.keep_structure = True
+    if f"{name}.param_groups" in out.leaves:
+        out.leaves[f"{name}.param_groups"].param_groups = True
     out.finishers.append(lambda: set_optimizer_state_dict(model, optim, osd))
+
+
+def with_target_params(template: object, loaded: object) -> object:
+    """Loaded optimizer param groups with the target's ``params`` lists, group by group.
+
+    ``params`` names the parameters a group updates on the rank that saved it; a pipeline
+    stage resumed with another layer split (or at another pipeline size) updates other
+    parameters, and torch matches loaded groups to its own by those names.  So the
+    hyperparameters come from the checkpoint, group ``i`` to group ``i``, and the names
+    stay the target's.  Anything else (another number of groups) is returned as loaded.
+    """
+    same_form = isinstance(template, list) and isinstance(loaded, list) and len(template) == len(loaded)
+    if not same_form or not all(isinstance(g, dict) for g in (*template, *loaded)):
+        return loaded
+    return [{**g, "params": t["params"]} if "params" in t else g for t, g in zip(template, loaded)]
 
 
 def _stateful_entry(name: str, obj, out: FlatState, scope: Scope) -> None:

@@ -103,6 +103,11 @@ class TypeMismatchError(StateMismatchError):
     """The checkpoint holds a tensor where the target holds a plain value, or vice versa."""
 
 
+class TensorSubclassMismatchError(TypeMismatchError):
+    """A tensor subclass (a Float8-style wrapper) was saved with another class or flatten
+    context than the target's, or one side holds the subclass and the other a plain tensor."""
+
+
 class WorldSizeMismatchError(StateMismatchError):
     """A per-rank item was saved at another world size and no policy says what to do."""
 
@@ -120,6 +125,17 @@ class PickleNotAllowedError(StashpointError):
 
 class InvalidStateError(StashpointError, TypeError):
     """The state handed to save or load cannot be checkpointed as it is."""
+
+
+class StageRecoveryError(StashpointError):
+    """A lost pipeline stage cannot be rebuilt from its neighbours (none given, or their
+    layers differ from the stage's); nothing was changed."""
+
+
+class UnsupportedTensorError(InvalidStateError):
+    """A tensor stashpoint cannot save whole: a subclass without ``__tensor_flatten__``, a
+    DTensor whose local shard is itself a subclass, or a flatten context with values that
+    cannot be recorded.  Raised instead of saving only part of its state."""
 
 
 class InconsistentStateError(StashpointError):

@@ -15,6 +15,7 @@ import sys
 import types
 
 from stashpoint.convert.dcp import export_dcp, import_dcp
+from stashpoint.convert.experts import ExpertSplit
 from stashpoint.convert.hf import export_hf, import_hf, load_hf, strip_prefix
 from stashpoint.convert.route import convert, detect_format
 from stashpoint.convert.stream import ConvertSummary
@@ -32,6 +33,7 @@ sys.modules[__name__].__class__ = _CallablePackage
 
 __all__ = [
     "ConvertSummary",
+    "ExpertSplit",
     "convert",
     "detect_format",
     "export_dcp",

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from stashpoint.convert.experts import ExpertSplit, sliced_stream, split_rows
 from stashpoint.convert.extra_files import ExtraFile, copy_extra_files, resolve_extra_files
 from stashpoint.convert.stream import ConvertSummary, copy_to_stashpoint, peak_rss_bytes
 from stashpoint.engine.hf_shards import DEFAULT_SHARD_BYTES, ShardRow, write_hf_files
@@ -76,6 +77,7 @@ def export_hf(
     verify: bool = True,
     progress: Callable[[str, int], None] | None = None,
     overwrite: bool = False,
+    experts: tuple[ExpertSplit, ...] = (),
 ) -> ConvertSummary:
     """Write the tensors of a stashpoint checkpoint as an HF safetensors directory.
 
@@ -89,6 +91,8 @@ def export_hf(
     beside ``dst`` and swapped in at once
     (:func:`~stashpoint.engine.publish.staged_directory`): an existing ``dst`` is refused
     without ``overwrite`` and, with it, replaced whole, never mixed with new shards.
+    ``experts`` split grouped expert tensors (``[num_experts, ...]``) into HF's per-expert
+    tensors (:class:`~stashpoint.convert.experts.ExpertSplit`; names after ``name_map``).
     """
     t0 = time.perf_counter()
     index = read_index(*resolve(os.fspath(src)))
@@ -105,12 +109,11 @@ def export_hf(
         return dtype if dtype is not None and t.is_floating_point else t
 
     rows = [ShardRow(hf_name=hf, source=n, shape=r.shape, dtype=out_dtype(r)) for n, hf, r in chosen]
+    stream = sliced_stream(lambda keys: iter_full(os.fspath(src), keys, verify=verify), rows, experts)
+    rows = split_rows(rows, experts)
     with staged_directory(dst, overwrite=overwrite) as staging:
         total, n_files = write_hf_files(
-            staging,
-            rows,
-            lambda keys: _reported(iter_full(os.fspath(src), keys, verify=verify), progress),
-            max_shard_bytes,
+            staging, rows, lambda keys: _reported(stream(keys), progress), max_shard_bytes
         )
         copy_extra_files(extras, staging)
     return ConvertSummary(
@@ -169,13 +172,22 @@ def import_hf(
     prefix: str = "model.",
     overwrite: bool = False,
     progress=None,
+    experts: tuple[ExpertSplit, ...] = (),
 ) -> ConvertSummary:
     """Turn an HF safetensors directory into a stashpoint checkpoint, tensor by tensor.
 
-    Names gain ``prefix`` so the result loads into ``{"model": module}``.
+    Names gain ``prefix`` so the result loads into ``{"model": module}``.  ``experts``
+    stack HF's per-expert tensors back into grouped ones (the rules given to
+    :func:`export_hf`); every expert from 0 to the highest must be there.
     """
     return copy_to_stashpoint(
-        src, dst, source="huggingface", rename=lambda n: prefix + n, overwrite=overwrite, progress=progress
+        src,
+        dst,
+        source="huggingface",
+        rename=lambda n: prefix + n,
+        overwrite=overwrite,
+        progress=progress,
+        experts=experts,
     )
 
 

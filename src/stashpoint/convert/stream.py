@@ -17,11 +17,12 @@ from dataclasses import dataclass
 import torch
 
 from stashpoint._state import encode_object
+from stashpoint.convert.experts import ExpertSplit, JoinedExperts, plan_joins, stack_experts
 from stashpoint.engine.publish import StreamedCheckpoint
 from stashpoint.engine.reader import CheckpointReader
 from stashpoint.engine.records import EncodedValue
 from stashpoint.engine.tensors import as_bytes
-from stashpoint.errors import InvalidStateError, PickleNotAllowedError
+from stashpoint.errors import InconsistentStateError, InvalidStateError, PickleNotAllowedError
 from stashpoint.format.dtypes import dtype_from_name
 from stashpoint.format.index import ObjectRecord, PerRankRecord, TensorRecord
 
@@ -118,17 +119,24 @@ def copy_to_stashpoint(
     overwrite: bool = False,
     allow_pickle: bool = False,
     progress: Progress | None = None,
+    experts: Sequence[ExpertSplit] = (),
 ) -> ConvertSummary:
     """Any checkpoint stashpoint can read (its own, DCP, HF) -> a stashpoint checkpoint.
 
     Tensors are read whole, one at a time, when the writer reaches them.  ``rename``
-    maps each name to its new name, or to None to leave the item out.
+    maps each name to its new name, or to None to leave the item out.  ``experts`` join
+    per-expert tensors into grouped ones (named by the source's names, then renamed).
     """
     reader = CheckpointReader.open(src)
     index = reader.index
-    tensors, values, skipped = [], {}, []
+    values, skipped = {}, []
+    joins = plan_joins(sorted(index.items), experts, reader.where)
+    joined = {name for j in joins for name in j.experts}
+    tensors = [s for s in (_joined_source(reader, j, rename) for j in joins) if s is not None]
     for name in sorted(index.items):
         rec = index.items[name]
+        if name in joined:
+            continue
         new = rename(name) if rename is not None else name
         if new is None or isinstance(rec, PerRankRecord):
             skipped.append(name)
@@ -148,3 +156,23 @@ def copy_to_stashpoint(
         dst, tensors, values, source=source, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress
     )
     return ConvertSummary(**{**summary.__dict__, "skipped": tuple(skipped)})
+
+
+def _joined_source(
+    reader: CheckpointReader, join: JoinedExperts, rename: Callable[[str], str | None] | None
+) -> SourceTensor | None:
+    """The grouped tensor rebuilt from its experts (None when ``rename`` leaves it out)."""
+    new = rename(join.name) if rename is not None else join.name
+    if new is None:
+        return None
+    recs = [reader.index.items[n] for n in join.experts]
+    if not all(isinstance(r, TensorRecord) for r in recs) or len({(r.dtype, r.shape) for r in recs}) != 1:
+        raise InconsistentStateError(f"{reader.where}: the experts of {join.name!r} differ in dtype or shape")
+    first = recs[0]
+    shape = (len(recs), *join.rule.slice_shape((0, *first.shape)))
+    return SourceTensor(
+        new,
+        dtype_from_name(first.dtype),
+        shape,
+        lambda: stack_experts(join, lambda n: reader.read_tensor(n, reader.index.items[n])),
+    )

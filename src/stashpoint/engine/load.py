@@ -225,6 +225,10 @@ def _read_values(p: _Planned, opts: LoadOptions, coord: Coordinator, staged: dic
     for o in p.plan.objects:
         values[o.fqn] = reader.read_value(o.fqn, o.record, allow_pickle=opts.allow_pickle)
         leaf = p.flat.leaves[o.fqn]
+        if leaf.param_groups:
+            values[o.fqn] = _state.with_target_params(leaf.value, values[o.fqn])
+        if leaf.describes_target:
+            _state.check_description(leaf, values[o.fqn], where)
         if leaf.keep_structure and not _state.same_structure(leaf.value, values[o.fqn]):
             raise TypeMismatchError(
                 f"{where}: {o.fqn!r} in the checkpoint does not have the structure the "
@@ -234,7 +238,8 @@ def _read_values(p: _Planned, opts: LoadOptions, coord: Coordinator, staged: dic
         saved = [reader.read_record(c.fqn, r, allow_pickle=opts.allow_pickle) for r in c.records]
         value = opts.per_rank(c.fqn, saved, coord.rank, coord.world_size)  # type: ignore[operator]
         if not isinstance(c.target, TargetTensor):
-            values[c.fqn] = value
+            leaf = p.flat.leaves[c.fqn]
+            values[c.fqn] = _state.with_target_params(leaf.value, value) if leaf.param_groups else value
             continue
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != c.target.local_shape:
             raise ShapeMismatchError(

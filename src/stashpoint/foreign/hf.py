@@ -10,11 +10,9 @@ anything is allocated.  HF files carry no checksums, so nothing is verified.
 
 from __future__ import annotations
 
-import torch
-
 from stashpoint.errors import DataFileMissingError, IndexCorruptError, TruncatedDataError
 from stashpoint.foreign.paths import member
-from stashpoint.format.dtypes import dtype_name, itemsize
+from stashpoint.format.dtypes import dtype_from_safetensors_code, dtype_name, itemsize
 from stashpoint.format.index import ChunkRecord, Index, SaveMetadata, TensorRecord
 from stashpoint.format.index_json import parse_strict
 from stashpoint.storage import Storage
@@ -28,19 +26,6 @@ MAX_HEADER_BYTES = 100_000_000
 _MAX_INT = 1 << 62
 #: an index json or config.json larger than this is not one
 _MAX_JSON_BYTES = 64 << 20
-
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 def is_hf_dir(storage: Storage, path: str) -> bool:
@@ -106,7 +91,7 @@ def _header(storage: Storage, fpath: str, name: str, where: str) -> tuple[int, i
 def _tensor(key: str, meta: object, name: str, start: int, size: int, where: str) -> TensorRecord:
     what = f"{where}: {name} entry {key!r}"
     try:
-        dtype = _ST_DTYPES[meta["dtype"]]  # type: ignore[index]
+        dtype = dtype_from_safetensors_code(meta["dtype"])  # type: ignore[index]
         shape = tuple(meta["shape"])  # type: ignore[index]
         begin, end = meta["data_offsets"]  # type: ignore[index]
     except KeyError as exc:

@@ -20,9 +20,16 @@ _TABLE: dict[torch.dtype, tuple[str, str]] = {
     torch.complex64: ("complex64", "U8"),
     torch.complex128: ("complex128", "U8"),
 }
+# dtypes that not every torch has; the float8 codes are safetensors' own
 for _name, _code in (
     ("float8_e4m3fn", "F8_E4M3"),
     ("float8_e5m2", "F8_E5M2"),
+    ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
+    ("float8_e5m2fnuz", "F8_E5M2FNUZ"),
+    ("float8_e8m0fnu", "F8_E8M0"),
+    # two 4-bit values per byte; safetensors' F4 counts 4-bit elements, torch counts bytes,
+    # so it is stored as raw bytes like the complex dtypes
+    ("float4_e2m1fn_x2", "U8"),
     ("uint16", "U16"),
     ("uint32", "U32"),
     ("uint64", "U64"),
@@ -31,6 +38,9 @@ for _name, _code in (
         _TABLE[getattr(torch, _name)] = (_name, _code)
 
 _BY_NAME = {name: dtype for dtype, (name, _) in _TABLE.items()}
+#: safetensors code -> dtype, for the codes that name one dtype (not the raw-bytes "U8")
+_BY_CODE = {code: dtype for dtype, (_, code) in _TABLE.items() if code != "U8"}
+_BY_CODE["U8"] = torch.uint8
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -60,3 +70,9 @@ def safetensors_code(dtype: torch.dtype) -> str:
 
 def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def dtype_from_safetensors_code(code: str) -> torch.dtype:
+    """The dtype a safetensors header's ``dtype`` code stands for; ``KeyError`` if none."""
+    return _BY_CODE[code]
+
