@@ -279,8 +279,8 @@ class Keeper:
             )
             return
         snap = snaps[0]
-        if snap.step in self.persisted_steps:
-            return
+        if snap.step in self.persisted_steps or cfg.rank >= snap.world_size:
+            return  # done already, or this rank is not part of that snapshot's world
         mine = snap.manifests[cfg.rank]
         storage, root = resolve(cfg.durable)
         path = storage.url(storage.join(root, cfg.checkpoint_name.format(step=snap.step)))
