@@ -36,7 +36,7 @@ from stashpoint.wrappers import OptimizerState, PerRank, WithLayout
 if TYPE_CHECKING:  # imported on first use only: they need torch
     from stashpoint.convert.hf import load_hf
     from stashpoint.engine.async_save import SaveHandle
-    from stashpoint.manager import CheckpointManager, ManagerConfig, RetentionPolicy, SavePolicy
+    from stashpoint.manager import CheckpointManager, ManagerConfig, MemoryPolicy, RetentionPolicy, SavePolicy
     from stashpoint.merging.config import MergeConfig
     from stashpoint.merging.run import MergeReport
 
@@ -47,6 +47,7 @@ LOAD_PER_RANK = ("error", "drop", "rank0")
 LAZY = {
     "CheckpointManager": "stashpoint.manager",
     "ManagerConfig": "stashpoint.manager",
+    "MemoryPolicy": "stashpoint.manager",
     "RetentionPolicy": "stashpoint.manager",
     "SavePolicy": "stashpoint.manager",
     "SaveHandle": "stashpoint.engine.async_save",
@@ -305,6 +306,7 @@ __all__ = [
     "KeyDiff",
     "LoadResult",
     "ManagerConfig",
+    "MemoryPolicy",
     "OptimizerState",
     "PerRank",
     "RetentionPolicy",

@@ -1,8 +1,9 @@
-"""CheckpointManager: when to save, what to keep, where to resume from."""
+"""CheckpointManager: when to save and snapshot, what to keep, where to resume from."""
 
 from stashpoint.manager.config import ManagerConfig
 from stashpoint.manager.housekeeping import CheckpointInfo
 from stashpoint.manager.manager import CheckpointManager
+from stashpoint.manager.memory import MemoryPolicy, Recovered
 from stashpoint.manager.policy import RetentionPolicy, SavePolicy
 from stashpoint.manager.tiering import UploadFailure, UploadPolicy
 
@@ -10,6 +11,8 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointManager",
     "ManagerConfig",
+    "MemoryPolicy",
+    "Recovered",
     "RetentionPolicy",
     "SavePolicy",
     "UploadFailure",
