@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -72,10 +73,11 @@ def test_errors_are_named_one_line_and_exit_1(tmp_path):
     assert proc.returncode == 1 and "NotACheckpointError" in proc.stderr and "not a checkpoint" in proc.stderr
 
 
-def test_demo_job_resumes_on_another_world_size_and_leaves_no_temporary_files(tmp_path):
-    scratch = tmp_path / "tmp"
+def test_demo_job_recovers_from_memory_reshards_and_leaves_no_temporary_files(tmp_path):
+    scratch, shm = tmp_path / "tmp", tmp_path / "shm"
     scratch.mkdir()
-    env = {**os.environ, "TMPDIR": str(scratch)}
+    shm.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch), "STASHPOINT_SHM_DIR": str(shm)}
     proc = subprocess.run(
         [*CLI, "demo", "--dir", str(tmp_path / "out"), "--steps", "4", "--save-at", "2"],
         capture_output=True,
@@ -84,10 +86,16 @@ def test_demo_job_resumes_on_another_world_size_and_leaves_no_temporary_files(tm
         env=env,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "resumed run matches the uninterrupted run" in proc.stdout
-    assert "bytes read (per rank)" in proc.stdout and "r2:" in proc.stdout
+    assert "recovered from memory and matched the uninterrupted run" in proc.stdout
+    assert "resumed from the memory tier at step 3" in proc.stdout
+    assert "losses identical to the reference" in proc.stdout and "2 -> 3 ranks" in proc.stdout
     assert os.listdir(scratch) == []
-    assert os.listdir(tmp_path / "out") == ["step-000002"]
+    assert os.listdir(tmp_path / "out") == ["run"]
+    assert {"step-000000002", "step-000000004"} <= set(os.listdir(tmp_path / "out" / "run"))
+    deadline = time.monotonic() + 30  # the keepers free their memory as they exit
+    while os.listdir(shm) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert os.listdir(shm) == []
 
 
 def test_report_table_and_timeline(tmp_path):

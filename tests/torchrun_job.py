@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -17,7 +18,7 @@ from stashpoint.manager.policy import SavePolicy
 
 
 def main(durable: str, out: str, steps: int, kill_at: int) -> None:
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timedelta(seconds=300))  # slow starts on a busy machine
     rank, world = dist.get_rank(), dist.get_world_size()
     attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
     torch.manual_seed(0)
