@@ -358,7 +358,8 @@ class CheckpointManager:
             return None
         self.recovered = got
         self._record("load", got.step, got.result, tier="memory")
-        self._last_step, self._last_time = got.step, time.monotonic()
+        # the durable interval counts from the last durable checkpoint, not from the snapshot
+        self._last_step, self._last_time = durable_step, time.monotonic()
         return CheckpointInfo(path=got.path, step=got.step, tier="memory", name=f"memory:{got.step}")
 
     def _candidates(self, tried: set[str]) -> list[CheckpointInfo]:
