@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -373,8 +374,25 @@ def remove_rank(root: str, rank: int) -> None:
         pass
 
 
-def reclaim_memory_roots(base: str | None = None) -> list[str]:
-    """Remove memory tiers no keeper holds any more (their keepers were killed); never raises."""
+#: a memory tier changed this recently may have a keeper still starting: never reclaimed
+RECLAIM_GRACE_S = 300.0
+
+
+def _recently_changed(root: str, ranks: list[int], grace_s: float) -> bool:
+    now = time.time()
+    paths = [root, *(rank_dir(root, r) for r in ranks)]
+    try:
+        return any(now - os.stat(p).st_mtime < grace_s for p in paths)
+    except OSError:
+        return True  # changing under us: someone is there
+
+
+def reclaim_memory_roots(base: str | None = None, grace_s: float = RECLAIM_GRACE_S) -> list[str]:
+    """Remove memory tiers no keeper holds any more (their keepers were killed); never raises.
+
+    A tier whose keeper is still starting holds no lock yet, so a tier changed within
+    ``grace_s`` is kept whatever its locks say.
+    """
     base = base or shm_dir()
     out = []
     try:
@@ -387,7 +405,7 @@ def reclaim_memory_roots(base: str | None = None) -> list[str]:
             ranks = [int(n[5:]) for n in os.listdir(root) if n.startswith("rank-") and n[5:].isdigit()]
         except OSError:
             continue
-        if not any(keeper_alive(root, r) for r in ranks):
+        if not any(keeper_alive(root, r) for r in ranks) and not _recently_changed(root, ranks, grace_s):
             shutil.rmtree(root, ignore_errors=True)
             out.append(root)
     return out
