@@ -15,7 +15,6 @@ pytest.importorskip("torchft")
 
 from torchft._torchft import LighthouseServer
 
-import torchft_cases as cases
 from stashpoint.errors import (
     ChecksumMismatchError,
     InvalidStateError,
@@ -23,6 +22,8 @@ from stashpoint.errors import (
     PeerTransferError,
 )
 from stashpoint.integrations.torchft import StashpointTransport
+
+import torchft_cases as cases
 
 SHORT = timedelta(seconds=2)
 
