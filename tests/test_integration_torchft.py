@@ -54,11 +54,11 @@ def shm(tmp_path):
 def test_lighthouse_heals_a_replica_group_through_stashpoint(tmp_path, shm):
     lighthouse = LighthouseServer(bind="[::]:0", min_replicas=1, join_timeout_ms=10_000)
     ctx = mp.get_context("spawn")
-    joined, results, done = ctx.Event(), ctx.Queue(), ctx.Event()
+    events, results = (ctx.Event(), ctx.Event(), ctx.Event()), ctx.Queue()
     procs = [
         ctx.Process(
             target=cases.replica_group,
-            args=(r, lighthouse.address(), shm, str(tmp_path / f"ckpt{r}"), joined, results, done),
+            args=(r, lighthouse.address(), shm, str(tmp_path / f"ckpt{r}"), events, results),
         )
         for r in (0, 1)
     ]
@@ -66,7 +66,7 @@ def test_lighthouse_heals_a_replica_group_through_stashpoint(tmp_path, shm):
         procs[0].start()
         procs[1].start()
         got = {r: (source, ms, state) for r, source, ms, state in (results.get(timeout=120) for _ in procs)}
-        done.set()
+        events[2].set()
         for p in procs:
             p.join(30)
             assert p.exitcode == 0

@@ -76,9 +76,15 @@ def _manager(replica: int, lighthouse: str, store: dist.TCPStore, model, optim, 
     )
 
 
-def replica_group(replica: int, lighthouse: str, shm: str, durable: str, joined, results, done) -> None:
-    """One replica group of one rank training with torchft's Manager; group 1 starts later and heals."""
+def replica_group(replica: int, lighthouse: str, shm: str, durable: str, events, results) -> None:
+    """One replica group of one rank training with torchft's Manager; group 1 starts later and heals.
+
+    ``events``: (group 0 reached HEALED_AT, group 1's Manager is up, the parent has the results).
+    """
+    ready, joined, done = events
     os.environ["STASHPOINT_SHM_DIR"] = shm
+    if replica == 1 and not ready.wait(90):
+        raise TimeoutError("replica group 0 never reached the healing step")
     store = dist.TCPStore(host_name="localhost", port=0, is_master=True, wait_for_workers=False)
     model, optim = adamw_model(seed=100 + replica)  # different weights: only healing makes them agree
     policy = MemoryPolicy(every_steps=1, if_busy="wait", signal=None)
@@ -91,8 +97,10 @@ def replica_group(replica: int, lighthouse: str, shm: str, durable: str, joined,
     torch.manual_seed(7)  # the same batches in both groups
     healed_ms = None
     while manager.current_step() < LAST:
-        if replica == 0 and manager.current_step() == HEALED_AT and not joined.wait(60):
-            raise TimeoutError("replica group 1 never started")
+        if replica == 0 and manager.current_step() == HEALED_AT:
+            ready.set()
+            if not joined.wait(60):
+                raise TimeoutError("replica group 1 never started")
         wrapped.zero_grad()  # starts the quorum: group 1 heals here
         started = time.perf_counter()
         if replica == 1 and healed_ms is None:
