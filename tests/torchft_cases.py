@@ -83,13 +83,13 @@ def replica_group(replica: int, lighthouse: str, shm: str, durable: str, events,
     """
     ready, joined, done = events
     os.environ["STASHPOINT_SHM_DIR"] = shm
-    if replica == 1 and not ready.wait(90):
-        raise TimeoutError("replica group 0 never reached the healing step")
     store = dist.TCPStore(host_name="localhost", port=0, is_master=True, wait_for_workers=False)
     model, optim = adamw_model(seed=100 + replica)  # different weights: only healing makes them agree
     policy = MemoryPolicy(every_steps=1, if_busy="wait", signal=None)
     ckpt = CheckpointManager(durable, memory=policy, save_policy=SavePolicy(every_steps=10_000))
     transport = StashpointTransport(memory_root=ckpt.memory_root, timeout=TIMEOUT)
+    if replica == 1 and not ready.wait(90):  # everything imported and built: join now
+        raise TimeoutError("replica group 0 never reached the healing step")
     manager = _manager(replica, lighthouse, store, model, optim, transport)
     ddp, wrapped = DistributedDataParallel(manager, model), OptimizerWrapper(manager, optim)
     if replica == 1:
@@ -108,7 +108,9 @@ def replica_group(replica: int, lighthouse: str, shm: str, durable: str, events,
             healed_ms = (time.perf_counter() - started) * 1e3
         ddp(torch.randn(8, 16)).pow(2).mean().backward()
         wrapped.step()
-        ckpt.maybe_save(manager.current_step(), {"model": model.state_dict(), "optim": optim.state_dict()})
+        state = {"model": model.state_dict(), "optim": optim.state_dict()}
+        handle = ckpt.maybe_save(manager.current_step(), state)
+        handle.wait(30)  # sealed before the next quorum, so a peer healing then is served from it
     final = {"model": model.state_dict(), "optim": optim.state_dict()}
     results.put((replica, transport.last_source, healed_ms, final))
     done.wait(60)  # the parent has the tensors (shared with it by file descriptor)
