@@ -45,10 +45,12 @@ def assert_same(a: object, b: object, where: str = "") -> None:
 
 
 @pytest.fixture
-def shm(tmp_path):
-    d = tmp_path / "shm"
-    d.mkdir()
-    return str(d)
+def shm(tmp_path, monkeypatch) -> str:
+    """A private shared-memory directory, this process's too (copies are made there)."""
+    path = os.path.join(tmp_path, "shm")
+    os.mkdir(path)
+    monkeypatch.setenv("STASHPOINT_SHM_DIR", path)
+    return path
 
 
 def test_lighthouse_heals_a_replica_group_through_stashpoint(tmp_path, shm):
@@ -102,8 +104,28 @@ def test_two_processes_serve_a_memory_snapshot_bit_exact(tmp_path, shm):
     assert got["user"]["default"]["optim"]["param_groups"][0]["betas"] == (0.9, 0.999)  # a tuple again
 
 
-def test_copy_when_no_snapshot_covers_the_step_and_the_copy_is_removed(shm, monkeypatch):
-    monkeypatch.setenv("STASHPOINT_SHM_DIR", shm)
+def test_a_rank_of_an_initialised_world_copies_without_a_collective(tmp_path, shm):
+    ctx = mp.get_context("spawn")
+    results, stop = ctx.Queue(), ctx.Event()
+    init = str(tmp_path / "init")
+    procs = [ctx.Process(target=cases.copy_in_a_world, args=(r, init, shm, results, stop)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        address, source, sent = results.get(timeout=90)
+        receiver = StashpointTransport(timeout=SHORT)
+        got = receiver.recv_checkpoint(0, address, 2, timedelta(seconds=30))
+        receiver.shutdown()
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert source == "copy"
+    assert_same(sent, got)
+
+
+def test_copy_when_no_snapshot_covers_the_step_and_the_copy_is_removed(shm):
     state = {"user": {"default": cases.trained_state(1, 3)}, "torchft": {"step": 9, "batches_committed": 18}}
     sender, receiver = StashpointTransport(timeout=SHORT), StashpointTransport(timeout=SHORT)
     try:
@@ -117,8 +139,7 @@ def test_copy_when_no_snapshot_covers_the_step_and_the_copy_is_removed(shm, monk
         receiver.shutdown()
 
 
-def test_a_damaged_chunk_is_refused(shm, monkeypatch):
-    monkeypatch.setenv("STASHPOINT_SHM_DIR", shm)
+def test_a_damaged_chunk_is_refused(shm):
     sender, receiver = StashpointTransport(timeout=SHORT), StashpointTransport(timeout=SHORT)
     try:
         sender.send_checkpoint([1], 1, {"w": torch.arange(4096, dtype=torch.float32)}, SHORT)
@@ -145,8 +166,7 @@ def test_a_value_json_cannot_hold_is_refused_not_pickled():
         sender.shutdown()
 
 
-def test_a_step_that_is_never_sent_times_out(shm, monkeypatch):
-    monkeypatch.setenv("STASHPOINT_SHM_DIR", shm)
+def test_a_step_that_is_never_sent_times_out(shm):
     sender, receiver = StashpointTransport(timeout=timedelta(seconds=1)), StashpointTransport(timeout=SHORT)
     try:
         sender.send_checkpoint([1], 4, {"w": torch.ones(3)}, SHORT)

@@ -53,6 +53,21 @@ def serve_snapshot(durable: str, shm: str, step: int, results, stop) -> None:
     mgr.close()
 
 
+def copy_in_a_world(rank: int, init_file: str, shm: str, results, stop) -> None:
+    """Rank 0 of a two-rank gloo world sends a copy of its state; rank 1 calls no collective."""
+    os.environ["STASHPOINT_SHM_DIR"] = shm
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    if rank == 0:
+        state = trained_state(3, 2)
+        transport = StashpointTransport(timeout=TIMEOUT)
+        transport.send_checkpoint([1], 2, state, TIMEOUT)
+        results.put((transport.metadata(), transport.last_source, state))
+    stop.wait(60)
+    if rank == 0:
+        transport.shutdown()
+    dist.destroy_process_group()
+
+
 def _manager(replica: int, lighthouse: str, store: dist.TCPStore, model, optim, transport) -> Manager:
     def load(sd: dict) -> None:
         model.load_state_dict(sd["model"])

@@ -31,10 +31,10 @@ import tempfile
 from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 from torchft.checkpointing.transport import CheckpointTransport
 
 import stashpoint
+from stashpoint._dist import solo_group
 from stashpoint.engine.memtier import close_view, complete_snapshots, open_view
 from stashpoint.engine.reader import CheckpointReader
 from stashpoint.engine.shm import shm_dir
@@ -67,13 +67,6 @@ def _covers(index_items: dict, split: SplitTree, prefix: str) -> dict[str, str] 
             return None
         names[name] = item
     return names
-
-
-def _solo_group() -> dist.ProcessGroup | None:
-    """A process group of this process alone, so the copy is not a collective of the job."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    return dist.new_group(ranks=[dist.get_rank()], backend="gloo", use_local_synchronization=True)
 
 
 class StashpointTransport(CheckpointTransport[dict]):
@@ -141,7 +134,8 @@ class StashpointTransport(CheckpointTransport[dict]):
         path = os.path.join(parent, CKPT)
         tensors = {name: t.detach() for name, t in split.tensors.items()}
         try:
-            stashpoint.save(tensors, path, step=step, process_group=_solo_group())
+            # only this rank saves: not a collective of the job's world
+            stashpoint.save(tensors, path, step=step, process_group=solo_group())
         except BaseException:
             close_view(parent)
             raise
