@@ -21,6 +21,7 @@ from stashpoint.errors import (
     PeerTimeoutError,
     PeerTransferError,
 )
+from stashpoint.integrations.peer_http import PeerServer, Published
 from stashpoint.integrations.torchft import StashpointTransport
 
 import torchft_cases as cases
@@ -188,4 +189,16 @@ def test_an_unreachable_peer_is_a_named_error():
         with pytest.raises(PeerTransferError, match="cannot reach"):
             receiver.recv_checkpoint(0, address, 1, SHORT)
     finally:
+        receiver.shutdown()
+
+
+def test_a_malformed_manifest_is_a_named_error(tmp_path):
+    server = PeerServer(timeout_s=2)
+    receiver = StashpointTransport(timeout=SHORT)
+    try:
+        server.publish(Published(step=1, directory=str(tmp_path), files=frozenset(), manifest=b'{"kind": 1}'))
+        with pytest.raises(PeerTransferError, match="not a stashpoint torchft manifest of step 1"):
+            receiver.recv_checkpoint(0, server.address, 1, SHORT)
+    finally:
+        server.close()
         receiver.shutdown()

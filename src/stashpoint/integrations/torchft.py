@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -41,7 +42,7 @@ from stashpoint.engine.shm import shm_dir
 from stashpoint.errors import PeerTransferError
 from stashpoint.format.dtypes import dtype_name
 from stashpoint.format.index import INDEX_FILE, TensorRecord
-from stashpoint.format.values import MalformedValue, from_json, to_json
+from stashpoint.format.values import from_json, to_json
 from stashpoint.integrations.peer_http import CKPT, PeerServer, PeerStorage, Published
 from stashpoint.integrations.tree import SplitTree, join_tree, split_tree
 from stashpoint.storage.local import LocalStorage
@@ -157,30 +158,40 @@ class StashpointTransport(CheckpointTransport[dict]):
 
     def recv_checkpoint(self, src_rank: int, metadata: str, step: int, timeout: timedelta) -> dict:
         storage = PeerStorage(metadata, step, timeout_s=_seconds(timeout))
-        doc = _parse_manifest(storage.read_document("manifest"), storage.describe("manifest"), step)
+        manifest = _parse_manifest(storage.read_document("manifest"), storage.describe("manifest"), step)
         reader = CheckpointReader(storage, CKPT, verify=True)
-        items = {name: t["item"] for name, t in doc["tensors"].items()}
-        values = dict(reader.items(sorted(set(items.values())), per_rank="drop", allow_pickle=False))
-        tensors = {name: _own(values[item]) for name, item in items.items()}
-        paths = {name: from_json(t["keys"]) for name, t in doc["tensors"].items()}
-        return join_tree(from_json(doc["structure"]), paths, tensors)
+        names = sorted(set(manifest.items.values()))
+        values = dict(reader.items(names, per_rank="drop", allow_pickle=False))
+        tensors = {name: _own(values[item], reader.where, item) for name, item in manifest.items.items()}
+        return join_tree(manifest.structure, manifest.paths, tensors)
 
 
-def _own(value: object) -> torch.Tensor:
+def _own(value: object, where: str, item: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
-        raise PeerTransferError(f"a tensor of the peer's state came back as {type(value).__name__}")
+        raise PeerTransferError(f"{where}: item {item!r} is a {type(value).__name__}, not a tensor")
     return value
 
 
-def _parse_manifest(raw: bytes, where: str, step: int) -> dict:
+@dataclass(frozen=True, kw_only=True)
+class _Manifest:
+    structure: object  # the state with None where each tensor was
+    paths: dict[str, list]  # tensor name -> its keys
+    items: dict[str, str]  # tensor name -> the item of the served checkpoint holding it
+
+
+def _parse_manifest(raw: bytes, where: str, step: int) -> _Manifest:
     try:
         doc = json.loads(raw)
-        ok = doc["kind"] == MANIFEST_KIND and doc["step"] == step and isinstance(doc["tensors"], dict)
-    except (ValueError, KeyError, TypeError, MalformedValue):
-        ok = False
-    if not ok:
-        raise PeerTransferError(f"{where}: not a stashpoint torchft manifest of step {step}")
-    return doc
+        if doc["kind"] == MANIFEST_KIND and doc["step"] == step:
+            tensors = doc["tensors"]
+            return _Manifest(
+                structure=from_json(doc["structure"], where),
+                paths={name: from_json(t["keys"], where) for name, t in tensors.items()},
+                items={name: str(t["item"]) for name, t in tensors.items()},
+            )
+    except (ValueError, KeyError, TypeError, AttributeError):  # MalformedValue is a ValueError
+        pass
+    raise PeerTransferError(f"{where}: not a stashpoint torchft manifest of step {step}")
 
 
 __all__ = ["DEFAULT_PREFIX", "StashpointTransport"]
