@@ -97,7 +97,8 @@ def replica_group(replica: int, lighthouse: str, shm: str, durable: str, events,
     ``events``: (group 0 reached HEALED_AT, group 1's Manager is up, the parent has the results).
     """
     ready, joined, done = events
-    os.environ["STASHPOINT_SHM_DIR"] = shm
+    os.environ["STASHPOINT_SHM_DIR"] = os.path.join(shm, f"group{replica}")  # a node of its own
+    os.makedirs(os.environ["STASHPOINT_SHM_DIR"])
     store = dist.TCPStore(host_name="localhost", port=0, is_master=True, wait_for_workers=False)
     model, optim = adamw_model(seed=100 + replica)  # different weights: only healing makes them agree
     policy = MemoryPolicy(every_steps=1, if_busy="wait", signal=None)
