@@ -24,6 +24,7 @@ import shutil
 import stat
 import struct
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
@@ -887,3 +888,28 @@ def test_stage_recovery_error() -> None:
     assert type(info.value) is errors.StageRecoveryError
     assert "'weight'" in str(info.value)
     assert all(torch.equal(a, b) for a, b in zip(stage.state_dict().values(), before))
+
+
+# --- peer-to-peer recovery (torchft) -----------------------------------------------------------
+
+
+def test_peer_errors_name_the_peer_and_the_step():
+    pytest.importorskip("torchft")
+    # torchft is an optional extra: the transport is imported only when it is installed
+    from stashpoint.integrations.torchft import StashpointTransport
+
+    sender = StashpointTransport(timeout=timedelta(seconds=1))
+    receiver = StashpointTransport(timeout=timedelta(seconds=1))
+    try:
+        sender.send_checkpoint([1], 2, {"w": torch.ones(2)}, timedelta(seconds=1))
+        with pytest.raises(errors.PeerTimeoutError) as info:
+            receiver.recv_checkpoint(0, sender.metadata(), 3, timedelta(seconds=5))
+        assert_error(info.value, errors.PeerTimeoutError, f"{sender.metadata()}/step/3/manifest")
+        address = sender.metadata()
+        sender.shutdown()
+        with pytest.raises(errors.PeerTransferError) as info:
+            receiver.recv_checkpoint(0, address, 2, timedelta(seconds=5))
+        assert_error(info.value, errors.PeerTransferError, f"{address}/step/2/manifest")
+    finally:
+        sender.shutdown()
+        receiver.shutdown()

@@ -125,3 +125,21 @@ class Coordinator:
             if not ok:
                 raise RemoteRankError(f"{what}: rank {rank} failed: {payload}")
         return Agreed(mine=mine, everyone=[payload for _, payload in results])
+
+
+_SOLO: dict[int, dist.ProcessGroup] = {}
+
+
+def solo_group() -> dist.ProcessGroup | None:
+    """A process group of this process alone (None with no process group initialised).
+
+    For a save only this process takes part in (a copy made for a peer, say) while the
+    job's world is initialised.  Created once per rank, without the other ranks
+    (``use_local_synchronization``), and reused.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    rank = dist.get_rank()
+    if rank not in _SOLO:
+        _SOLO[rank] = dist.new_group(ranks=[rank], backend="gloo", use_local_synchronization=True)
+    return _SOLO[rank]

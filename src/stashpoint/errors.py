@@ -259,3 +259,18 @@ class UploadError(StashpointError):
     Neither tier is damaged: the local copy stays, and the remote one was never
     committed (its index is written last, through the remote commit strategy).
     """
+
+
+# --- peer-to-peer recovery (torchft) -----------------------------------------------------------
+
+
+class PeerTransferError(StashpointError):
+    """A checkpoint could not be fetched from a healthy peer (refused, not served, malformed).
+
+    The message names the peer's address, the step and the file or key concerned.  The
+    receiver's state is untouched: nothing is returned until every byte is verified.
+    """
+
+
+class PeerTimeoutError(PeerTransferError, TimeoutError):
+    """A wait for a peer (its server, the step it serves, a range of bytes) ran out of time."""

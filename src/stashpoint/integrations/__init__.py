@@ -14,7 +14,9 @@ no adapter, so a framework that is not installed costs nothing):
   ``accelerate.Accelerator`` (``stashpoint[accelerate]``);
 * :mod:`stashpoint.integrations.lightning`: a Lightning ``CheckpointIO`` plugin, a
   DDP strategy that saves through it on every rank, and a ModelParallel (FSDP2/TP)
-  strategy that saves and loads the sharded module in place (``stashpoint[lightning]``).
+  strategy that saves and loads the sharded module in place (``stashpoint[lightning]``);
+* :mod:`stashpoint.integrations.torchft`: a torchft ``CheckpointTransport`` that heals a
+  replica group from a healthy one's memory snapshot, over HTTP (``stashpoint[torchft]``).
 
 Nothing is pickled unless asked for: values are stored as JSON and tensors as tensors,
 RNG states included (:mod:`stashpoint.integrations.rng`).
