@@ -203,7 +203,7 @@ def test_persist_at_breakpoint_yields_a_verifiable_checkpoint_and_frees_memory(t
     p.join(180)
     assert p.exitcode == -signal.SIGKILL
     index = os.path.join(durable, "step-000000003", "index.json")
-    _wait_for(lambda: os.path.exists(index), 60, "the keeper to persist the newest snapshot")
+    _wait_for(lambda: os.path.exists(index), 180, "the keeper to persist the newest snapshot")
     report = verify_checkpoint(os.path.dirname(index))
     assert report.ok, report
     _wait_for(lambda: _shm_empty(shm), 30, "the keeper to free its memory")
@@ -240,7 +240,7 @@ def test_keeper_persists_on_its_own_when_the_trainer_misses_the_grace_period(tmp
     assert kind == "ready"
     os.kill(p.pid, signal.SIGUSR1)
     index = os.path.join(durable, "step-000000003", "index.json")
-    _wait_for(lambda: os.path.exists(index), 60, "the keeper to persist after the grace period")
+    _wait_for(lambda: os.path.exists(index), 180, "the keeper to persist after the grace period")
     assert verify_checkpoint(os.path.dirname(index)).ok
     p.kill()
     p.join()

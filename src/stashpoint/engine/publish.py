@@ -207,19 +207,31 @@ class Publisher:
         except Exception:  # missing, or being replaced right now: not (yet) ours
             return False
 
+    def _read_manifest(self, name: str) -> object | None:
+        """A delivered manifest, or None while it is absent or still being written."""
+        if not self.storage.exists(name):
+            return None
+        try:
+            return json.loads(self.storage.read_bytes(name))
+        except (FileNotFoundError, ValueError):
+            return None
+
     def _write_manifest(self, rank: int, doc: bytes) -> None:
         with named_write_errors(self.where, manifest_name(rank)):
             self.storage.write_bytes(self.storage.join(self.staging, manifest_name(rank)), doc)
 
     def _wait_manifest(self, rank: int, deadline: float, timeout_s: float) -> list[Contribution]:
         name = self.storage.join(self.staging, manifest_name(rank))
-        while not self.storage.exists(name):
+        while True:
+            # a manifest being written may be seen empty or cut short: wait for all of it
+            doc = self._read_manifest(name)
+            if doc is not None:
+                break
             if time.monotonic() > deadline:
                 raise CoordinationError(
                     f"{self.where}: rank {rank} did not deliver its data within {timeout_s:g}s"
                 )
             time.sleep(POLL_S)
-        doc = json.loads(self.storage.read_bytes(name))
         if isinstance(doc, dict) and "error" in doc:
             raise RemoteRankError(f"{self.where}: rank {rank} failed to write its data: {doc['error']}")
         return [contribution_from_json(d) for d in doc]
