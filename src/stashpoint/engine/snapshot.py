@@ -127,7 +127,7 @@ def connect_keeper(
     proc = None
     if not memtier.keeper_alive(root, rank):
         os.makedirs(memtier.rank_dir(root, rank), mode=0o700, exist_ok=True)
-        cmd = [sys.executable, "-m", "stashpoint.engine.keeper", root, str(rank)]
+        cmd = [sys.executable, "-m", "stashpoint.engine.keeper_main", root, str(rank)]
         cmd += ["--reattach", str(reattach_s), "--timeout", str(timeout_s)]
         if durable is not None:
             cmd += ["--durable", durable]
