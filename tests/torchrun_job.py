@@ -26,7 +26,7 @@ def main(durable: str, out: str, steps: int, kill_at: int) -> None:
     optim = torch.optim.SGD(model.parameters(), lr=0.1)
     state = {"model": model, "optim": optim, "loader": {"step": 0}}
     policy = MemoryPolicy(every_steps=1, if_busy="wait", reattach_s=120, signal=None)
-    mgr = CheckpointManager(durable, memory=policy, save_policy=SavePolicy(every_steps=100), timeout_s=60)
+    mgr = CheckpointManager(durable, memory=policy, save_policy=SavePolicy(every_steps=100), timeout_s=300)
     info = mgr.load_latest(state)
     for step in range(state["loader"]["step"], steps):
         x = torch.full((4, 16), float(step))
