@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -49,15 +48,6 @@ def test_torchrun_restart_resumes_from_memory(tmp_path):
         os.path.join(here, "torchrun_job.py"), str(tmp_path / "ckpt"), str(out), "6", "4",
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 and "connectFullMesh" in proc.stderr:
-        # gloo's mesh set-up can time out when the machine is overloaded (workers start
-        # slowly); that is torchrun's start, not the recovery under test: launch once more
-        for d in (out, shm):
-            for p in d.iterdir():
-                p.unlink() if p.is_file() else shutil.rmtree(p, ignore_errors=True)
-        shutil.rmtree(tmp_path / "ckpt", ignore_errors=True)
-        cmd[cmd.index("--rdzv-endpoint") + 1] = f"127.0.0.1:{_free_port()}"
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     for r in results:

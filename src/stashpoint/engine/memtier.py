@@ -49,6 +49,7 @@ from stashpoint.errors import ChecksumMismatchError, IncompleteCheckpointError, 
 from stashpoint.format.index import INDEX_FILE, Layout, NameLayout, SaveMetadata
 from stashpoint.format.index_json import check_seal, parse_strict, seal
 from stashpoint.planning.save_plan import ItemPlan
+from stashpoint.storage.files import open_regular, regular_size
 
 ROOT_PREFIX = "stashpoint-mem-"
 MANIFEST_KIND = "stashpoint-memory-snapshot"
@@ -246,7 +247,8 @@ def read_manifests(root: str, rank: int) -> list[Manifest]:
     for name in names:
         path = os.path.join(d, name)
         try:
-            with open(path, "rb") as f:
+            # never a FIFO or device in place of a manifest (NotAFileError is an IndexCorruptError)
+            with os.fdopen(open_regular(path), "rb") as f:
                 m = manifest_from_json(f.read(), path)
         except (OSError, IndexCorruptError):
             continue
@@ -310,7 +312,7 @@ def open_view(root: str, snap: Snapshot, tag: str) -> str:
     try:
         for m in snap.manifests:
             src = slot_data(root, m.rank, m.slot)
-            if os.stat(src).st_size < m.file_size:
+            if regular_size(src) < m.file_size:
                 raise ChecksumMismatchError(
                     f"{src}: the slot is shorter than its snapshot of step {snap.step}"
                 )
@@ -320,6 +322,9 @@ def open_view(root: str, snap: Snapshot, tag: str) -> str:
     except FileNotFoundError as exc:
         close_view(view)
         raise IncompleteCheckpointError(f"{root}: snapshot of step {snap.step} vanished: {exc}") from None
+    except OSError as exc:  # no hard links on this file system, permissions: not usable
+        close_view(view)
+        raise IncompleteCheckpointError(f"{root}: snapshot of step {snap.step} unreadable: {exc}") from None
     except BaseException:
         close_view(view)
         raise
