@@ -10,23 +10,30 @@ top-level entry has a finisher that hands the filled state dict back to its owne
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.tensor import DTensor
 
 from stashpoint.errors import InvalidStateError
 from stashpoint.format.values import MalformedValue, NotRepresentable, check_plain, to_json
 from stashpoint.planning.save_plan import CHECKED, PER_RANK, REPLICATED, SHARDED
-from stashpoint.vocab import Scope
+from stashpoint.vocab import EntryKind, Scope
 from stashpoint.wrappers import OptimizerState, PerRank
 
-# how a leaf is shared among ranks
 # how a leaf is shared among ranks: the planner's vocabulary (stashpoint.vocab.Scope)
 
 JSON_TYPES = (type(None), bool, int, float, str)
@@ -58,6 +65,8 @@ class FlatState:
     leaves: dict[str, Leaf] = field(default_factory=dict)
     finishers: list[Callable[[], None]] = field(default_factory=list)
     prefixes: list[str] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)
+    top: dict = field(default_factory=dict)  # the state itself (containers of top-level values)
 
 
 def is_exact_json(value: object) -> bool:
@@ -83,13 +92,13 @@ def _plain_json(value: object) -> bool:
     return False
 
 
-def _holds_tensor(value: object) -> bool:
+def holds_tensor(value: object) -> bool:
     if isinstance(value, torch.Tensor):
         return True
     if isinstance(value, dict):
-        return any(_holds_tensor(v) for v in value.values())
+        return any(holds_tensor(v) for v in value.values())
     if isinstance(value, (list, tuple)):
-        return any(_holds_tensor(v) for v in value)
+        return any(holds_tensor(v) for v in value)
     return False
 
 
@@ -122,19 +131,19 @@ def _walk(value, fqn: str, scope: str, out: FlatState, container, key) -> None:
             scope = SHARDED
         _add(out, Leaf(fqn, value, scope, container, key))
         return
-    if isinstance(value, dict) and _holds_tensor(value):
+    if isinstance(value, dict) and holds_tensor(value):
         for k, v in value.items():
             if not isinstance(k, (str, int)):
                 raise InvalidStateError(f"key {k!r} under {fqn!r} must be a str or int")
             _walk(v, f"{fqn}.{k}", scope, out, value, k)
         return
-    if isinstance(value, list) and _holds_tensor(value):
+    if isinstance(value, list) and holds_tensor(value):
         for i, v in enumerate(value):
             _walk(v, f"{fqn}.{i}", scope, out, value, i)
         return
-    if isinstance(value, tuple) and _holds_tensor(value):
+    if isinstance(value, tuple) and holds_tensor(value):
         for i, v in enumerate(value):
-            if not isinstance(v, torch.Tensor) and _holds_tensor(v):
+            if not isinstance(v, torch.Tensor) and holds_tensor(v):
                 raise InvalidStateError(f"{fqn!r}: nest dicts or lists, not tuples, around tensors")
             _walk(v, f"{fqn}.{i}", scope, out, None, None)
         return
@@ -147,28 +156,31 @@ def _add(out: FlatState, leaf: Leaf) -> None:
     out.leaves[leaf.fqn] = leaf
 
 
-def _module_entry(name: str, module: nn.Module, out: FlatState, scope: Scope) -> None:
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        set_model_state_dict,
-    )
+@dataclass(frozen=True)
+class Entry:
+    """One top-level entry of the state, as flattening found it."""
 
+    name: str
+    kind: EntryKind
+    scope: Scope  # PER_RANK when wrapped in PerRank, else REPLICATED
+    obj: object  # the module, the optimizer or the value itself
+    model: nn.Module | None = None  # an optimizer's module
+    fqns: tuple[str, ...] = ()  # its leaves, in order
+    #: modules and optimizers: what torch's state-dict API returned
+    state_dict: dict | None = None
+
+
+def _module_entry(name: str, module: nn.Module, out: FlatState, scope: Scope) -> dict:
     sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=False))
     first = len(out.leaves)
     _walk(sd, name, scope, out, None, None)
     for leaf in list(out.leaves.values())[first:]:
         leaf.keep_structure = True
     out.finishers.append(lambda: set_model_state_dict(module, sd, options=StateDictOptions(strict=True)))
+    return sd
 
 
-def _optimizer_entry(name: str, optim, model: nn.Module, out: FlatState, scope: Scope) -> None:
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_optimizer_state_dict,
-        set_optimizer_state_dict,
-    )
-
+def _optimizer_entry(name: str, optim, model: nn.Module, out: FlatState, scope: Scope) -> dict:
     osd = get_optimizer_state_dict(model, optim, options=StateDictOptions(full_state_dict=False))
     first = len(out.leaves)
     # fixed top level, whatever the contents: an optimizer that has not stepped yet
@@ -179,6 +191,7 @@ def _optimizer_entry(name: str, optim, model: nn.Module, out: FlatState, scope: 
     for leaf in list(out.leaves.values())[first:]:
         leaf.keep_structure = True
     out.finishers.append(lambda: set_optimizer_state_dict(model, optim, osd))
+    return osd
 
 
 def _stateful_entry(name: str, obj, out: FlatState, scope: Scope) -> None:
@@ -188,40 +201,61 @@ def _stateful_entry(name: str, obj, out: FlatState, scope: Scope) -> None:
     out.finishers.append(lambda: obj.load_state_dict(holder[name]))
 
 
-def flatten_state(state: dict) -> FlatState:
+def classify(name: object, value: object, modules: list[nn.Module]) -> Entry:
+    """What a top-level entry is (its leaves not yet known); raises for what cannot be saved."""
+    if not isinstance(name, str) or not name:
+        raise InvalidStateError(f"top-level state names must be non-empty strings, got {name!r}")
+    scope = REPLICATED
+    if isinstance(value, PerRank):
+        value, scope = value.value, PER_RANK
+    if isinstance(value, nn.Module):
+        return Entry(name=name, kind="module", scope=scope, obj=value)
+    if isinstance(value, OptimizerState):
+        return Entry(name=name, kind="optimizer", scope=scope, obj=value.optimizer, model=value.model)
+    if isinstance(value, torch.optim.Optimizer):
+        if len(modules) != 1:
+            raise InvalidStateError(
+                f"optimizer {name!r}: state holds {len(modules)} modules; wrap it as "
+                "stashpoint.OptimizerState(optimizer, model) to say which it updates"
+            )
+        return Entry(name=name, kind="optimizer", scope=scope, obj=value, model=modules[0])
+    return Entry(name=name, kind="other", scope=scope, obj=value)
+
+
+def _flatten_entry(entry: Entry, out: FlatState) -> Entry:
+    name, value, scope = entry.name, entry.obj, entry.scope
+    first = len(out.leaves)
+    sd = None
+    if entry.kind == "module":
+        sd = _module_entry(name, value, out, scope)
+    elif entry.kind == "optimizer":
+        sd = _optimizer_entry(name, value, entry.model, out, scope)
+    elif isinstance(value, torch.Tensor):
+        _walk(value, name, scope if scope == PER_RANK else CHECKED, out, out.top, name)
+    elif hasattr(value, "state_dict") and hasattr(value, "load_state_dict"):
+        _stateful_entry(name, value, out, scope if scope == PER_RANK else CHECKED)
+    else:
+        _walk(value, name, scope if scope == PER_RANK else CHECKED, out, out.top, name)
+    fqns = tuple(list(out.leaves)[first:])
+    return dataclasses.replace(entry, fqns=fqns, state_dict=sd)
+
+
+def flatten_state(state: dict, only: Collection[str] | None = None) -> FlatState:
     """Flatten ``state`` into leaves keyed by fully-qualified name.
 
     Called on every rank, by save (to find what to write) and by load (to find the
-    targets and how to hand values back).
+    targets and how to hand values back).  ``only`` limits the work to the named
+    top-level entries (every name is still checked).
     """
     if not isinstance(state, dict):
         raise InvalidStateError(f"state must be a dict of name -> object, got {type(state).__name__}")
     modules = [v for v in state.values() if isinstance(v, nn.Module)]
-    out = FlatState()
+    out = FlatState(top=state)
     for name, value in state.items():
-        if not isinstance(name, str) or not name:
-            raise InvalidStateError(f"top-level state names must be non-empty strings, got {name!r}")
+        entry = classify(name, value, modules)
         out.prefixes.append(name)
-        scope = REPLICATED
-        if isinstance(value, PerRank):
-            value, scope = value.value, PER_RANK
-        if isinstance(value, nn.Module):
-            _module_entry(name, value, out, scope)
-        elif isinstance(value, OptimizerState):
-            _optimizer_entry(name, value.optimizer, value.model, out, scope)
-        elif isinstance(value, torch.optim.Optimizer):
-            if len(modules) != 1:
-                raise InvalidStateError(
-                    f"optimizer {name!r}: state holds {len(modules)} modules; wrap it as "
-                    "stashpoint.OptimizerState(optimizer, model) to say which it updates"
-                )
-            _optimizer_entry(name, value, modules[0], out, scope)
-        elif isinstance(value, torch.Tensor):
-            _walk(value, name, scope if scope == PER_RANK else CHECKED, out, state, name)
-        elif hasattr(value, "state_dict") and hasattr(value, "load_state_dict"):
-            _stateful_entry(name, value, out, scope if scope == PER_RANK else CHECKED)
-        else:
-            _walk(value, name, scope if scope == PER_RANK else CHECKED, out, state, name)
+        if only is None or name in only:
+            out.entries.append(_flatten_entry(entry, out))
     return out
 
 

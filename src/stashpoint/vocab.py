@@ -22,6 +22,8 @@ IfBusy = Literal["wait", "skip"]
 PerRankChoice = Literal["error", "drop", "rank0", "all"]
 #: how a leaf is shared among ranks (recorded in the save plan)
 Scope = Literal["sharded", "replicated", "checked", "per_rank"]
+#: what a top-level entry of a state is: a module, an optimizer, anything else
+EntryKind = Literal["module", "optimizer", "other"]
 #: how an item is stored: once for the whole job, or once per rank
 StoredScope = Literal["global", "per_rank"]
 #: how a non-tensor value is stored: inline JSON, or bytes in a data file

@@ -2,77 +2,32 @@
 
 Every rank flattens its state, describes what it holds, and the inventories are
 exchanged over gloo; every rank then computes the same save plan and the same
-:class:`~stashpoint.engine.publish.Publisher` (the coordinator prepares it first).
-Used by the synchronous and the asynchronous save alike.
+:class:`~stashpoint.engine.publish.Publisher` (the coordinator prepares it first)
+(:mod:`~stashpoint.engine.inventory`).  While the layout does not change, the plan of
+the previous save is reused after one small all-reduce
+(:mod:`~stashpoint.engine.plan_cache`).  Used by the synchronous and the asynchronous
+save alike; then :func:`file_items` and :func:`inline_values` turn this rank's writes
+into what it writes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
 
 import torch
-from torch.distributed.tensor import DTensor
 
-from stashpoint import _state
 from stashpoint._dist import Coordinator
-from stashpoint.engine.checksum import crc32c
-from stashpoint.engine.publish import Publisher, new_token
+from stashpoint.engine.inventory import PreparedSave, describe, plan_everywhere, take_inventory
+from stashpoint.engine.plan_cache import PLAN_PHASE, default_plan_cache
 from stashpoint.engine.records import Chunk, EncodedValue, FileItem, Inline, Source
-from stashpoint.engine.tensors import as_bytes, dtensor_boxes, dtensor_layout, full_box, local_tensor, region
-from stashpoint.errors import InvalidStateError, StashpointError
-from stashpoint.format.dtypes import dtype_name, is_supported, itemsize
-from stashpoint.planning.save_plan import LocalItem, SavePlan, WriteItem, build_save_plan
+from stashpoint.engine.telemetry import PhaseTimer
+from stashpoint.engine.tensors import as_bytes, region
+from stashpoint.format.dtypes import dtype_name
+from stashpoint.planning.save_plan import WriteItem
 from stashpoint.storage import Storage
 from stashpoint.storage.commit import CommitStrategy
 
-
-@dataclass(frozen=True)
-class PreparedSave:
-    plan: SavePlan
-    publisher: Publisher  # the same on every rank: its token names the staging location and the save
-    sources: dict[str, Source]
-
-
-def describe(leaf: _state.Leaf, allow_pickle: bool = False) -> tuple[LocalItem, Source]:
-    """A leaf's inventory entry and the source this rank would write from."""
-    v = leaf.value
-    if isinstance(v, torch.Tensor):
-        if not is_supported(v.dtype):
-            raise InvalidStateError(f"{leaf.fqn!r}: dtype {v.dtype} is not supported")
-        if isinstance(v, DTensor) and leaf.scope != _state.PER_RANK:
-            boxes, layout = dtensor_boxes(leaf.fqn, v), dtensor_layout(v)
-        else:
-            boxes, layout = full_box(tuple(v.shape)), None
-        local = local_tensor(v).detach()
-        if leaf.scope == _state.PER_RANK:
-            v = local
-            boxes = full_box(tuple(local.shape))
-        digest = None
-        if leaf.scope == _state.CHECKED:
-            digest = crc32c(as_bytes(local.cpu().contiguous()))
-        item = LocalItem(
-            fqn=leaf.fqn,
-            is_tensor=True,
-            scope=leaf.scope,
-            dtype=dtype_name(v.dtype),
-            shape=tuple(v.shape),
-            itemsize=itemsize(v.dtype),
-            boxes=tuple(boxes),
-            digest=digest,
-            layout=layout,
-        )
-        return item, local
-    encoding, payload = _state.encode_object(v, leaf.fqn, allow_pickle)
-    value = EncodedValue(encoding=encoding, payload=payload)
-    item = LocalItem(
-        fqn=leaf.fqn,
-        is_tensor=False,
-        scope=leaf.scope,
-        digest=crc32c(payload),
-        encoding=encoding,
-        payload_bytes=len(payload),
-    )
-    return item, value
+__all__ = ["PreparedSave", "chunk_of", "describe", "file_items", "inline_values", "prepare_save"]
 
 
 def prepare_save(
@@ -83,29 +38,27 @@ def prepare_save(
     commit: CommitStrategy | None,
     overwrite: bool,
     allow_pickle: bool = False,
+    *,
+    timer: PhaseTimer | None = None,
+    cache: bool = True,
 ) -> PreparedSave:
-    """Collective: every rank calls it; returns the same plan and publisher everywhere."""
-    where = storage.describe(final)
+    """Collective: every rank calls it; returns the same plan and publisher everywhere.
 
-    def inventory() -> tuple[list[LocalItem], str, dict[str, Source]]:
-        token = ""
-        try:
-            if coord.is_coordinator:
-                token = new_token()
-                Publisher(storage, final, token=token, overwrite=overwrite, commit=commit).prepare()
-            flat = _state.flatten_state(state)
-            described = {fqn: describe(leaf, allow_pickle) for fqn, leaf in flat.leaves.items()}
-        except StashpointError as exc:
-            if where not in str(exc):  # every message names the checkpoint
-                raise type(exc)(f"{where}: {exc}") from exc
-            raise
-        sources = {f: d[1] for f, d in described.items()}
-        return [d[0] for d in described.values()], token, sources
-
-    agreed = coord.run_everywhere("save: exchange inventories", inventory, share=lambda r: (r[0], r[1]))
-    plan = build_save_plan([g[0] for g in agreed.everyone])
-    publisher = Publisher(storage, final, token=agreed.everyone[0][1], overwrite=overwrite, commit=commit)
-    return PreparedSave(plan=plan, publisher=publisher, sources=agreed.mine[2])
+    With ``cache`` (the default) the process's :class:`~stashpoint.engine.plan_cache.PlanCache`
+    reuses the previous save's plan while the layout is unchanged on every rank;
+    ``timer`` gets the time as phase ``"plan"`` or, for a reused plan, ``"plan_cached"``.
+    """
+    if cache:
+        return default_plan_cache().prepare(
+            state, coord, storage, final, commit, overwrite, allow_pickle, timer
+        )
+    t0 = time.perf_counter()
+    planned = plan_everywhere(
+        coord, storage, final, commit, overwrite, lambda: take_inventory(state, allow_pickle)
+    )
+    if timer is not None:
+        timer.record(PLAN_PHASE, time.perf_counter() - t0)
+    return planned.prepared
 
 
 def chunk_of(w: WriteItem, src: Source) -> Chunk | None:

@@ -1,0 +1,235 @@
+"""Reusing a save plan while the state's layout does not change.
+
+Planning a save in full (:mod:`~stashpoint.engine.inventory`) goes through torch's
+state-dict API, exchanges every rank's inventory and builds the plan: tens of
+milliseconds to seconds, the same at every save.  A :class:`PlanCache` keeps, per
+group of ranks and state, what the last full planning produced, and at the next save:
+
+1. each rank reads its leaves again without the state-dict API where that is safe
+   (:class:`~stashpoint.engine.live_state.StateReader`), compares their layout (names,
+   scopes, dtypes, shapes, strides, devices, DTensor specs, value encodings) with the
+   plan's, and digests again every value and "checked" leaf;
+2. one all-reduce of :data:`~stashpoint.planning.reuse.BALLOT_WIDTH` words
+   (:meth:`~stashpoint._dist.Coordinator.compare`) tells every rank whether all ranks
+   kept their layout and whether the compared contents still decide the same storage
+   (:mod:`~stashpoint.planning.reuse`); it also hands out the coordinator's token;
+3. if so, the plan is reused; if not, on every rank, the save is planned in full and
+   the cache remembers the new plan.
+
+A change on any rank makes every rank plan again; a plan is never reused on a guess.
+Any save path can use it: ``cache.prepare(state, coord, storage, final, ...)`` returns
+the same :class:`~stashpoint.engine.inventory.PreparedSave` as a full planning.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from stashpoint._dist import Coordinator, Proposal
+from stashpoint._state import encode_object
+from stashpoint.engine.checksum import crc32c
+from stashpoint.engine.inventory import (
+    Inventory,
+    Planned,
+    PreparedSave,
+    naming,
+    open_save,
+    plan_everywhere,
+    take_inventory,
+)
+from stashpoint.engine.live_state import Reading, StateReader, live_source, no_gc, tensor_key
+from stashpoint.engine.publish import Publisher
+from stashpoint.engine.records import EncodedValue, Source
+from stashpoint.engine.telemetry import PhaseTimer
+from stashpoint.engine.tensors import as_bytes
+from stashpoint.planning.reuse import (
+    BALLOT_WIDTH,
+    ContentChecks,
+    ballot,
+    content_checks,
+    new_generation,
+    still_valid,
+)
+from stashpoint.planning.save_plan import CHECKED, SavePlan
+from stashpoint.storage import Storage
+from stashpoint.storage.commit import CommitStrategy
+
+#: the phase a save records its planning under: planned in full, or a plan reused
+PLAN_PHASE, CACHED_PLAN_PHASE = "plan", "plan_cached"
+#: states remembered per process (a job that saves a model and, apart, its EMA needs two)
+DEFAULT_CAPACITY = 4
+NO_CHECKS = ContentChecks(same=(), differ=())
+
+
+@dataclass(frozen=True)
+class CachedPlan:
+    """What one full planning left for the saves after it."""
+
+    reader: StateReader
+    generation: int  # agreed by every rank with the plan
+    plan: SavePlan
+    fqns: tuple[str, ...]
+    layout: tuple[tuple, ...]  # per leaf: tensor_key(), or ("value", encoding)
+    checks: ContentChecks
+
+
+@dataclass(frozen=True)
+class Look:
+    """This rank's state at this save, before the ranks compare."""
+
+    sources: dict[str, Source]
+    digests: dict[str, int]  # "checked" leaves: content digests
+    unchanged: bool  # the layout is the cached plan's
+    inventory: Inventory | None = None  # flattened in full (no usable cached plan)
+
+
+def value_key(encoding: str) -> tuple:
+    return ("value", encoding)
+
+
+class PlanCache:
+    """Plans of earlier saves, per group of ranks and state; see the module's docstring."""
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+        self.capacity = capacity
+        self._plans: OrderedDict[tuple, CachedPlan] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def prepare(
+        self,
+        state: dict,
+        coord: Coordinator,
+        storage: Storage,
+        final: str,
+        commit: CommitStrategy | None = None,
+        overwrite: bool = False,
+        allow_pickle: bool = False,
+        timer: PhaseTimer | None = None,
+    ) -> PreparedSave:
+        """Collective: every rank calls it; the same plan and publisher everywhere.
+
+        ``timer`` gets the time under :data:`PLAN_PHASE` or, when the plan was reused,
+        :data:`CACHED_PLAN_PHASE`.
+        """
+        t0 = time.perf_counter()
+        key = (coord.group_key, tuple(state) if isinstance(state, dict) else ())
+        cached = self._get(key)
+        where = storage.describe(final)
+
+        def propose() -> Proposal[Look]:
+            with naming(where):
+                token = open_save(coord, storage, final, commit, overwrite)
+                look = self._look(cached, state, allow_pickle)
+            generation = cached.generation if cached is not None and look.unchanged else 0
+            words = ballot(generation, cached.checks if cached is not None else NO_CHECKS, look.digests)
+            return Proposal(words=words, mine=look, shared=int(token, 16) if token else 0)
+
+        compared = coord.compare("save: compare layouts", BALLOT_WIDTH, propose)
+        token, look = f"{compared.shared:012x}", compared.mine
+        if (
+            cached is not None
+            and look.unchanged
+            and still_valid(cached.generation, cached.checks, compared.same)
+        ):
+            publisher = Publisher(storage, final, token=token, overwrite=overwrite, commit=commit)
+            prepared = PreparedSave(plan=cached.plan, publisher=publisher, sources=look.sources, cached=True)
+        else:
+            planned = plan_everywhere(
+                coord,
+                storage,
+                final,
+                commit,
+                overwrite,
+                lambda: look.inventory or take_inventory(state, allow_pickle),
+                token=token,
+            )
+            self._put(key, remember(planned, token))
+            prepared = planned.prepared
+        if timer is not None:
+            timer.record(CACHED_PLAN_PHASE if prepared.cached else PLAN_PHASE, time.perf_counter() - t0)
+        return prepared
+
+    def clear(self) -> None:
+        with self._lock:
+            self._plans.clear()
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def _get(self, key: tuple) -> CachedPlan | None:
+        with self._lock:
+            got = self._plans.get(key)
+            if got is not None:
+                self._plans.move_to_end(key)
+            return got
+
+    def _put(self, key: tuple, plan: CachedPlan) -> None:
+        with self._lock:
+            self._plans[key] = plan
+            self._plans.move_to_end(key)
+            while len(self._plans) > self.capacity:
+                self._plans.popitem(last=False)
+
+    def _look(self, cached: CachedPlan | None, state: dict, allow_pickle: bool) -> Look:
+        if cached is not None:
+            with no_gc():
+                reading = cached.reader.read(state)
+                if reading is not None and tuple(reading.fqns) == cached.fqns:
+                    look = read_again(reading, cached.layout, allow_pickle)
+                    if look is not None:
+                        return look
+        inv = take_inventory(state, allow_pickle)
+        digests = {it.fqn: it.digest for it in inv.items if it.scope == CHECKED}
+        return Look(sources=inv.sources, digests=digests, unchanged=False, inventory=inv)
+
+
+def read_again(reading: Reading, layout: tuple[tuple, ...], allow_pickle: bool) -> Look | None:
+    """Sources and digests of the leaves read, or None when a layout changed."""
+    sources: dict[str, Source] = {}
+    digests: dict[str, int] = {}
+    for fqn, scope, v, key in zip(reading.fqns, reading.scopes, reading.values, layout, strict=True):
+        if isinstance(v, torch.Tensor):
+            if tensor_key(v) != key:
+                return None
+            src = sources[fqn] = live_source(v)
+            if scope == CHECKED:
+                digests[fqn] = crc32c(as_bytes(src.cpu().contiguous()))
+            continue
+        encoding, payload = encode_object(v, fqn, allow_pickle)
+        if value_key(encoding) != key:
+            return None
+        sources[fqn] = EncodedValue(encoding=encoding, payload=payload)
+        if scope == CHECKED:
+            digests[fqn] = crc32c(payload)
+    return Look(sources=sources, digests=digests, unchanged=True)
+
+
+def remember(planned: Planned, token: str) -> CachedPlan:
+    """What the next save needs from a full planning (the same on every rank but the reader)."""
+    flat = planned.mine.flat
+    encodings = {it.fqn: it.encoding for it in planned.mine.items}
+    layout = tuple(
+        tensor_key(leaf.value) if leaf.is_tensor else value_key(encodings[fqn])
+        for fqn, leaf in flat.leaves.items()
+    )
+    return CachedPlan(
+        reader=StateReader(flat),
+        generation=new_generation(token),
+        plan=planned.prepared.plan,
+        fqns=tuple(flat.leaves),
+        layout=layout,
+        checks=content_checks(planned.inventories, planned.prepared.plan),
+    )
+
+
+_DEFAULT = PlanCache()
+
+
+def default_plan_cache() -> PlanCache:
+    """The process's cache, used by ``save`` and ``async_save``."""
+    return _DEFAULT
