@@ -159,8 +159,13 @@ class _Trees:
             self._live[id(tree)] = tree.live()
         return self._live[id(tree)]
 
-    def new_read(self) -> None:
-        self._live.clear()
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """One read: each tree checked at most once, and no module kept after it."""
+        try:
+            yield
+        finally:
+            self._live.clear()
 
 
 def _strip(key: str) -> str:
@@ -315,7 +320,8 @@ class StateReader:
     def __init__(self, flat: _state.FlatState) -> None:
         self._trees = _Trees()
         self._names = tuple(flat.prefixes)
-        self._tops = [self._top(e, flat) for e in flat.entries]
+        with self._trees.reading():
+            self._tops = [self._top(e, flat) for e in flat.entries]
         self._slow = frozenset(t.name for t in self._tops if t.part is None)
 
     def _top(self, e: _state.Entry, flat: _state.FlatState) -> _Top:
@@ -342,12 +348,15 @@ class StateReader:
 
     def read(self, state: dict) -> Reading | None:
         """The leaves now, or None when the state's structure changed (flatten it again)."""
+        with self._trees.reading():
+            return self._read(state)
+
+    def _read(self, state: dict) -> Reading | None:
         if not isinstance(state, dict) or tuple(state) != self._names:
             return None
         modules = [v for v in state.values() if isinstance(v, nn.Module)]
         slow = _state.flatten_state(state, only=self._slow) if self._slow else _state.FlatState()
         slow_fqns = {e.name: e.fqns for e in slow.entries}
-        self._trees.new_read()
         out = Reading(fqns=[], scopes=[], values=[])
         for top in self._tops:
             entry = _state.classify(top.name, state[top.name], modules)
