@@ -133,13 +133,13 @@ def compare_words(rank: int, world: int) -> dict:
 
 
 def sixteen_ranks(rank: int, world: int, root: str) -> dict:
-    """Save, cached save, and a load resharded onto a 2-D mesh, with a small state."""
+    """Save, cached save, and a load resharded from rows to columns, with a small state."""
     default_plan_cache().clear()
     mesh = mesh_of((world,))
-    full = torch.arange(float(2 * world * 4)).reshape(2 * world, 4)
+    full = torch.arange(float(2 * world * world)).reshape(2 * world, world)
     module = nn.Module()
     module.w = nn.Parameter(distribute_tensor(full, mesh, [Shard(0)], src_data_rank=None))
-    module.b = nn.Parameter(torch.ones(4))
+    module.b = nn.Parameter(torch.ones(world))
     state = {"model": module, "step": 1, "mine": stashpoint.PerRank(rank * 10)}
     kinds = [_kind(stashpoint.save(state, f"{root}/x0", timeout_s=120))]
     with torch.no_grad():
@@ -148,17 +148,15 @@ def sixteen_ranks(rank: int, world: int, root: str) -> dict:
     state["step"] = 2
     kinds.append(_kind(stashpoint.save(state, f"{root}/x1", timeout_s=120)))
 
-    side = int(world**0.5)
-    grid = mesh_of((side, world // side))
-    target = nn.Module()
-    target.w = nn.Parameter(
-        distribute_tensor(torch.zeros_like(full), grid, [Shard(1), Shard(0)], src_data_rank=None)
-    )
-    target.b = nn.Parameter(torch.zeros(4))
+    target = nn.Module()  # resharded: columns instead of rows, one per rank
+    target.w = nn.Parameter(distribute_tensor(torch.zeros_like(full), mesh, [Shard(1)], src_data_rank=None))
+    target.b = nn.Parameter(torch.zeros(world))
     loaded = {"model": target, "step": 0, "mine": stashpoint.PerRank(-1)}
     stashpoint.load(loaded, f"{root}/x1", timeout_s=120)
-    want = distribute_tensor(full + 1, grid, [Shard(1), Shard(0)], src_data_rank=None).to_local()
-    exact = torch.equal(target.w.to_local(), want) and torch.equal(target.b.detach(), torch.full((4,), 3.0))
+    want = distribute_tensor(full + 1, mesh, [Shard(1)], src_data_rank=None).to_local()
+    exact = torch.equal(target.w.to_local(), want) and torch.equal(
+        target.b.detach(), torch.full((world,), 3.0)
+    )
     mine = loaded["mine"]
     mine = mine.value if isinstance(mine, stashpoint.PerRank) else mine
     return {"kinds": kinds, "exact": exact, "step": loaded["step"], "mine": mine}

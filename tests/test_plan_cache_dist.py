@@ -63,4 +63,4 @@ def test_sixteen_ranks_save_cached_save_and_resharded_load(pools, tmp_path):
     assert all(g["kinds"] == ["plan", "cached"] and g["exact"] and g["step"] == 2 for g in got)
     assert [g["mine"] for g in got] == [10 * r for r in range(16)]
     full = stashpoint.load_full(str(tmp_path / "x1"))
-    assert torch.equal(full["model.w"], torch.arange(128.0).reshape(32, 4) + 1)
+    assert torch.equal(full["model.w"], torch.arange(512.0).reshape(32, 16) + 1)
