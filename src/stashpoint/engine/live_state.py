@@ -285,15 +285,17 @@ class OptimizerPart:
             if len(params) != len(refs) or not all(p is r() for p, r in zip(params, refs)):
                 return None
             group = {k: v for k, v in live.items() if k != "params"}
+            if _state.holds_tensor(group):
+                return None
             group["params"] = list(names)
             packed.append(group)
         state = optim.state
-        if len(state) != self.state_count or _state.holds_tensor(packed):
+        if len(state) != self.state_count:
             return None
         values: list[object] = []
-        for ref, keys in self.states:
-            st = state.get(ref())
-            if st is None or tuple(st) != keys:
+        # in the state's own order, which the state dict keeps: no tensor hashing
+        for (param, st), (ref, keys) in zip(state.items(), self.states):
+            if param is not ref() or tuple(st) != keys:
                 return None
             values.extend(st.values())
         values.append(packed)
