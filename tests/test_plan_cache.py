@@ -19,7 +19,9 @@ from torch import nn
 
 import stashpoint
 from stashpoint import _state
-from stashpoint.engine.live_state import StateReader, tensor_key
+from stashpoint.engine import layout_guard
+from stashpoint.engine.layout_guard import LayoutGuard, tensor_key
+from stashpoint.engine.live_state import StateReader
 from stashpoint.engine.plan_cache import CACHED_PLAN_PHASE, PLAN_PHASE, default_plan_cache
 
 _COUNT = iter(range(10**9))
@@ -342,3 +344,24 @@ def test_any_sequence_of_changes_saves_the_live_state(tmp_path, names):
         if after != before:
             assert not cached, name
         before = after
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["torch-guard", "python-keys"])
+def test_layout_guard_sees_every_layout_change(monkeypatch, native):
+    if not native:
+        monkeypatch.setattr(layout_guard, "TensorGuards", None)
+    base = [torch.zeros(4, 6), torch.zeros(3), torch.zeros(2, 2)]
+    guard = LayoutGuard(base)
+    assert guard.native == (native and layout_guard.TensorGuards is not None)
+    same = [t.clone() for t in base]
+    assert guard.check(same) is not None
+    changed = {
+        "shape": torch.zeros(4, 7),
+        "strides": torch.zeros(6, 4).t(),
+        "dtype": torch.zeros(4, 6, dtype=torch.float64),
+        "device": torch.zeros(4, 6, device="meta"),
+        "not a tensor": 3,
+    }
+    for what, t in changed.items():
+        assert guard.check([t, *same[1:]]) is None, what
+    assert guard.check(same[:2]) is None  # one fewer

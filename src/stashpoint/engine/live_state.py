@@ -34,9 +34,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
-from torch.distributed.tensor import DTensor
 
 from stashpoint import _state
+from stashpoint.engine.layout_guard import local_of, tensor_key
 from stashpoint.vocab import Scope
 
 #: the only state-dict hook a module may carry for its leaves to be read directly
@@ -47,27 +47,9 @@ WRAPPER_NAMES = frozenset({"module", "_orig_mod", "_checkpoint_wrapped_module"})
 SCALARS = (type(None), bool, int, float, str)
 
 
-def tensor_key(t: torch.Tensor) -> tuple:
-    """What a tensor leaf's plan depends on, and its layout: dtype, local shape and strides,
-    device, and for a DTensor its spec (mesh, placements, global shape).  Read without
-    dispatch (``to_local()`` costs ~15 us a tensor)."""
-    if isinstance(t, DTensor):
-        local = t._local_tensor
-        return (local.dtype, local.shape, local.stride(), local.device, t._spec)
-    return (t.dtype, t.shape, t.stride(), t.device, None)
-
-
-def live_source(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of ``t`` to write from: its local tensor, detached if it needs grad."""
-    local = t._local_tensor if isinstance(t, DTensor) else t
-    return local.detach() if local.requires_grad else local
-
-
 def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors view the same memory the same way (a tensor and its alias)."""
-    la = a._local_tensor if isinstance(a, DTensor) else a
-    lb = b._local_tensor if isinstance(b, DTensor) else b
-    return tensor_key(a) == tensor_key(b) and la.data_ptr() == lb.data_ptr()
+    return tensor_key(a) == tensor_key(b) and local_of(a).data_ptr() == local_of(b).data_ptr()
 
 
 @contextlib.contextmanager

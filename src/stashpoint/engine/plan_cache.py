@@ -42,7 +42,8 @@ from stashpoint.engine.inventory import (
     plan_everywhere,
     take_inventory,
 )
-from stashpoint.engine.live_state import Reading, StateReader, live_source, no_gc, tensor_key
+from stashpoint.engine.layout_guard import LayoutGuard
+from stashpoint.engine.live_state import Reading, StateReader, no_gc
 from stashpoint.engine.publish import Publisher
 from stashpoint.engine.records import EncodedValue, Source
 from stashpoint.engine.telemetry import PhaseTimer
@@ -58,6 +59,7 @@ from stashpoint.planning.reuse import (
 from stashpoint.planning.save_plan import CHECKED, SavePlan
 from stashpoint.storage import Storage
 from stashpoint.storage.commit import CommitStrategy
+from stashpoint.vocab import Scope
 
 #: the phase a save records its planning under: planned in full, or a plan reused
 PLAN_PHASE, CACHED_PLAN_PHASE = "plan", "plan_cached"
@@ -73,9 +75,38 @@ class CachedPlan:
     reader: StateReader
     generation: int  # agreed by every rank with the plan
     plan: SavePlan
-    fqns: tuple[str, ...]
-    layout: tuple[tuple, ...]  # per leaf: tensor_key(), or ("value", encoding)
+    layout: LeafLayout
     checks: ContentChecks
+
+
+@dataclass(frozen=True)
+class LeafLayout:
+    """The leaves a plan was made from, split by kind so a save compares them in bulk."""
+
+    fqns: list[str]
+    scopes: list[Scope]
+    tensor_at: tuple[int, ...]  # positions of tensor leaves
+    tensor_fqns: tuple[str, ...]  # their names
+    checked_tensors: tuple[str, ...]  # those of them compared across ranks
+    tensors: LayoutGuard  # their layouts
+    value_at: tuple[int, ...]  # positions of plain values
+    encodings: tuple[str, ...]  # theirs
+
+    @classmethod
+    def of(cls, reading: Reading, encodings: dict[str, str]) -> LeafLayout:
+        values, fqns = reading.values, reading.fqns
+        tensor_at = tuple(i for i, v in enumerate(values) if isinstance(v, torch.Tensor))
+        value_at = tuple(i for i, v in enumerate(values) if not isinstance(v, torch.Tensor))
+        return cls(
+            fqns=list(fqns),
+            scopes=list(reading.scopes),
+            tensor_at=tensor_at,
+            tensor_fqns=tuple(fqns[i] for i in tensor_at),
+            checked_tensors=tuple(fqns[i] for i in tensor_at if reading.scopes[i] == CHECKED),
+            tensors=LayoutGuard([values[i] for i in tensor_at]),
+            value_at=value_at,
+            encodings=tuple(encodings[fqns[i]] for i in value_at),
+        )
 
 
 @dataclass(frozen=True)
@@ -86,10 +117,6 @@ class Look:
     digests: dict[str, int]  # "checked" leaves: content digests
     unchanged: bool  # the layout is the cached plan's
     inventory: Inventory | None = None  # flattened in full (no usable cached plan)
-
-
-def value_key(encoding: str) -> tuple:
-    return ("value", encoding)
 
 
 class PlanCache:
@@ -148,7 +175,7 @@ class PlanCache:
                 lambda: look.inventory or take_inventory(state, allow_pickle),
                 token=token,
             )
-            self._put(key, remember(planned, token))
+            self._put(key, remember(planned, token, state))
             prepared = planned.prepared
         if timer is not None:
             timer.record(CACHED_PLAN_PHASE if prepared.cached else PLAN_PHASE, time.perf_counter() - t0)
@@ -168,8 +195,11 @@ class PlanCache:
                 self._plans.move_to_end(key)
             return got
 
-    def _put(self, key: tuple, plan: CachedPlan) -> None:
+    def _put(self, key: tuple, plan: CachedPlan | None) -> None:
         with self._lock:
+            if plan is None:
+                self._plans.pop(key, None)
+                return
             self._plans[key] = plan
             self._plans.move_to_end(key)
             while len(self._plans) > self.capacity:
@@ -179,7 +209,7 @@ class PlanCache:
         if cached is not None:
             with no_gc():
                 reading = cached.reader.read(state)
-                if reading is not None and tuple(reading.fqns) == cached.fqns:
+                if reading is not None:
                     look = read_again(reading, cached.layout, allow_pickle)
                     if look is not None:
                         return look
@@ -188,41 +218,48 @@ class PlanCache:
         return Look(sources=inv.sources, digests=digests, unchanged=False, inventory=inv)
 
 
-def read_again(reading: Reading, layout: tuple[tuple, ...], allow_pickle: bool) -> Look | None:
-    """Sources and digests of the leaves read, or None when a layout changed."""
-    sources: dict[str, Source] = {}
+def read_again(reading: Reading, layout: LeafLayout, allow_pickle: bool) -> Look | None:
+    """Sources and digests of the leaves read, or None when a layout changed.
+
+    Tensors are compared in bulk (:class:`~stashpoint.engine.layout_guard.LayoutGuard`); every plain
+    value is encoded again, and every "checked" leaf digested again.
+    """
+    values, fqns, scopes = reading.values, layout.fqns, layout.scopes
+    if reading.fqns != fqns or reading.scopes != scopes:
+        return None
+    locals_ = layout.tensors.check([values[i] for i in layout.tensor_at])
+    if locals_ is None:
+        return None
+    sources: dict[str, Source] = dict(zip(layout.tensor_fqns, LayoutGuard.sources(locals_)))
     digests: dict[str, int] = {}
-    for fqn, scope, v, key in zip(reading.fqns, reading.scopes, reading.values, layout, strict=True):
+    for fqn in layout.checked_tensors:
+        digests[fqn] = crc32c(as_bytes(sources[fqn].cpu().contiguous()))
+    for i, encoding in zip(layout.value_at, layout.encodings):
+        fqn, v = fqns[i], values[i]
         if isinstance(v, torch.Tensor):
-            if tensor_key(v) != key:
-                return None
-            src = sources[fqn] = live_source(v)
-            if scope == CHECKED:
-                digests[fqn] = crc32c(as_bytes(src.cpu().contiguous()))
-            continue
-        encoding, payload = encode_object(v, fqn, allow_pickle)
-        if value_key(encoding) != key:
             return None
-        sources[fqn] = EncodedValue(encoding=encoding, payload=payload)
-        if scope == CHECKED:
+        got, payload = encode_object(v, fqn, allow_pickle)
+        if got != encoding:
+            return None
+        sources[fqn] = EncodedValue(encoding=got, payload=payload)
+        if scopes[i] == CHECKED:
             digests[fqn] = crc32c(payload)
     return Look(sources=sources, digests=digests, unchanged=True)
 
 
-def remember(planned: Planned, token: str) -> CachedPlan:
-    """What the next save needs from a full planning (the same on every rank but the reader)."""
-    flat = planned.mine.flat
-    encodings = {it.fqn: it.encoding for it in planned.mine.items}
-    layout = tuple(
-        tensor_key(leaf.value) if leaf.is_tensor else value_key(encodings[fqn])
-        for fqn, leaf in flat.leaves.items()
-    )
+def remember(planned: Planned, token: str, state: dict) -> CachedPlan | None:
+    """What the next save needs from a full planning (the same on every rank but the reader);
+    None when the state cannot be read back at once (nothing to compare a next save with)."""
+    reader = StateReader(planned.mine.flat)
+    with no_gc():
+        reading = reader.read(state)
+    if reading is None or reading.fqns != list(planned.mine.flat.leaves):
+        return None
     return CachedPlan(
-        reader=StateReader(flat),
+        reader=reader,
         generation=new_generation(token),
         plan=planned.prepared.plan,
-        fqns=tuple(flat.leaves),
-        layout=layout,
+        layout=LeafLayout.of(reading, {it.fqn: it.encoding for it in planned.mine.items}),
         checks=content_checks(planned.inventories, planned.prepared.plan),
     )
 
