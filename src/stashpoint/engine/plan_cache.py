@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -175,7 +176,13 @@ class PlanCache:
                 lambda: look.inventory or take_inventory(state, allow_pickle),
                 token=token,
             )
-            self._put(key, remember(planned, token, state))
+            try:
+                self._put(key, remember(planned, token, state))
+            except Exception as exc:  # the save is planned on every rank: caching is optional
+                self._put(key, None)
+                warnings.warn(
+                    f"{where}: the save plan is not cached ({type(exc).__name__}: {exc})", stacklevel=2
+                )
             prepared = planned.prepared
         if timer is not None:
             timer.record(CACHED_PLAN_PHASE if prepared.cached else PLAN_PHASE, time.perf_counter() - t0)
