@@ -176,17 +176,18 @@ class PlanCache:
                 lambda: look.inventory or take_inventory(state, allow_pickle),
                 token=token,
             )
-            try:
-                self._put(key, remember(planned, token, state))
-            except Exception as exc:  # the save is planned on every rank: caching is optional
-                self._put(key, None)
-                warnings.warn(
-                    f"{where}: the save plan is not cached ({type(exc).__name__}: {exc})", stacklevel=2
-                )
+            self._remember(key, planned, token, state, where)
             prepared = planned.prepared
         if timer is not None:
             timer.record(CACHED_PLAN_PHASE if prepared.cached else PLAN_PHASE, time.perf_counter() - t0)
         return prepared
+
+    def _remember(self, key: tuple, planned: Planned, token: str, state: dict, where: str) -> None:
+        try:
+            self._put(key, remember(planned, token, state))
+        except Exception as exc:  # the save is planned on every rank: caching is optional
+            self._put(key, None)
+            warnings.warn(f"{where}: the save plan is not cached ({type(exc).__name__}: {exc})", stacklevel=3)
 
     def clear(self) -> None:
         with self._lock:
