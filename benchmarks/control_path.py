@@ -208,29 +208,31 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON output path")
     ap.add_argument("--dir", default=None, help="where the temporary checkpoints go")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        one = one_process(args.entries, args.repeats, tmp) if args.entries else []
-        many = many_ranks(args.ranks, args.rank_entries, args.rank_repeats, tmp) if args.ranks else []
     out = args.out or os.path.join(HERE, "results", f"control-path-{datetime.date.today().isoformat()}.json")
-    record = {
-        "benchmark": "control_path",
-        "machine": {
-            "cpus": os.cpu_count(),
-            "load_avg_at_end": os.getloadavg(),
-            "platform": platform.platform(),
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        },
-        "stashpoint_source": os.path.dirname(stashpoint.__file__),
-        "args": vars(args),
-        "one_process": one,
-        "ranks": many,
+    record = {"benchmark": "control_path", "args": vars(args), "one_process": [], "ranks": []}
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        if args.entries:
+            record["one_process"] = one_process(args.entries, args.repeats, tmp)
+            write(out, record)
+        for world in args.ranks:  # written after each size: a long run keeps what it measured
+            record["ranks"] += many_ranks([world], args.rank_entries, args.rank_repeats, tmp)
+            write(out, record)
+    print(f"wrote {out}")
+
+
+def write(out: str, record: dict) -> None:
+    record["machine"] = {
+        "cpus": os.cpu_count(),
+        "load_avg_at_end": os.getloadavg(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+    record["stashpoint_source"] = os.path.dirname(stashpoint.__file__)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(record, f, indent=1)
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
