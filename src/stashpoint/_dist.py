@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+import torch
 import torch.distributed as dist
 
 from stashpoint.errors import CoordinationError, RemoteRankError, StashpointError
@@ -37,6 +38,34 @@ class Agreed(Generic[T]):
 
     mine: T
     everyone: list
+
+
+#: the largest value a word of :meth:`Coordinator.compare` may hold (words are int64)
+WORD_LIMIT = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Proposal(Generic[T]):
+    """What one rank puts into :meth:`Coordinator.compare`.
+
+    ``words`` are compared across ranks, each on its own; ``shared`` counts only on the
+    coordinator, whose value every rank gets back; ``mine`` stays on this rank.  Every
+    value lies in ``[0, WORD_LIMIT]``.
+    """
+
+    words: tuple[int, ...]
+    mine: T
+    shared: int = 0
+
+
+@dataclass(frozen=True)
+class Compared(Generic[T]):
+    """What :meth:`Coordinator.compare` returns: for each word, whether every rank sent the
+    same value, and the coordinator's ``shared`` value."""
+
+    mine: T
+    same: tuple[bool, ...]
+    shared: int
 
 
 class Coordinator:
@@ -71,6 +100,11 @@ class Coordinator:
     @property
     def is_coordinator(self) -> bool:
         return self.rank == 0
+
+    @property
+    def group_key(self) -> tuple[int, int, int]:
+        """Names this group of ranks for as long as the process lives: (control group, rank, size)."""
+        return (id(self._group) if self._group is not None else 0, self.rank, self.world_size)
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         try:
@@ -111,13 +145,7 @@ class Coordinator:
         try:
             mine = fn()
         except BaseException as exc:
-            if not self.active or self.world_size == 1:
-                raise
-            summary = f"{type(exc).__name__}: {exc}"
-            try:
-                self.all_gather((False, summary), what)
-            except CoordinationError:
-                pass
+            self._fail_together(what, exc)
             raise
         sent = mine if share is None else share(mine)
         results = self.all_gather((True, sent), what)
@@ -125,6 +153,50 @@ class Coordinator:
             if not ok:
                 raise RemoteRankError(f"{what}: rank {rank} failed: {payload}")
         return Agreed(mine=mine, everyone=[payload for _, payload in results])
+
+    def _fail_together(self, what: str, exc: BaseException) -> None:
+        """The failing rank's half of the failure exchange (the others gather its summary)."""
+        if not self.active or self.world_size == 1:
+            return
+        try:
+            self.all_gather((False, f"{type(exc).__name__}: {exc}"), what)
+        except CoordinationError:
+            pass
+
+    def compare(self, what: str, width: int, fn: Callable[[], Proposal[T]]) -> Compared[T]:
+        """Run ``fn`` on every rank and compare its ``width`` words across ranks.
+
+        One all-reduce of ``2 * width + 2`` integers, whatever the state's size.  If ``fn``
+        failed on any rank, every rank raises as in :meth:`run_everywhere` (a second
+        collective, only then, carries the failing rank's message).
+        """
+        failure: BaseException | None = None
+        vec = [0] * (2 * width) + [-1, 0]
+        try:
+            proposal = fn()
+            if len(proposal.words) != width:
+                raise ValueError(f"{what}: {len(proposal.words)} words for a comparison of {width}")
+            for i, w in enumerate(proposal.words):
+                if not 0 <= w <= WORD_LIMIT:
+                    raise ValueError(f"{what}: word {w} out of range")
+                vec[2 * i], vec[2 * i + 1] = w, -w
+            if self.is_coordinator:
+                vec[-2] = proposal.shared
+        except BaseException as exc:
+            if not self.active or self.world_size == 1:
+                raise
+            failure, vec[-1] = exc, 1
+        if self.active and self.world_size > 1:
+            t = torch.tensor(vec, dtype=torch.int64)
+            self._call(what, lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group))
+            vec = t.tolist()
+        if vec[-1]:
+            if failure is not None:
+                self._fail_together(what, failure)
+                raise failure
+            self.run_everywhere(what, lambda: None)  # raises the failing rank's error
+        same = tuple(vec[2 * i] == -vec[2 * i + 1] for i in range(width))
+        return Compared(mine=proposal.mine, same=same, shared=vec[-2])
 
 
 _SOLO: dict[int, dist.ProcessGroup] = {}

@@ -15,11 +15,18 @@ import enum
 import json
 import math
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
@@ -27,7 +34,7 @@ from stashpoint.errors import InvalidStateError, TensorSubclassMismatchError, Un
 from stashpoint.format.values import MalformedValue, NotRepresentable, check_plain, to_json
 from stashpoint.planning.names import Layout, check_layouts, strip_wrappers, to_global
 from stashpoint.planning.save_plan import CHECKED, PER_RANK, REPLICATED, SHARDED
-from stashpoint.vocab import Scope
+from stashpoint.vocab import EntryKind, Scope
 from stashpoint.wrappers import OptimizerState, PerRank, WithLayout
 
 # how a leaf is shared among ranks: the planner's vocabulary (stashpoint.vocab.Scope)
@@ -69,6 +76,8 @@ class FlatState:
     prefixes: list[str] = field(default_factory=list)
     #: top-level name -> the layouts its module's names were renumbered with
     layouts: dict[str, tuple[Layout, ...]] = field(default_factory=dict)
+    entries: list[Entry] = field(default_factory=list)
+    top: dict = field(default_factory=dict)  # the state itself (containers of top-level values)
 
 
 def is_exact_json(value: object) -> bool:
@@ -94,13 +103,13 @@ def _plain_json(value: object) -> bool:
     return False
 
 
-def _holds_tensor(value: object) -> bool:
+def holds_tensor(value: object) -> bool:
     if isinstance(value, torch.Tensor):
         return True
     if isinstance(value, dict):
-        return any(_holds_tensor(v) for v in value.values())
+        return any(holds_tensor(v) for v in value.values())
     if isinstance(value, (list, tuple)):
-        return any(_holds_tensor(v) for v in value)
+        return any(holds_tensor(v) for v in value)
     return False
 
 
@@ -212,19 +221,19 @@ def _walk(value, fqn: str, scope: str, out: FlatState, container, key) -> None:
             scope = SHARDED
         _add(out, Leaf(fqn, value, scope, container, key))
         return
-    if isinstance(value, dict) and _holds_tensor(value):
+    if isinstance(value, dict) and holds_tensor(value):
         for k, v in value.items():
             if not isinstance(k, (str, int)):
                 raise InvalidStateError(f"key {k!r} under {fqn!r} must be a str or int")
             _walk(v, f"{fqn}.{k}", scope, out, value, k)
         return
-    if isinstance(value, list) and _holds_tensor(value):
+    if isinstance(value, list) and holds_tensor(value):
         for i, v in enumerate(value):
             _walk(v, f"{fqn}.{i}", scope, out, value, i)
         return
-    if isinstance(value, tuple) and _holds_tensor(value):
+    if isinstance(value, tuple) and holds_tensor(value):
         for i, v in enumerate(value):
-            if not isinstance(v, torch.Tensor) and _holds_tensor(v):
+            if not isinstance(v, torch.Tensor) and holds_tensor(v):
                 raise InvalidStateError(f"{fqn!r}: nest dicts or lists, not tuples, around tensors")
             _walk(v, f"{fqn}.{i}", scope, out, None, None)
         return
@@ -247,32 +256,38 @@ def _walk_named(sd: dict, name: str, layouts: tuple[Layout, ...], scope: Scope, 
         _walk(value, f"{name}.{to_global(key, layouts)}", scope, out, sd, key)
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One top-level entry of the state, as flattening found it."""
+
+    name: str
+    kind: EntryKind
+    scope: Scope  # PER_RANK when wrapped in PerRank, else REPLICATED
+    obj: object  # the module, the optimizer or the value itself
+    model: nn.Module | None = None  # an optimizer's module
+    fqns: tuple[str, ...] = ()  # its leaves, in order
+    #: modules and optimizers: what torch's state-dict API returned
+    state_dict: dict | None = None
+    #: the layouts the module's names are renumbered with (planning.names)
+    layouts: tuple[Layout, ...] = ()
+    laid_out: bool = False  # wrapped in WithLayout
+
+
 def _module_entry(
     name: str, module: nn.Module, out: FlatState, scope: Scope, layouts: tuple[Layout, ...] = ()
-) -> None:
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        set_model_state_dict,
-    )
-
+) -> dict:
     sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=False))
     first = len(out.leaves)
     _walk_named(sd, name, layouts, scope, out)
     for leaf in list(out.leaves.values())[first:]:
         leaf.keep_structure = True
     out.finishers.append(lambda: set_model_state_dict(module, sd, options=StateDictOptions(strict=True)))
+    return sd
 
 
 def _optimizer_entry(
     name: str, optim, model: nn.Module, out: FlatState, scope: Scope, layouts: tuple[Layout, ...] = ()
-) -> None:
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_optimizer_state_dict,
-        set_optimizer_state_dict,
-    )
-
+) -> dict:
     osd = get_optimizer_state_dict(model, optim, options=StateDictOptions(full_state_dict=False))
     first = len(out.leaves)
     # fixed top level, whatever the contents: an optimizer that has not stepped yet
@@ -286,6 +301,7 @@ def _optimizer_entry(
     if f"{name}.param_groups" in out.leaves:
         out.leaves[f"{name}.param_groups"].param_groups = True
     out.finishers.append(lambda: set_optimizer_state_dict(model, optim, osd))
+    return osd
 
 
 def with_target_params(template: object, loaded: object) -> object:
@@ -327,45 +343,84 @@ def _module_layouts(state: dict) -> dict[int, tuple[Layout, ...]]:
     return out
 
 
-def flatten_state(state: dict) -> FlatState:
-    """Flatten ``state`` into leaves keyed by fully-qualified name.
+def classify(
+    name: object, value: object, modules: list[nn.Module], laid: dict[int, tuple[Layout, ...]] | None = None
+) -> Entry:
+    """What a top-level entry is (its leaves not yet known); raises for what cannot be saved."""
+    if not isinstance(name, str) or not name:
+        raise InvalidStateError(f"top-level state names must be non-empty strings, got {name!r}")
+    scope = REPLICATED
+    if isinstance(value, PerRank):
+        value, scope = value.value, PER_RANK
+    laid = laid or {}
+    laid_out = isinstance(value, WithLayout)
+    if laid_out:
+        value = value.module
+    if isinstance(value, nn.Module):
+        layouts = laid.get(id(value), ())
+        return Entry(name=name, kind="module", scope=scope, obj=value, layouts=layouts, laid_out=laid_out)
+    if isinstance(value, OptimizerState):
+        layouts = laid.get(id(value.model), ())
+        return Entry(
+            name=name, kind="optimizer", scope=scope, obj=value.optimizer, model=value.model, layouts=layouts
+        )
+    if isinstance(value, torch.optim.Optimizer):
+        if len(modules) != 1:
+            raise InvalidStateError(
+                f"optimizer {name!r}: state holds {len(modules)} modules; wrap it as "
+                "stashpoint.OptimizerState(optimizer, model) to say which it updates"
+            )
+        layouts = laid.get(id(modules[0]), ())
+        return Entry(name=name, kind="optimizer", scope=scope, obj=value, model=modules[0], layouts=layouts)
+    return Entry(name=name, kind="other", scope=scope, obj=value)
 
-    Called on every rank, by save (to find what to write) and by load (to find the
-    targets and how to hand values back).
-    """
+
+def _flatten_entry(entry: Entry, out: FlatState) -> Entry:
+    name, value, scope = entry.name, entry.obj, entry.scope
+    first = len(out.leaves)
+    sd = None
+    if entry.kind == "module":
+        sd = _module_entry(name, value, out, scope, entry.layouts)
+    elif entry.kind == "optimizer":
+        sd = _optimizer_entry(name, value, entry.model, out, scope, entry.layouts)
+    elif isinstance(value, torch.Tensor):
+        _walk(value, name, scope if scope == PER_RANK else CHECKED, out, out.top, name)
+    elif hasattr(value, "state_dict") and hasattr(value, "load_state_dict"):
+        _stateful_entry(name, value, out, scope if scope == PER_RANK else CHECKED)
+    else:
+        _walk(value, name, scope if scope == PER_RANK else CHECKED, out, out.top, name)
+    fqns = tuple(list(out.leaves)[first:])
+    return dataclasses.replace(entry, fqns=fqns, state_dict=sd)
+
+
+def classify_all(state: dict) -> list[Entry]:
+    """Every top-level entry of ``state``, classified (no leaf read yet)."""
     if not isinstance(state, dict):
         raise InvalidStateError(f"state must be a dict of name -> object, got {type(state).__name__}")
     laid = _module_layouts(state)
     modules = [v for v in map(_unwrap, state.values()) if isinstance(v, nn.Module)]
-    out = FlatState()
-    for name, value in state.items():
-        if not isinstance(name, str) or not name:
-            raise InvalidStateError(f"top-level state names must be non-empty strings, got {name!r}")
-        out.prefixes.append(name)
-        scope = REPLICATED
-        if isinstance(value, PerRank):
-            value, scope = value.value, PER_RANK
-        if isinstance(value, WithLayout):
-            value = value.module
-            out.layouts[name] = laid[id(value)]
-        if isinstance(value, nn.Module):
-            _module_entry(name, value, out, scope, laid.get(id(value), ()))
-        elif isinstance(value, OptimizerState):
-            layouts = laid.get(id(value.model), ())
-            _optimizer_entry(name, value.optimizer, value.model, out, scope, layouts)
-        elif isinstance(value, torch.optim.Optimizer):
-            if len(modules) != 1:
-                raise InvalidStateError(
-                    f"optimizer {name!r}: state holds {len(modules)} modules; wrap it as "
-                    "stashpoint.OptimizerState(optimizer, model) to say which it updates"
-                )
-            _optimizer_entry(name, value, modules[0], out, scope, laid.get(id(modules[0]), ()))
-        elif isinstance(value, torch.Tensor):
-            _walk(value, name, scope if scope == PER_RANK else CHECKED, out, state, name)
-        elif hasattr(value, "state_dict") and hasattr(value, "load_state_dict"):
-            _stateful_entry(name, value, out, scope if scope == PER_RANK else CHECKED)
-        else:
-            _walk(value, name, scope if scope == PER_RANK else CHECKED, out, state, name)
+    return [classify(name, value, modules, laid) for name, value in state.items()]
+
+
+def leaf_name(prefix: str, key: str, layouts: tuple[Layout, ...] = ()) -> str:
+    """The canonical name of a module's (or optimizer's) leaf ``key`` under ``prefix``."""
+    return strip_wrappers(f"{prefix}.{to_global(key, layouts)}")
+
+
+def flatten_state(state: dict, only: Collection[str] | None = None) -> FlatState:
+    """Flatten ``state`` into leaves keyed by fully-qualified name.
+
+    Called on every rank, by save (to find what to write) and by load (to find the
+    targets and how to hand values back).  ``only`` limits the work to the named
+    top-level entries (every name is still checked).
+    """
+    out = FlatState(top=state)
+    for entry in classify_all(state):
+        out.prefixes.append(entry.name)
+        if entry.kind == "module" and entry.laid_out:
+            out.layouts[entry.name] = entry.layouts
+        if only is None or entry.name in only:
+            out.entries.append(_flatten_entry(entry, out))
     return out
 
 

@@ -24,6 +24,9 @@ PerRankChoice = Literal["error", "drop", "rank0", "all"]
 Scope = Literal["sharded", "replicated", "checked", "per_rank"]
 #: how a layout renumbers a module's ``nn.ModuleList``: pipeline-stage layers, or experts
 LayoutKind = Literal["stage", "experts"]
+
+#: what a top-level entry of a state is: a module, an optimizer, anything else
+EntryKind = Literal["module", "optimizer", "other"]
 #: how an item is stored: once for the whole job, or once per rank
 StoredScope = Literal["global", "per_rank"]
 #: how a non-tensor value is stored: inline JSON, or bytes in a data file

@@ -16,6 +16,7 @@ from stashpoint.textfmt import human_bytes, table
 #: save and load phases in the order they happen (records store them sorted by name)
 PHASES = [
     "plan",
+    "plan_cached",
     "wait_buffer",
     "device_to_host",
     "checksum",

@@ -157,8 +157,7 @@ def async_save_state(
         raise errors.UnsupportedStorageError("async_save needs storage the writer process can reach")
     writer = BackgroundWriter.get()
     handle = SaveHandle(storage.describe(final), coord.rank, coord.world_size, mode=mode)
-    with handle.timer.phase("plan"):
-        prepared = prepare_save(state, coord, storage, final, commit, overwrite, allow_pickle)
+    prepared = prepare_save(state, coord, storage, final, commit, overwrite, allow_pickle, timer=handle.timer)
     writes = prepared.plan.writes[coord.rank]
     pieces = pieces_of(writes, prepared.sources)
     offsets, size = pack([p.chunk.nbytes for p in pieces])

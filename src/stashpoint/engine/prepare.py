@@ -2,102 +2,54 @@
 
 Every rank flattens its state, describes what it holds, and the inventories are
 exchanged over gloo; every rank then computes the same save plan and the same
-:class:`~stashpoint.engine.publish.Publisher` (the coordinator prepares it first).
-Used by the synchronous and the asynchronous save alike.
+:class:`~stashpoint.engine.publish.Publisher` (the coordinator prepares it first)
+(:mod:`~stashpoint.engine.inventory`).  While the layout does not change, the plan of
+the previous save is reused after one small all-reduce
+(:mod:`~stashpoint.engine.plan_cache`).  Used by the synchronous and the asynchronous
+save alike; then :func:`file_items` and :func:`inline_values` turn this rank's writes
+into what it writes.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import time
 from dataclasses import dataclass
 
 import torch
-from torch.distributed.tensor import DTensor
 
-from stashpoint import _state
 from stashpoint._dist import Coordinator
-from stashpoint.engine.checksum import crc32c
-from stashpoint.engine.publish import Publisher, new_token
+from stashpoint.engine.inventory import Opener, Planned, describe, plan_everywhere, take_inventory
+from stashpoint.engine.plan_cache import PLAN_PHASE, default_plan_cache
+from stashpoint.engine.publish import Publisher
 from stashpoint.engine.records import Chunk, EncodedValue, FileItem, Inline, Source
-from stashpoint.engine.tensors import (
-    as_bytes,
-    content_digests,
-    dtensor_boxes,
-    dtensor_layout,
-    full_box,
-    local_tensor,
-    region,
-)
-from stashpoint.errors import InvalidStateError, StashpointError
-from stashpoint.format.dtypes import dtype_name, is_supported, itemsize
+from stashpoint.engine.telemetry import PhaseTimer
+from stashpoint.engine.tensors import as_bytes, region
+from stashpoint.format.dtypes import dtype_name
 from stashpoint.format.index import NameLayout
-from stashpoint.planning.save_plan import LocalItem, SavePlan, WriteItem, build_save_plan
+from stashpoint.planning.save_plan import SavePlan, WriteItem
 from stashpoint.storage import Storage
 from stashpoint.storage.commit import CommitStrategy
 
+__all__ = [
+    "Planned",
+    "PreparedSave",
+    "chunk_of",
+    "describe",
+    "file_items",
+    "inline_values",
+    "plan_state",
+    "prepare_save",
+]
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class PreparedSave:
     plan: SavePlan
     publisher: Publisher  # the same on every rank: its token names the staging location and the save
     sources: dict[str, Source]
     #: every rank's renumbering of its names, for the index's ``metadata.names``
     layouts: tuple[NameLayout, ...] = ()
-
-
-def describe(leaf: _state.Leaf, allow_pickle: bool = False) -> tuple[LocalItem, Source]:
-    """A leaf's inventory entry and the source this rank would write from (replicated
-    tensors get their digest from :func:`with_digests`)."""
-    v = leaf.value
-    if isinstance(v, torch.Tensor):
-        if not is_supported(v.dtype):
-            raise InvalidStateError(f"{leaf.fqn!r}: dtype {v.dtype} is not supported")
-        if isinstance(v, DTensor) and leaf.scope != _state.PER_RANK:
-            boxes, layout = dtensor_boxes(leaf.fqn, v), dtensor_layout(v)
-        else:
-            boxes, layout = full_box(tuple(v.shape)), None
-        local = local_tensor(v).detach()
-        if leaf.scope == _state.PER_RANK:
-            v = local
-            boxes = full_box(tuple(local.shape))
-        digest = None
-        if leaf.scope == _state.CHECKED:
-            digest = ("crc32c", crc32c(as_bytes(local.cpu().contiguous())))
-        item = LocalItem(
-            fqn=leaf.fqn,
-            is_tensor=True,
-            scope=leaf.scope,
-            dtype=dtype_name(v.dtype),
-            shape=tuple(v.shape),
-            itemsize=itemsize(v.dtype),
-            boxes=tuple(boxes),
-            digest=digest,
-            layout=layout,
-        )
-        return item, local
-    encoding, payload = _state.encode_object(v, leaf.fqn, allow_pickle)
-    value = EncodedValue(encoding=encoding, payload=payload)
-    item = LocalItem(
-        fqn=leaf.fqn,
-        is_tensor=False,
-        scope=leaf.scope,
-        digest=("crc32c", crc32c(payload)),
-        encoding=encoding,
-        payload_bytes=len(payload),
-    )
-    return item, value
-
-
-@dataclass(frozen=True, kw_only=True)
-class Planned:
-    """What every save path plans first (:func:`plan_state`)."""
-
-    plan: SavePlan
-    save_id: str  # the same on every rank
-    sources: dict[str, Source]  # this rank's
-    layouts: tuple[NameLayout, ...]  # every rank's renumbering rules (see planning.names)
+    cached: bool = False  # the plan of an earlier save, reused (engine.plan_cache)
 
 
 def prepare_save(
@@ -108,15 +60,24 @@ def prepare_save(
     commit: CommitStrategy | None,
     overwrite: bool,
     allow_pickle: bool = False,
+    *,
+    timer: PhaseTimer | None = None,
+    cache: bool = True,
 ) -> PreparedSave:
-    """Collective: every rank calls it; returns the same plan and publisher everywhere."""
+    """Collective: every rank calls it; returns the same plan and publisher everywhere.
 
-    def before(token: str) -> None:  # the coordinator makes room (or refuses) before anyone writes
+    The coordinator makes room for the save (or refuses) before any rank plans; see
+    :func:`plan_state` for ``cache`` and ``timer``.
+    """
+
+    def before(token: str) -> None:
         Publisher(storage, final, token=token, overwrite=overwrite, commit=commit).prepare()
 
-    got = plan_state(state, coord, storage.describe(final), allow_pickle, before)
+    got = plan_state(state, coord, storage.describe(final), allow_pickle, before, timer=timer, cache=cache)
     publisher = Publisher(storage, final, token=got.save_id, overwrite=overwrite, commit=commit)
-    return PreparedSave(plan=got.plan, publisher=publisher, sources=got.sources, layouts=got.layouts)
+    return PreparedSave(
+        plan=got.plan, publisher=publisher, sources=got.sources, layouts=got.layouts, cached=got.cached
+    )
 
 
 def plan_state(
@@ -124,62 +85,25 @@ def plan_state(
     coord: Coordinator,
     where: str,
     allow_pickle: bool = False,
-    before: Callable[[str], None] | None = None,
+    before: Opener = None,
+    *,
+    timer: PhaseTimer | None = None,
+    cache: bool = True,
 ) -> Planned:
     """Collective: the save plan, a save id all ranks share, this rank's sources, name layouts.
 
-    ``before(save_id)`` runs on the coordinator first (a durable save makes room for itself);
-    every error names ``where``.
+    ``before(save_id)`` runs on the coordinator first; every error names ``where``.  With
+    ``cache`` (the default) the process's :class:`~stashpoint.engine.plan_cache.PlanCache`
+    reuses the previous plan while the layout is unchanged on every rank; ``timer`` gets
+    the time as phase ``"plan"`` or, for a reused plan, ``"plan_cached"``.
     """
-    token = new_token()
-
-    def inventory() -> tuple[list[LocalItem], str, tuple[NameLayout, ...], dict[str, Source]]:
-        with _naming(where):
-            if coord.is_coordinator and before is not None:
-                before(token)
-            flat = _state.flatten_state(state)
-            described = {fqn: describe(leaf, allow_pickle) for fqn, leaf in flat.leaves.items()}
-            if coord.world_size > 1:  # other ranks may hold the same names: the collision check
-                described = with_digests(described)
-        sources = {f: d[1] for f, d in described.items()}
-        return [d[0] for d in described.values()], token, _layout_records(flat, coord.rank), sources
-
-    agreed = coord.run_everywhere("save: exchange inventories", inventory, share=lambda r: r[:3])
-    with _naming(where):
-        plan = build_save_plan([g[0] for g in agreed.everyone])
-    layouts = tuple(n for g in agreed.everyone for n in g[2])
-    return Planned(plan=plan, save_id=agreed.everyone[0][1], sources=agreed.mine[3], layouts=layouts)
-
-
-def with_digests(described: dict[str, tuple[LocalItem, Source]]) -> dict[str, tuple[LocalItem, Source]]:
-    """Replicated tensors' entries with the digest of their bytes, for the save plan's
-    collision check (every device's digests with one synchronisation)."""
-    names = [f for f, (it, _) in described.items() if it.scope == _state.REPLICATED and it.is_tensor]
-    digests = content_digests([described[f][1] for f in names])  # type: ignore[misc]
-    out = dict(described)
-    for fqn, digest in zip(names, digests):
-        item, source = described[fqn]
-        out[fqn] = (dataclasses.replace(item, digest=digest), source)
-    return out
-
-
-@contextmanager
-def _naming(where: str) -> Iterator[None]:
-    """Every message names the checkpoint: add ``where`` to a stashpoint error that lacks it."""
-    try:
-        yield
-    except StashpointError as exc:
-        if where not in str(exc):
-            raise type(exc)(f"{where}: {exc}") from exc
-        raise
-
-
-def _layout_records(flat: _state.FlatState, rank: int) -> tuple[NameLayout, ...]:
-    return tuple(
-        NameLayout(rank=rank, prefix=prefix, kind=lay.kind, key=lay.key, global_ids=lay.global_ids)
-        for prefix, layouts in flat.layouts.items()
-        for lay in layouts
-    )
+    if cache:
+        return default_plan_cache().plan(state, coord, where, allow_pickle, before, timer)
+    t0 = time.perf_counter()
+    full = plan_everywhere(coord, where, lambda: take_inventory(state, coord, allow_pickle), before)
+    if timer is not None:
+        timer.record(PLAN_PHASE, time.perf_counter() - t0)
+    return full.planned
 
 
 def chunk_of(w: WriteItem, src: Source) -> Chunk | None:

@@ -54,8 +54,7 @@ def save_state(
     coord = Coordinator(process_group, timeout_s)
     storage, final = resolve(path)
 
-    with timer.phase("plan"):
-        prepared = prepare_save(state, coord, storage, final, commit, overwrite, allow_pickle)
+    prepared = prepare_save(state, coord, storage, final, commit, overwrite, allow_pickle, timer=timer)
     plan, publisher = prepared.plan, prepared.publisher
     writes = plan.writes[coord.rank]
 

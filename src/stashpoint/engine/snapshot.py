@@ -207,10 +207,9 @@ class MemorySnapshots:
         """
         t0 = time.perf_counter()
         timer = PhaseTimer()
-        with timer.phase("plan"):
-            planned = plan_state(state, self.coord, f"memory snapshot of step {step}")
-            plan, save_id, sources = planned.plan, planned.save_id, planned.sources
-            shape = self._shape_of(plan, sources)
+        planned = plan_state(state, self.coord, f"memory snapshot of step {step}", timer=timer)
+        plan, save_id, sources = planned.plan, planned.save_id, planned.sources
+        shape = self._shape_of(plan, sources)  # reused while the plan is
         slot = self._agree_on_slot(shape.layout.size, if_busy)
         if slot is None:
             return None
