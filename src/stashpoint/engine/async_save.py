@@ -25,25 +25,23 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 
 import torch
 
 from stashpoint import errors, vocab
 from stashpoint._dist import Coordinator
 from stashpoint._state import flatten_state
+from stashpoint.engine.copies import copy_in, engine_for, pieces_of
 from stashpoint.engine.messages import Job, Outcome
-from stashpoint.engine.prepare import PreparedSave, chunk_of, inline_values, prepare_save
+from stashpoint.engine.prepare import PreparedSave, inline_values, prepare_save
 from stashpoint.engine.publish import save_metadata
-from stashpoint.engine.records import Chunk, Source
 from stashpoint.engine.save import check_save_args
-from stashpoint.engine.staging import CopyEngine, CudaCopyEngine, InlineCopyEngine, Ticket, align, pack
+from stashpoint.engine.staging import CopyEngine, Ticket, align, pack
 from stashpoint.engine.staging_pool import Slot, staging_pool
 from stashpoint.engine.telemetry import PhaseTimer, SaveResult, env_telemetry
-from stashpoint.engine.tensors import local_tensor, region
+from stashpoint.engine.tensors import local_tensor
 from stashpoint.engine.writer_client import BackgroundWriter, JobFutures
 from stashpoint.format.index import DEFAULT_CRC_BLOCK_BYTES
-from stashpoint.planning.save_plan import WriteItem
 from stashpoint.storage import resolve
 from stashpoint.storage.commit import CommitStrategy
 from stashpoint.vocab import IfBusy, SaveMode
@@ -121,15 +119,6 @@ class SaveHandle:
 _JOB_IDS = itertools.count()
 
 
-@dataclass(frozen=True)
-class Piece:
-    """A chunk this rank stages: the plan's write, where its bytes come from, the chunk."""
-
-    write: WriteItem
-    source: Source
-    chunk: Chunk
-
-
 def async_save_state(
     state: dict,
     path: str,
@@ -196,15 +185,6 @@ def _coordinator_part(coord: Coordinator, prepared: PreparedSave, step: int | No
     return {"plan_items": prepared.plan.items, "metadata": meta}
 
 
-def pieces_of(writes: tuple[WriteItem, ...], sources: dict[str, Source]) -> list[Piece]:
-    out = []
-    for w in writes:
-        chunk = chunk_of(w, sources[w.fqn])
-        if chunk is not None:  # inline JSON values travel in the job itself
-            out.append(Piece(write=w, source=sources[w.fqn], chunk=chunk))
-    return out
-
-
 def _agree_on_slot(
     coord: Coordinator, writer: BackgroundWriter, size: int, if_busy: IfBusy, timeout_s: float
 ):
@@ -220,61 +200,6 @@ def _agree_on_slot(
     if agreed.mine is not None:
         pool.release(agreed.mine)
     return None
-
-
-def copy_in(
-    buffer: torch.Tensor,
-    pieces: list[Piece],
-    offsets: list[int],
-    copy_engine: CopyEngine | None,
-    device_buffer: bool,
-) -> list[Ticket]:
-    """Queue the copies of every piece into ``buffer`` (bytes) at ``offsets``; a ticket per engine."""
-    return run_copies(copy_pairs(buffer, pieces, offsets), copy_engine, device_buffer)
-
-
-@dataclass(frozen=True)
-class CopyPairs:
-    """Destination views and source regions of a staging, grouped by source device.
-
-    Building the views costs microseconds a tensor: a memory snapshot, whose plan and
-    tensors rarely change, builds them once and reuses them (:func:`run_copies`).
-    """
-
-    by_device: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]]
-    device_bytes: dict[torch.device, int]
-
-
-def copy_pairs(buffer: torch.Tensor, pieces: list[Piece], offsets: list[int]) -> CopyPairs:
-    """Views of ``buffer`` for every tensor piece (objects' bytes are copied now)."""
-    by_device: dict[torch.device, tuple[list, list]] = {}
-    device_bytes: dict[torch.device, int] = {}
-    for p, off in zip(pieces, offsets, strict=True):
-        dst = buffer[off : off + p.chunk.nbytes]
-        src = p.source
-        if not isinstance(src, torch.Tensor):
-            dst.copy_(torch.frombuffer(bytearray(src.payload), dtype=torch.uint8))
-            continue
-        box = p.write.box
-        dsts, srcs = by_device.setdefault(src.device, ([], []))
-        dsts.append(dst.view(src.dtype).view(box.shape))
-        srcs.append(region(src, box.local_offsets, box.shape))
-        if src.is_cuda:
-            device_bytes[src.device] = align(device_bytes.get(src.device, 0) + p.chunk.nbytes)
-    return CopyPairs(by_device=by_device, device_bytes=device_bytes)
-
-
-def run_copies(pairs: CopyPairs, copy_engine: CopyEngine | None, device_buffer: bool) -> list[Ticket]:
-    """Queue every copy of ``pairs``: one batch per engine; returns a ticket per engine."""
-    tickets = []
-    for device, (dsts, srcs) in pairs.by_device.items():
-        engine = copy_engine or engine_for(device, {}, device_buffer)
-        if isinstance(engine, CudaCopyEngine):
-            engine.reserve(pairs.device_bytes.get(device, 0))
-        engine.begin()
-        engine.copy_many(dsts, srcs)
-        tickets.append(engine.finish())
-    return tickets
 
 
 def after_staging(
@@ -356,22 +281,6 @@ def optimizers_of(state: dict) -> list[torch.optim.Optimizer]:
         elif isinstance(v, OptimizerState):
             out.append(v.optimizer)
     return out
-
-
-_CUDA_ENGINES: dict[tuple[torch.device, bool], CudaCopyEngine] = {}
-
-
-def engine_for(device: torch.device, engines: dict | None = None, device_buffer: bool = False) -> CopyEngine:
-    """The copy engine for tensors on ``device`` (one per CUDA device, reused)."""
-    if engines and device in engines:
-        return engines[device]
-    if device.type == "cuda":
-        # one engine per device for the life of the process: its stream and buffer are reused
-        key = (device, device_buffer)
-        if key not in _CUDA_ENGINES:
-            _CUDA_ENGINES[key] = CudaCopyEngine(device, device_buffer=device_buffer)
-        return _CUDA_ENGINES[key]
-    return InlineCopyEngine()
 
 
 def _finish(handle: SaveHandle, fut: Future, coord: Coordinator) -> None:

@@ -37,16 +37,8 @@ import torch
 from stashpoint import errors
 from stashpoint._dist import Coordinator
 from stashpoint.engine import memtier
-from stashpoint.engine.async_save import (
-    CopyPairs,
-    Piece,
-    after_staging,
-    copy_pairs,
-    engine_for,
-    optimizers_of,
-    pieces_of,
-    run_copies,
-)
+from stashpoint.engine.async_save import after_staging, optimizers_of
+from stashpoint.engine.copies import CopyPairs, Piece, copy_pairs, engine_for, pieces_of, run_copies
 from stashpoint.engine.messages import Outcome, PersistSnapshot, Preempted, Release, Seal
 from stashpoint.engine.persist import unique_keys
 from stashpoint.engine.prepare import inline_values, plan_state
@@ -251,7 +243,8 @@ class MemorySnapshots:
     def _shape_of(self, plan: SavePlan, sources: dict) -> _Shape:
         """This rank's file layout for ``plan``: the same as last time while the plan is."""
         cached = self._shape
-        if cached is not None and (cached.plan is plan or cached.plan == plan):
+        same_plan = cached is not None and (cached.plan is plan or cached.plan == plan)
+        if same_plan and _same_sizes(cached, sources):
             return cached
         writes = plan.writes[self.rank]
         pieces = pieces_of(writes, sources)
@@ -291,7 +284,8 @@ class MemorySnapshots:
         tensors = [
             (p, off) for p, off in zip(fresh, offsets, strict=True) if isinstance(p.source, torch.Tensor)
         ]
-        pairs = copy_pairs(buf, [p for p, _ in tensors], [off for _, off in tensors])
+        written = tuple((off, off + p.chunk.nbytes) for p, off in objects)  # never inside a run
+        pairs = copy_pairs(buf, [p for p, _ in tensors], [off for _, off in tensors], written)
         self._pairs_cache = {**(self._pairs_cache or {"addresses": current}), key: pairs}
         return pairs
 
@@ -449,3 +443,12 @@ def _chain(src: JobFutures, dst: JobFutures, after) -> None:
 
     src.persisted.add_done_callback(persisted)
     src.committed.add_done_callback(committed)
+
+
+def _same_sizes(shape: _Shape, sources: dict) -> bool:
+    """Whether the values stored in the data file kept their encoded sizes (a plan reused
+    as it is does not look at them; the file layout does)."""
+    return all(
+        isinstance(sources[w.fqn], torch.Tensor) or len(sources[w.fqn].payload) == c.nbytes
+        for w, c in shape.parts
+    )

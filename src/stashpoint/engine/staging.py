@@ -24,6 +24,8 @@ import mmap
 import os
 import queue
 import threading
+import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -103,6 +105,39 @@ class SharedBuffer:
                 pass
 
 
+@dataclass(frozen=True, kw_only=True)
+class DeviceCopies:
+    """One device's copies into a host buffer: destination views (of the buffer), their
+    sources, the views' byte offsets in the buffer, and ``runs``: the ``[start, end)``
+    ranges of the buffer that this device's copies alone fill (gaps between them are
+    padding nobody writes), so a run may be copied as one block."""
+
+    dsts: list[torch.Tensor]
+    srcs: list[torch.Tensor]
+    offsets: list[int]
+    runs: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def span(self) -> int:
+        """Bytes of the buffer up to the end of the last run."""
+        return max((end for _, end in self.runs), default=0)
+
+
+def merged_runs(owners: list[tuple[int, int, object]]) -> dict[object, tuple[tuple[int, int], ...]]:
+    """``owner -> runs`` from ``(start, end, owner)`` byte ranges of one buffer: ranges next
+    to each other in offset order, with the same owner, make one run (empty ranges
+    are left out).  Owner None (bytes written otherwise) only splits runs."""
+    runs: dict[object, list[list[int]]] = {}
+    last = None
+    for start, end, owner in sorted((o for o in owners if o[1] > o[0]), key=lambda o: o[0]):
+        if owner is not None and owner == last:
+            runs[owner][-1][1] = end
+        elif owner is not None:
+            runs.setdefault(owner, []).append([start, end])
+        last = owner
+    return {owner: tuple((a, b) for a, b in rs) for owner, rs in runs.items()}
+
+
 class Ticket:
     """Completion of one batch of staging copies."""
 
@@ -130,6 +165,10 @@ class CopyEngine:
         """Queue many copies at once (one launch where the engine can)."""
         for d, s in zip(dsts, srcs, strict=True):
             self.copy(d, s)
+
+    def copy_into(self, host: torch.Tensor, copies: DeviceCopies) -> None:
+        """Queue ``copies`` into ``host``, the buffer their destinations view."""
+        self.copy_many(copies.dsts, copies.srcs)
 
     def finish(self) -> Ticket:
         return Ticket()
@@ -174,6 +213,7 @@ class CudaCopyEngine(CopyEngine):
         self._offset = 0
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._views: tuple | None = None
+        self._mirrors: dict[tuple, tuple] = {}
 
     @property
     def device_bytes(self) -> int:
@@ -184,6 +224,7 @@ class CudaCopyEngine(CopyEngine):
         if self.device_buffer and (self._buffer is None or self._buffer.numel() < nbytes):
             self.stream.synchronize()  # the old buffer may still feed copies
             self._buffer, self._views = None, None
+            self._mirrors.clear()
             self._buffer = torch.empty(align(nbytes), dtype=torch.uint8, device=self.device)
 
     def begin(self) -> None:
@@ -212,6 +253,37 @@ class CudaCopyEngine(CopyEngine):
             snaps = self._snapshot_views(dsts)
             torch._foreach_copy_(snaps, srcs, non_blocking=True)
             self._pending.extend(zip(dsts, snaps))
+
+    def copy_into(self, host: torch.Tensor, copies: DeviceCopies) -> None:
+        """With a device buffer large enough, mirror ``host``: each source goes to the
+        device buffer at its destination's offset (one foreach launch), and the buffer
+        goes to the host run by run -- a few large copies instead of one per tensor.
+        The views are built once per ``copies`` object (a memory snapshot reuses it)."""
+        buffer = self._buffer
+        if not self.device_buffer or self._offset or buffer is None or buffer.numel() < copies.span:
+            self.copy_many(copies.dsts, copies.srcs)
+            return
+        snaps, runs = self._mirror(host, copies)
+        with torch.cuda.stream(self.stream):
+            torch._foreach_copy_(snaps, copies.srcs, non_blocking=True)
+        self._pending.extend(runs)
+        self._offset = align(copies.span)
+
+    def _mirror(self, host: torch.Tensor, copies: DeviceCopies) -> tuple[list, list]:
+        key = (id(copies), host.data_ptr(), self._buffer.data_ptr())
+        got = self._mirrors.get(key)
+        if got is not None and got[0]() is copies:
+            return got[1], got[2]
+        buf = self._buffer
+        snaps = [
+            buf[off : off + d.numel() * d.element_size()].view(d.dtype).view(d.shape)
+            for d, off in zip(copies.dsts, copies.offsets, strict=True)
+        ]
+        runs = [(host[a:b], buf[a:b]) for a, b in copies.runs]
+        if len(self._mirrors) >= 8:  # a few stagings alternate (snapshot slots); drop the rest
+            self._mirrors.clear()
+        self._mirrors[key] = (weakref.ref(copies), snaps, runs)
+        return snaps, runs
 
     def _snapshot_views(self, dsts: list[torch.Tensor]) -> list[torch.Tensor]:
         """Views of the device buffer matching ``dsts``; the same list of destinations
