@@ -245,3 +245,29 @@ def test_keeper_persists_on_its_own_when_the_trainer_misses_the_grace_period(tmp
     p.kill()
     p.join()
     _wait_for(lambda: _shm_empty(shm), 30, "the keeper to free its memory once its trainer is gone")
+
+
+def test_tensors_of_mixed_element_sizes_snapshot_and_restore_exactly(tmp_path, shm):
+    """A 7-byte tensor before float64 and bfloat16 ones: the slot still views each tensor
+    at an offset its element size divides (a snapshot used to fail to stage them)."""
+    policy = MemoryPolicy(every_steps=1, slots=2, signal=None, shm_dir=shm)
+
+    def state(seed: int) -> dict:
+        g = torch.Generator().manual_seed(seed)
+        return {
+            "odd": torch.randint(0, 255, (7,), dtype=torch.uint8, generator=g),
+            "wide": torch.randn(5, dtype=torch.float64, generator=g),
+            "half": torch.randn(3, generator=g).to(torch.bfloat16),
+            "f": torch.randn(6, generator=g),
+        }
+
+    mgr = CheckpointManager(str(tmp_path / "ckpt"), memory=policy, save_policy=SavePolicy(every_steps=10**9))
+    saved = state(0)
+    mgr.maybe_save(1, saved).wait(60)
+    mgr.close(release_memory=False)
+    target = state(1)
+    mgr = CheckpointManager(str(tmp_path / "ckpt"), memory=policy, save_policy=SavePolicy(every_steps=10**9))
+    info = mgr.load_latest(target)
+    mgr.close()
+    assert info.tier == "memory" and info.step == 1
+    assert all(torch.equal(target[k], saved[k]) for k in saved)

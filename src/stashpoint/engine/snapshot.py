@@ -247,7 +247,9 @@ class MemorySnapshots:
         if same_plan and _same_sizes(cached, sources):
             return cached
         writes = plan.writes[self.rank]
-        pieces = pieces_of(writes, sources)
+        # widest elements first: every tensor then starts aligned to its element size in
+        # the slot (the data starts 8-byte aligned), so the slot can be viewed as tensors
+        pieces = sorted(pieces_of(writes, sources), key=lambda p: -_element_size(p.source))
         keyed = unique_keys([FileItem(chunk=p.chunk, fetch=None) for p in pieces])
         meta = {"format": "pt", "writer": "stashpoint"}
         shape = _Shape(
@@ -452,3 +454,7 @@ def _same_sizes(shape: _Shape, sources: dict) -> bool:
         isinstance(sources[w.fqn], torch.Tensor) or len(sources[w.fqn].payload) == c.nbytes
         for w, c in shape.parts
     )
+
+
+def _element_size(source: object) -> int:
+    return source.element_size() if isinstance(source, torch.Tensor) else 1
