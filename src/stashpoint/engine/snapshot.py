@@ -30,7 +30,7 @@ import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -94,13 +94,24 @@ class _Shape:
     parts: tuple[tuple[WriteItem, Chunk], ...]  # what each piece writes (not its source)
     chunks: tuple[Chunk, ...]
     layout: FileLayout
+    object_at: frozenset[int]  # parts whose bytes are a stored value's, written every time
 
 
-def _address(src: object) -> tuple | None:
-    """What a cached copy depends on: a tensor's memory and view (None for objects)."""
-    if not isinstance(src, torch.Tensor):
-        return None
-    return (src.data_ptr(), src.dtype, tuple(src.shape), src.stride(), src.device)
+@dataclass
+class _Views:
+    """Copy views per slot, reused while every source tensor keeps its memory."""
+
+    addresses: tuple
+    by_slot: dict[tuple[int, int], CopyPairs] = field(default_factory=dict)
+
+
+def _addresses(shape: _Shape, sources: dict, layouts_checked: bool) -> tuple:
+    """What cached copies depend on: each tensor's memory, and its view unless the plan
+    cache has just checked every tensor's layout (dtype, shape, strides, device)."""
+    tensors = [sources[w.fqn] for i, (w, _) in enumerate(shape.parts) if i not in shape.object_at]
+    if layouts_checked:
+        return tuple(t.data_ptr() for t in tensors)
+    return tuple((t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t.device) for t in tensors)
 
 
 @dataclass
@@ -169,7 +180,7 @@ class MemorySnapshots:
             if m.slot < slots:
                 self.slots[m.slot].step = m.step
         self._shape: _Shape | None = None
-        self._pairs_cache: dict | None = None
+        self._views: _Views | None = None
         self._lock = threading.Lock()
         self._freed = threading.Condition(self._lock)
 
@@ -210,7 +221,8 @@ class MemorySnapshots:
         with timer.phase("device_to_host"):
             memtier.drop_manifest(self.root, self.rank, slot.index)
             slot.step = None
-            tickets = run_copies(self._pairs(shape, slot, sources), copy_engine, device_buffer)
+            pairs = self._pairs(shape, slot, sources, layouts_checked=planned.cached)
+            tickets = run_copies(pairs, copy_engine, device_buffer)
         writes = shape.writes
         meta = (
             save_metadata(self.coord.world_size, step, dict(metadata or {}), save_id, planned.layouts)
@@ -258,38 +270,41 @@ class MemorySnapshots:
             parts=tuple((p.write, p.chunk) for p in pieces),
             chunks=tuple(it.chunk for it in keyed),
             layout=layout_file([it.chunk.entry for it in keyed], metadata=meta),
+            object_at=frozenset(i for i, p in enumerate(pieces) if not isinstance(p.source, torch.Tensor)),
         )
-        self._shape, self._pairs_cache = shape, None
+        self._shape, self._views = shape, None
         return shape
 
-    def _pairs(self, shape: _Shape, slot: _Slot, sources: dict) -> CopyPairs:
+    def _pairs(self, shape: _Shape, slot: _Slot, sources: dict, layouts_checked: bool = False) -> CopyPairs:
         """The copies into ``slot``: reused while the plan, the slot and every tensor's
-        memory are the same; objects (and the header) are written again every time."""
-        current = tuple(_address(sources[w.fqn]) for w, _ in shape.parts)
-        if self._pairs_cache is not None and self._pairs_cache.get("addresses") != current:
-            self._pairs_cache = None  # tensors moved: drop the views that keep the old ones alive
-        key = (slot.index, id(slot.buffer))
+        memory are the same; stored values (and the header) are written again every time."""
+        current = _addresses(shape, sources, layouts_checked)
+        if self._views is None or self._views.addresses != current:
+            self._views = _Views(addresses=current)  # tensors moved: drop views of the old ones
         buf = slot.buffer.tensor
         buf[: len(shape.layout.header)].copy_(
             torch.frombuffer(bytearray(shape.layout.header), dtype=torch.uint8)
         )
-        offsets = [a for a, _ in shape.layout.ranges]
-        fresh = [Piece(write=w, source=sources[w.fqn], chunk=c) for w, c in shape.parts]
+        ranges = shape.layout.ranges
         objects = [
-            (p, off) for p, off in zip(fresh, offsets, strict=True) if not isinstance(p.source, torch.Tensor)
+            (Piece(write=w, source=sources[w.fqn], chunk=c), ranges[i][0])
+            for i, (w, c) in enumerate(shape.parts)
+            if i in shape.object_at
         ]
         if objects:
             copy_pairs(buf, [p for p, _ in objects], [off for _, off in objects])
-        cached = self._pairs_cache.get(key) if self._pairs_cache else None
-        if cached is not None:
-            return cached
-        tensors = [
-            (p, off) for p, off in zip(fresh, offsets, strict=True) if isinstance(p.source, torch.Tensor)
-        ]
-        written = tuple((off, off + p.chunk.nbytes) for p, off in objects)  # never inside a run
-        pairs = copy_pairs(buf, [p for p, _ in tensors], [off for _, off in tensors], written)
-        self._pairs_cache = {**(self._pairs_cache or {"addresses": current}), key: pairs}
-        return pairs
+        key = (slot.index, id(slot.buffer))
+        if key not in self._views.by_slot:
+            tensors = [
+                (Piece(write=w, source=sources[w.fqn], chunk=c), ranges[i][0])
+                for i, (w, c) in enumerate(shape.parts)
+                if i not in shape.object_at
+            ]
+            written = tuple((off, off + p.chunk.nbytes) for p, off in objects)  # never inside a run
+            self._views.by_slot[key] = copy_pairs(
+                buf, [p for p, _ in tensors], [off for _, off in tensors], written
+            )
+        return self._views.by_slot[key]
 
     def _sealer(self, handle: SnapshotHandle, slot: _Slot, seal: Seal):
         def staged(failure: BaseException | None) -> None:
@@ -348,7 +363,7 @@ class MemorySnapshots:
         if slot.buffer is None or slot.buffer.size != size:
             if slot.buffer is not None:
                 slot.buffer.close()
-                self._pairs_cache = None
+                self._views = None
             path = self.client.allocate_slot(slot.index, size, self.timeout_s)
             slot.buffer = SharedBuffer(path, size, create=False)
             slot.buffer.pin()
