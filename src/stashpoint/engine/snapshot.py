@@ -30,26 +30,22 @@ import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
-
-import torch
+from dataclasses import dataclass
 
 from stashpoint import errors
 from stashpoint._dist import Coordinator
 from stashpoint.engine import memtier
 from stashpoint.engine.async_save import after_staging, optimizers_of
-from stashpoint.engine.copies import CopyPairs, Piece, copy_pairs, engine_for, pieces_of, run_copies
+from stashpoint.engine.copies import CopyPairs, engine_for, run_copies
 from stashpoint.engine.messages import Outcome, PersistSnapshot, Preempted, Release, Seal
-from stashpoint.engine.persist import unique_keys
 from stashpoint.engine.prepare import inline_values, plan_state
 from stashpoint.engine.publish import save_metadata
-from stashpoint.engine.records import Chunk, FileItem
+from stashpoint.engine.slot_file import SlotShape, SlotViews, addresses, slot_shape
 from stashpoint.engine.staging import CopyEngine, SharedBuffer
 from stashpoint.engine.telemetry import PhaseTimer
 from stashpoint.engine.writer_client import BackgroundWriter, JobFutures, writer_env
 from stashpoint.format.index import DEFAULT_CRC_BLOCK_BYTES
-from stashpoint.format.safetensors_file import FileLayout, layout_file
-from stashpoint.planning.save_plan import SavePlan, WriteItem
+from stashpoint.planning.save_plan import SavePlan
 from stashpoint.vocab import IfBusy, SaveMode
 
 #: how long a trainer waits for its keeper to start listening
@@ -83,35 +79,6 @@ class SnapshotHandle:
 
     def add_done_callback(self, fn) -> None:
         self._sealed.add_done_callback(lambda _f: fn(self))
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Shape:
-    """What a plan makes of this rank's slot file: the chunks and where they lie."""
-
-    plan: SavePlan
-    writes: tuple[WriteItem, ...]
-    parts: tuple[tuple[WriteItem, Chunk], ...]  # what each piece writes (not its source)
-    chunks: tuple[Chunk, ...]
-    layout: FileLayout
-    object_at: frozenset[int]  # parts whose bytes are a stored value's, written every time
-
-
-@dataclass
-class _Views:
-    """Copy views per slot, reused while every source tensor keeps its memory."""
-
-    addresses: tuple
-    by_slot: dict[tuple[int, int], CopyPairs] = field(default_factory=dict)
-
-
-def _addresses(shape: _Shape, sources: dict, layouts_checked: bool) -> tuple:
-    """What cached copies depend on: each tensor's memory, and its view unless the plan
-    cache has just checked every tensor's layout (dtype, shape, strides, device)."""
-    tensors = [sources[w.fqn] for i, (w, _) in enumerate(shape.parts) if i not in shape.object_at]
-    if layouts_checked:
-        return tuple(t.data_ptr() for t in tensors)
-    return tuple((t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t.device) for t in tensors)
 
 
 @dataclass
@@ -179,8 +146,8 @@ class MemorySnapshots:
         for m in memtier.read_manifests(root, self.rank):  # what a previous trainer left
             if m.slot < slots:
                 self.slots[m.slot].step = m.step
-        self._shape: _Shape | None = None
-        self._views: _Views | None = None
+        self._shape: SlotShape | None = None
+        self._views: SlotViews | None = None
         self._lock = threading.Lock()
         self._freed = threading.Condition(self._lock)
 
@@ -252,59 +219,21 @@ class MemorySnapshots:
         handle.stall_s = time.perf_counter() - t0
         return handle
 
-    def _shape_of(self, plan: SavePlan, sources: dict) -> _Shape:
-        """This rank's file layout for ``plan``: the same as last time while the plan is."""
-        cached = self._shape
-        same_plan = cached is not None and (cached.plan is plan or cached.plan == plan)
-        if same_plan and _same_sizes(cached, sources):
-            return cached
-        writes = plan.writes[self.rank]
-        # widest elements first: every tensor then starts aligned to its element size in
-        # the slot (the data starts 8-byte aligned), so the slot can be viewed as tensors
-        pieces = sorted(pieces_of(writes, sources), key=lambda p: -_element_size(p.source))
-        keyed = unique_keys([FileItem(chunk=p.chunk, fetch=None) for p in pieces])
-        meta = {"format": "pt", "writer": "stashpoint"}
-        shape = _Shape(
-            plan=plan,
-            writes=writes,
-            parts=tuple((p.write, p.chunk) for p in pieces),
-            chunks=tuple(it.chunk for it in keyed),
-            layout=layout_file([it.chunk.entry for it in keyed], metadata=meta),
-            object_at=frozenset(i for i, p in enumerate(pieces) if not isinstance(p.source, torch.Tensor)),
-        )
-        self._shape, self._views = shape, None
-        return shape
+    def _shape_of(self, plan: SavePlan, sources: dict) -> SlotShape:
+        """This rank's file layout for ``plan``: the same as last time while it still fits."""
+        if self._shape is None or not self._shape.fits(plan, sources):
+            self._shape, self._views = slot_shape(plan, self.rank, sources), None
+        return self._shape
 
-    def _pairs(self, shape: _Shape, slot: _Slot, sources: dict, layouts_checked: bool = False) -> CopyPairs:
+    def _pairs(
+        self, shape: SlotShape, slot: _Slot, sources: dict, layouts_checked: bool = False
+    ) -> CopyPairs:
         """The copies into ``slot``: reused while the plan, the slot and every tensor's
         memory are the same; stored values (and the header) are written again every time."""
-        current = _addresses(shape, sources, layouts_checked)
+        current = addresses(shape, sources, layouts_checked)
         if self._views is None or self._views.addresses != current:
-            self._views = _Views(addresses=current)  # tensors moved: drop views of the old ones
-        buf = slot.buffer.tensor
-        buf[: len(shape.layout.header)].copy_(
-            torch.frombuffer(bytearray(shape.layout.header), dtype=torch.uint8)
-        )
-        ranges = shape.layout.ranges
-        objects = [
-            (Piece(write=w, source=sources[w.fqn], chunk=c), ranges[i][0])
-            for i, (w, c) in enumerate(shape.parts)
-            if i in shape.object_at
-        ]
-        if objects:
-            copy_pairs(buf, [p for p, _ in objects], [off for _, off in objects])
-        key = (slot.index, id(slot.buffer))
-        if key not in self._views.by_slot:
-            tensors = [
-                (Piece(write=w, source=sources[w.fqn], chunk=c), ranges[i][0])
-                for i, (w, c) in enumerate(shape.parts)
-                if i not in shape.object_at
-            ]
-            written = tuple((off, off + p.chunk.nbytes) for p, off in objects)  # never inside a run
-            self._views.by_slot[key] = copy_pairs(
-                buf, [p for p, _ in tensors], [off for _, off in tensors], written
-            )
-        return self._views.by_slot[key]
+            self._views = SlotViews(addresses=current)  # tensors moved: drop views of the old ones
+        return self._views.copies(shape, (slot.index, id(slot.buffer)), slot.buffer.tensor, sources)
 
     def _sealer(self, handle: SnapshotHandle, slot: _Slot, seal: Seal):
         def staged(failure: BaseException | None) -> None:
@@ -460,16 +389,3 @@ def _chain(src: JobFutures, dst: JobFutures, after) -> None:
 
     src.persisted.add_done_callback(persisted)
     src.committed.add_done_callback(committed)
-
-
-def _same_sizes(shape: _Shape, sources: dict) -> bool:
-    """Whether the values stored in the data file kept their encoded sizes (a plan reused
-    as it is does not look at them; the file layout does)."""
-    return all(
-        isinstance(sources[w.fqn], torch.Tensor) or len(sources[w.fqn].payload) == c.nbytes
-        for w, c in shape.parts
-    )
-
-
-def _element_size(source: object) -> int:
-    return source.element_size() if isinstance(source, torch.Tensor) else 1
