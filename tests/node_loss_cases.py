@@ -66,13 +66,21 @@ def node_job(rank, world, init_file, job, results) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     state = _state(world)
     policy = MemoryPolicy(
-        every_steps=1, slots=3, if_busy="wait", reattach_s=120, signal=None,
-        protection=job["protection"], ranks_per_node=per_node,
+        every_steps=1,
+        slots=3,
+        if_busy="wait",
+        reattach_s=120,
+        signal=None,
+        protection=job["protection"],
+        ranks_per_node=per_node,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mgr = CheckpointManager(
-            job["durable"], memory=policy, save_policy=SavePolicy(every_steps=job["durable_every"]), timeout_s=60
+            job["durable"],
+            memory=policy,
+            save_policy=SavePolicy(every_steps=job["durable_every"]),
+            timeout_s=60,
         )
         info = mgr.load_latest(state)
     resumed = None if info is None else (info.tier, info.step, _exact(state))

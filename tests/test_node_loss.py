@@ -30,8 +30,10 @@ def _run(job: dict, world: int, timeout: float = 300) -> tuple[list, dict]:
     """Start the job's ranks and wait until each reports (closed, for a final job)."""
     init_file = tempfile.mktemp(prefix="stashpoint-nodeloss-rdzv-")
     results = CTX.Queue()
-    procs = [CTX.Process(target=node_loss_cases.node_job, args=(r, world, init_file, job, results))
-             for r in range(world)]
+    procs = [
+        CTX.Process(target=node_loss_cases.node_job, args=(r, world, init_file, job, results))
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     want = "closed" if job["final"] else "ready"
@@ -41,8 +43,9 @@ def _run(job: dict, world: int, timeout: float = 300) -> tuple[list, dict]:
     while len(done) < world:
         if time.monotonic() > deadline or any(p.exitcode not in (None, 0) for p in procs):
             _kill(procs)
-            pytest.fail(f"the job did not get every rank to {want!r}: {got}, exit codes "
-                        f"{[p.exitcode for p in procs]}")
+            pytest.fail(
+                f"the job did not get every rank to {want!r}: {got}, exit codes {[p.exitcode for p in procs]}"
+            )
         try:
             rank, kind, payload = results.get(timeout=0.5)
         except queue.Empty:
@@ -111,8 +114,9 @@ def _corrupt(shm: str, pattern: tuple[str, str]) -> str:
     d = next(n for n in os.listdir(shm) if n.startswith("stashpoint-mem-"))
     root = os.path.join(shm, d)
     sub = next(n for n in os.listdir(root) if n.startswith(pattern[0]))
-    name = next(n for n in os.listdir(os.path.join(root, sub))
-                if n.startswith(pattern[1]) and not n.endswith(".json"))
+    name = next(
+        n for n in os.listdir(os.path.join(root, sub)) if n.startswith(pattern[1]) and not n.endswith(".json")
+    )
     path = os.path.join(root, sub, name)
     with open(path, "r+b") as f:
         f.seek(os.path.getsize(path) // 2)
@@ -146,8 +150,9 @@ def _job(tmp_path, shm_base: str, protection, **kw) -> dict:
 def test_replication_rebuilds_a_lost_node_at_the_same_and_a_smaller_world(tmp_path, nodes):
     """2 nodes of 2 ranks, one replica: lose node 1, resume on a replacement node; lose it
     again with a damaged replica, resume on node 0 alone from the older snapshot."""
-    job = _job(tmp_path, nodes, Replicate(copies=1), node_dirs=["n0", "n1"], per_node=2, steps=3,
-               durable_every=100)
+    job = _job(
+        tmp_path, nodes, Replicate(copies=1), node_dirs=["n0", "n1"], per_node=2, steps=3, durable_every=100
+    )
     procs, first = _run(job, 4)
     assert first[0]["resumed"] is None
     assert all("protect" in r["phases"] and "protect_lag" in r["phases"] for r in first.values()), first
@@ -175,8 +180,15 @@ def test_parity_rebuilds_whichever_node_is_lost_and_falls_back_beyond_its_protec
     """4 nodes of 1 rank, parity groups of 2: lose node 0 (its newest parity damaged: the
     older snapshot is rebuilt), then node 1 (resumed on 3 nodes), then two nodes of one group
     (beyond the protection: the durable checkpoint)."""
-    job = _job(tmp_path, nodes, Parity(group=2), node_dirs=["n0", "n1", "n2", "n3"], per_node=1, steps=3,
-               durable_every=2)
+    job = _job(
+        tmp_path,
+        nodes,
+        Parity(group=2),
+        node_dirs=["n0", "n1", "n2", "n3"],
+        per_node=1,
+        steps=3,
+        durable_every=2,
+    )
     procs, first = _run(job, 4)
     assert all("protect" in r["phases"] for r in first.values()), first
     _lose_nodes(procs, job, [0], replace=True)
