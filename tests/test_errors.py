@@ -944,7 +944,8 @@ def test_unprotected_warning_names_the_memory_root_and_why(tmp_path: Path) -> No
     from stashpoint.manager.node_loss import start_protection
 
     root = str(tmp_path / "stashpoint-mem-k")
-    with pytest.warns(errors.UnprotectedWarning, match=r"stashpoint-mem-k: .*parity\(group=2\) needs 3 nodes"):
+    why = r"stashpoint-mem-k: .*parity\(group=2\) needs 3 nodes"
+    with pytest.warns(errors.UnprotectedWarning, match=why):
         nodes = start_protection(sp.Parity(group=2), None, Coordinator(), root, 2, keeper=None)
     assert nodes.placement.unprotected and nodes.nodes == (0,)
 
