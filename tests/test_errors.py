@@ -937,6 +937,10 @@ def test_protection_error_names_the_peer_file(tmp_path: Path) -> None:
     assert str(stripe) in str(info.value)
     with pytest.raises(errors.ProtectionError, match="node 7: no memory root"):
         transport.local_path(7, "held-rank-00000")
+    gone = FileTransport({2: str(tmp_path / "node2")})  # a lost node's memory is never recreated
+    with pytest.raises(errors.ProtectionError, match=f"{tmp_path / 'node2'}: the memory root of node 2 is gone"):
+        gone.write_text(2, "held-rank-00000/x.protect.json", "{}")
+    assert not (tmp_path / "node2").exists()
 
 
 def test_unprotected_warning_names_the_memory_root_and_why(tmp_path: Path) -> None:

@@ -119,7 +119,7 @@ class Keeper:
         elif isinstance(msg, Preempted):
             self._arm(msg.deadline_unix)
         elif isinstance(msg, ProtectSetup):
-            self.protector = Protector(msg)
+            self.protector = None if msg.placement is None else Protector(msg)
         elif isinstance(msg, Release):
             return True
         return False

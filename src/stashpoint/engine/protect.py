@@ -47,15 +47,17 @@ from stashpoint.engine.protect_store import (
 )
 from stashpoint.errors import IndexCorruptError
 from stashpoint.planning.protection import Holding, RankProtection, Source
+from stashpoint.storage.files import open_regular
 
 MEMBER_SUFFIX = ".member.json"
 
 
 @dataclass(frozen=True, kw_only=True)
 class ProtectSetup:
-    """Trainer to keeper: protect every sealed slot so (sent again after each (re)attach)."""
+    """Trainer to keeper: protect every sealed slot so (sent again after each (re)attach);
+    ``placement`` None: this job's snapshots are not protected (too few nodes)."""
 
-    placement: RankProtection
+    placement: RankProtection | None
     roots: tuple[tuple[int, str], ...]  # node -> its memory root
     keep: int
     rate: int | None
@@ -197,7 +199,7 @@ def _records(root: str, d: str) -> list[tuple[str, ProtectionRecord]]:
             continue
         path = os.path.join(root, d, name)
         try:
-            with open(path, "rb") as f:
+            with os.fdopen(open_regular(path), "rb") as f:  # never a FIFO in place of a record
                 out.append((name[: -len(RECORD_SUFFIX)], record_from_json(f.read(), path)))
         except (OSError, IndexCorruptError):
             continue  # a damaged record protects nothing

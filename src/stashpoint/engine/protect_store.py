@@ -256,6 +256,8 @@ class FileTransport(NodeTransport):
 
     def _dir_for(self, node: int, relpath: str) -> str:
         path = self.local_path(node, relpath)
+        if not os.path.isdir(self.roots[node]):  # never recreate the memory of a node that is gone
+            raise ProtectionError(f"{self.roots[node]}: the memory root of node {node} is gone")
         try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         except OSError as exc:

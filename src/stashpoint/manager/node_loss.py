@@ -107,17 +107,16 @@ def start_protection(
             unprotected="the file-system transport needs one memory root per node, each reachable by "
             f"every node (got {sorted(set(gathered))})"
         )
-    if placement.unprotected is not None:
-        if coord.is_coordinator:
-            warnings.warn(
-                f"{root}: memory snapshots are not protected: {placement.unprotected}",
-                UnprotectedWarning,
-                stacklevel=4,
-            )
-    else:
+    if placement.unprotected is not None and coord.is_coordinator:
+        warnings.warn(
+            f"{root}: memory snapshots are not protected: {placement.unprotected}",
+            UnprotectedWarning,
+            stacklevel=4,
+        )
+    if keeper is not None:  # a keeper that protected for an earlier world stops unless told anew
         keeper.send(
             ProtectSetup(
-                placement=placement.ranks[coord.rank],
+                placement=None if placement.unprotected else placement.ranks[coord.rank],
                 roots=tuple(sorted(roots.items())),
                 keep=keep,
                 rate=protection.rate,
