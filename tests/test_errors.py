@@ -938,7 +938,8 @@ def test_protection_error_names_the_peer_file(tmp_path: Path) -> None:
     with pytest.raises(errors.ProtectionError, match="node 7: no memory root"):
         transport.local_path(7, "held-rank-00000")
     gone = FileTransport({2: str(tmp_path / "node2")})  # a lost node's memory is never recreated
-    with pytest.raises(errors.ProtectionError, match=f"{tmp_path / 'node2'}: the memory root of node 2 is gone"):
+    why = f"{tmp_path / 'node2'}: the memory root of node 2 is gone"
+    with pytest.raises(errors.ProtectionError, match=why):
         gone.write_text(2, "held-rank-00000/x.protect.json", "{}")
     assert not (tmp_path / "node2").exists()
 
