@@ -47,6 +47,19 @@ def xor_gbps(mib: int, repeats: int) -> float:
     return repeats * (mib << 20) / (time.perf_counter() - t0) / 1e9
 
 
+def _manifest(rank: int, step: int, world: int, nbytes: int) -> memtier.Manifest:
+    return memtier.Manifest(
+        rank=rank,
+        slot=0,
+        step=step,
+        save_id=f"bench-{step}",
+        world_size=world,
+        crc_block=BLOCK,
+        file_size=nbytes,
+        records=(),
+    )
+
+
 def _slots(base: str, nodes: tuple[int, ...], nbytes: int, slots: int) -> dict[int, bytes]:
     data = {}
     for rank, node in enumerate(nodes):
@@ -56,16 +69,7 @@ def _slots(base: str, nodes: tuple[int, ...], nbytes: int, slots: int) -> dict[i
         for slot in range(slots):
             with open(memtier.slot_data(root, rank, slot), "wb") as f:
                 f.write(blob)
-        m = memtier.Manifest(
-            rank=rank,
-            slot=0,
-            step=1,
-            save_id="bench",
-            world_size=len(nodes),
-            crc_block=BLOCK,
-            file_size=nbytes,
-            records=(),
-        )
+        m = _manifest(rank, 1, len(nodes), nbytes)
         memtier.write_manifest(root, m)
         data[rank] = blob
     return data
@@ -89,48 +93,14 @@ def run_policy(policy, n_nodes: int, nbytes: int, slots: int, shm: str) -> dict:
                     rate=None,
                     timeout_s=60,
                 )
-                m = memtier.Manifest(
-                    rank=rank,
-                    slot=0,
-                    step=step,
-                    save_id=f"bench-{step}",
-                    world_size=n_nodes,
-                    crc_block=BLOCK,
-                    file_size=nbytes,
-                    records=(),
-                )
+                m = _manifest(rank, step, n_nodes, nbytes)
                 got = Protector(setup).protect(m, memoryview(blob), sealed_at)
                 secs.append(got.seconds)
                 if got.lag_s is not None:
                     lags.append(got.lag_s)
         held = sum(held_bytes(r) for r in roots.values())
-        memtier.write_manifest(
-            roots[0],
-            memtier.Manifest(
-                rank=0,
-                slot=0,
-                step=slots,
-                save_id=f"bench-{slots}",
-                world_size=n_nodes,
-                crc_block=BLOCK,
-                file_size=nbytes,
-                records=(),
-            ),
-        )
-        for rank in range(1, n_nodes):
-            memtier.write_manifest(
-                roots[rank],
-                memtier.Manifest(
-                    rank=rank,
-                    slot=0,
-                    step=slots,
-                    save_id=f"bench-{slots}",
-                    world_size=n_nodes,
-                    crc_block=BLOCK,
-                    file_size=nbytes,
-                    records=(),
-                ),
-            )
+        for rank in range(n_nodes):  # the newest snapshot is the one each rank's slot holds
+            memtier.write_manifest(roots[rank], _manifest(rank, slots, n_nodes, nbytes))
         held_list = [
             h for n in nodes for h in inventory(roots[n], n) if not (h.kind == "slot" and h.rank == 0)
         ]

@@ -48,6 +48,7 @@ from stashpoint.engine.protect_store import (
 from stashpoint.errors import IndexCorruptError
 from stashpoint.planning.protection import Holding, RankProtection, Source
 from stashpoint.storage.files import open_regular
+from stashpoint.vocab import HoldingKind
 
 MEMBER_SUFFIX = ".member.json"
 
@@ -206,6 +207,20 @@ def _records(root: str, d: str) -> list[tuple[str, ProtectionRecord]]:
     return out
 
 
+def _held(kind: HoldingKind, node: int, r: ProtectionRecord, path: str) -> Holding:
+    """A replica (of its one member) or a parity (over its members) as a holding."""
+    return Holding(
+        kind=kind,
+        node=node,
+        step=r.step,
+        save_id=r.save_id,
+        world_size=r.world_size,
+        rank=r.members[0].rank if kind == "replica" else -1,
+        path=path,
+        members=() if kind == "replica" else tuple(m.rank for m in r.members),
+    )
+
+
 def inventory(root: str, node: int) -> list[Holding]:
     """What the node whose memory root is ``root`` holds: slots, replicas, parities."""
     out: list[Holding] = []
@@ -230,32 +245,11 @@ def inventory(root: str, node: int) -> list[Holding]:
                     )
                 )
         elif name.startswith(HELD_PREFIX):
-            for entry, r in _records(root, name):
-                out.append(
-                    Holding(
-                        kind="replica",
-                        node=node,
-                        step=r.step,
-                        save_id=r.save_id,
-                        world_size=r.world_size,
-                        rank=r.members[0].rank,
-                        path=f"{name}/{entry}.safetensors",
-                    )
-                )
+            out += [
+                _held("replica", node, r, f"{name}/{entry}.safetensors") for entry, r in _records(root, name)
+            ]
         elif name.startswith(PARITY_PREFIX):
-            for entry, r in _records(root, name):
-                out.append(
-                    Holding(
-                        kind="parity",
-                        node=node,
-                        step=r.step,
-                        save_id=r.save_id,
-                        world_size=r.world_size,
-                        rank=-1,
-                        path=f"{name}/{entry}.parity",
-                        members=tuple(m.rank for m in r.members),
-                    )
-                )
+            out += [_held("parity", node, r, f"{name}/{entry}.parity") for entry, r in _records(root, name)]
     return out
 
 
