@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 import warnings
 
@@ -107,3 +108,25 @@ def node_job(rank, world, init_file, job, results) -> None:
         return
     time.sleep(600)  # the test kills this job
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def keepers_of(shm: str) -> list[int]:
+    """The keeper processes started for the simulated node whose memory is under ``shm``."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"stashpoint.engine.keeper_main" in args and any(a.startswith(shm.encode() + b"/") for a in args):
+            out.append(int(pid))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -67,22 +67,6 @@ def _kill(procs) -> None:
         p.join(30)
 
 
-def _keepers_of(shm: str) -> list[int]:
-    """The keeper processes started for the simulated node whose memory is under ``shm``."""
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"stashpoint.engine.keeper_main" in args and any(a.startswith(shm.encode() + b"/") for a in args):
-            out.append(int(pid))
-    return out
-
-
 def _gone(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -94,7 +78,8 @@ def _gone(pid: int) -> bool:
 def _lose_nodes(procs, job: dict, lost: list[int], *, replace: bool) -> None:
     """SIGKILL every process of the ``lost`` nodes and delete their memory; the other trainers
     are SIGKILLed as a restart would (their keepers stay); ``replace``: empty memory roots."""
-    keepers = [pid for n in lost for pid in _keepers_of(os.path.join(job["shm_base"], job["node_dirs"][n]))]
+    dirs = [os.path.join(job["shm_base"], job["node_dirs"][n]) for n in lost]
+    keepers = [pid for d in dirs for pid in node_loss_cases.keepers_of(d)]
     assert keepers, "each lost node has its keepers"
     for pid in keepers:
         os.kill(pid, signal.SIGKILL)
@@ -137,7 +122,7 @@ def nodes(tmp_path):
     for d in dirs:
         (base / d).mkdir(parents=True)
     yield str(base)
-    for pid in _keepers_of(str(base)):  # keepers a test left (a failure): not for the next test
+    for pid in node_loss_cases.keepers_of(str(base)):  # keepers a failed test left behind
         os.kill(pid, signal.SIGKILL)
 
 
