@@ -252,3 +252,21 @@ def test_every_rank_is_protected_by_exactly_one_parity(n: int, g: int) -> None:
         return
     for p in placement.ranks:
         assert sum(p.rank in q.members for q in placement.ranks if q.stripe == p.stripe) == len(p.members)
+
+
+def test_a_damaged_replica_is_named_and_the_next_replica_rebuilds(tmp_path) -> None:
+    nodes = (0, 1, 2)
+    data = _slots(tmp_path, nodes, [2 * BLOCK + 3, BLOCK, BLOCK], step=1)
+    _protect_all(tmp_path, Replicate(copies=2), nodes, data, step=1)
+    held = [h for h in _holdings(tmp_path, nodes) if not (h.kind == "slot" and h.rank == 0)]
+    (cand,), _ = rebuild_candidates(held)
+    ((rank, sources),) = cand.lost
+    assert rank == 0 and [s.holding.node for s in sources] == [1, 2]  # both replicas, never on node 0
+    transport = FileTransport({n: str(tmp_path / f"node{n}") for n in nodes})
+    first = transport.local_path(sources[0].holding.node, sources[0].holding.path)
+    _flip(first, 2 * BLOCK + 1)
+    with pytest.raises(ChecksumMismatchError, match=f"{first}: block 2 "):
+        rebuild(transport, sources[0], 0)
+    got = rebuild(transport, sources[1], 0)
+    with open(transport.local_path(got.node, got.path), "rb") as f:
+        assert f.read() == data[0]
