@@ -11,6 +11,8 @@ A job's memory tier on a node is one directory in shared memory (``/dev/shm`` or
         slot-0.json              its manifest, present only while the slot holds a
                                  complete, checksummed snapshot
         slot-1.safetensors ...
+      held-rank-*/, parity-*/    with protection (MemoryPolicy.protection): what this node
+                                 keeps for other nodes' ranks (engine/protect_store.py)
 
 A slot is allocated once and reused.  Before the trainer starts copying into a slot
 it removes the slot's manifest, and the keeper writes a new manifest only after the
