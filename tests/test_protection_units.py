@@ -270,3 +270,12 @@ def test_a_damaged_replica_is_named_and_the_next_replica_rebuilds(tmp_path) -> N
     got = rebuild(transport, sources[1], 0)
     with open(transport.local_path(got.node, got.path), "rb") as f:
         assert f.read() == data[0]
+
+
+def test_max_rate_paces_the_protection_traffic(tmp_path) -> None:
+    nodes = (0, 1)
+    data = _slots(tmp_path, nodes, [2_000_000, BLOCK], step=1)
+    setup = _setup(tmp_path, Replicate(copies=1, max_rate="10MB"), nodes, 0)
+    paced = ProtectSetup(**{**setup.__dict__, "rate": Replicate(copies=1, max_rate="10MB").rate})
+    got = Protector(paced).protect(_manifest(0, 1, 2_000_000, 2), memoryview(data[0]), time.time())
+    assert paced.rate == 10_000_000 and got.seconds >= 0.15 and got.bytes_sent == 2_000_000
