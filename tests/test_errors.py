@@ -913,3 +913,63 @@ def test_peer_errors_name_the_peer_and_the_step():
     finally:
         sender.shutdown()
         receiver.shutdown()
+
+
+# --- node loss: protected memory snapshots -----------------------------------------------------
+
+
+def test_protection_error_names_the_peer_file(tmp_path: Path) -> None:
+    import fcntl
+
+    from stashpoint.engine.protect_store import FileTransport
+
+    stripe = tmp_path / "node1" / "parity-g00000-s00000"
+    stripe.mkdir(parents=True)
+    other = os.open(stripe / ".lock", os.O_RDWR | os.O_CREAT)  # another keeper holds the stripe
+    fcntl.flock(other, fcntl.LOCK_EX)
+    transport = FileTransport({1: str(tmp_path / "node1")})
+    try:
+        with pytest.raises(Exception) as info, transport.lock(1, stripe.name, timeout_s=0.05):
+            pass
+    finally:
+        os.close(other)
+    assert type(info.value) is errors.ProtectionError
+    assert str(stripe) in str(info.value)
+    with pytest.raises(errors.ProtectionError, match="node 7: no memory root"):
+        transport.local_path(7, "held-rank-00000")
+    gone = FileTransport({2: str(tmp_path / "node2")})  # a lost node's memory is never recreated
+    why = f"{tmp_path / 'node2'}: the memory root of node 2 is gone"
+    with pytest.raises(errors.ProtectionError, match=why):
+        gone.write_text(2, "held-rank-00000/x.protect.json", "{}")
+    assert not (tmp_path / "node2").exists()
+
+
+def test_unprotected_warning_names_the_memory_root_and_why(tmp_path: Path) -> None:
+    from stashpoint._dist import Coordinator
+    from stashpoint.manager.node_loss import start_protection
+
+    root = str(tmp_path / "stashpoint-mem-k")
+    why = r"stashpoint-mem-k: .*parity\(group=2\) needs 3 nodes"
+    with pytest.warns(errors.UnprotectedWarning, match=why):
+        nodes = start_protection(sp.Parity(group=2), None, Coordinator(), root, 2, keeper=None)
+    assert nodes.placement.unprotected and nodes.nodes == (0,)
+
+
+def test_protection_exceeded_warning_names_the_lost_ranks_and_changes_nothing(tmp_path: Path) -> None:
+    from stashpoint._dist import Coordinator
+    from stashpoint.engine import memtier
+    from stashpoint.manager.node_loss import NodeMap, recover_protected
+    from stashpoint.planning.protection import Placement
+
+    root = str(tmp_path / "stashpoint-mem-k")
+    os.makedirs(memtier.rank_dir(root, 0))
+    Path(memtier.slot_data(root, 0, 0)).write_bytes(b"0" * 64)
+    manifest = memtier.Manifest(rank=0, slot=0, step=7, save_id="s", world_size=2, crc_block=64,
+                                file_size=64, records=())
+    memtier.write_manifest(root, manifest)  # rank 1 of the 2-rank snapshot is gone, unprotected
+    state = {"w": torch.ones(3)}
+    nodes = NodeMap(nodes=(0,), roots=((0, root),), placement=Placement())
+    with pytest.warns(errors.ProtectionExceededWarning, match=r"stashpoint-mem-k: .*step 7: ranks \[1\]"):
+        got = recover_protected(nodes=nodes, root=root, coord=Coordinator(), process_group=None, state=state,
+                                newer_than=None, load_kwargs={})
+    assert got is None and torch.equal(state["w"], torch.ones(3))

@@ -30,6 +30,7 @@ from stashpoint.engine.telemetry import LoadResult, SaveResult
 from stashpoint.format.index import Index
 from stashpoint.planning.name_match import KeyDiff
 from stashpoint.planning.names import ExpertLayout, StageLayout, stage_layouts
+from stashpoint.planning.protection import Parity, Replicate
 from stashpoint.vocab import IfBusy, PerRankChoice, SaveMode
 from stashpoint.wrappers import OptimizerState, PerRank, WithLayout
 
@@ -308,7 +309,9 @@ __all__ = [
     "ManagerConfig",
     "MemoryPolicy",
     "OptimizerState",
+    "Parity",
     "PerRank",
+    "Replicate",
     "RetentionPolicy",
     "SaveHandle",
     "SavePolicy",

@@ -274,3 +274,26 @@ class PeerTransferError(StashpointError):
 
 class PeerTimeoutError(PeerTransferError, TimeoutError):
     """A wait for a peer (its server, the step it serves, a range of bytes) ran out of time."""
+
+
+# --- node loss: memory snapshots protected across nodes -----------------------------------------
+
+
+class ProtectionError(StashpointError):
+    """Protecting a memory snapshot on peer nodes, or rebuilding a lost rank's part, failed.
+
+    Raised when a peer node's memory root cannot be reached or written, or its lock is
+    not taken in time; the message names the memory root, the file and the step.  A
+    damaged replica or parity block is a :class:`ChecksumMismatchError` instead.  The
+    snapshot itself stays usable on its own node; it is only not protected.
+    """
+
+
+class UnprotectedWarning(UserWarning):
+    """The job's memory snapshots cannot be protected as its policy asks (too few nodes for
+    the copies or the parity group, or node memory roots the transport cannot reach)."""
+
+
+class ProtectionExceededWarning(UserWarning):
+    """Nodes were lost beyond what the protection covers (two nodes of one parity group, every
+    node holding a replica): no memory snapshot is restored, the durable tier is used."""

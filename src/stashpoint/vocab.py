@@ -73,3 +73,7 @@ MergeKind = Literal["linear", "tensor", "search"]
 MergeDtype = Literal["float32", "float16", "bfloat16", "float64"]
 #: a base model also listed under ``models``: taken as the base only, or refused
 BaseListed = Literal["dropped", "refused"]
+#: how memory snapshots are protected against the loss of a node (``MemoryPolicy.protection``)
+ProtectionKind = Literal["replicate", "parity"]
+#: where a rank's part of a memory snapshot can be had after a node loss
+HoldingKind = Literal["slot", "replica", "parity"]

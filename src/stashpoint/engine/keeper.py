@@ -53,6 +53,7 @@ from stashpoint.engine.messages import (
     apply_env,
 )
 from stashpoint.engine.persist import data_file_name
+from stashpoint.engine.protect import Protector, ProtectSetup
 from stashpoint.engine.publish import Publisher
 from stashpoint.engine.records import Chunk, FileItem, Written
 from stashpoint.engine.staging import SharedBuffer
@@ -92,6 +93,7 @@ class Keeper:
         self.slots: dict[int, SharedBuffer] = {}
         self.preempt_timer: threading.Timer | None = None
         self.persisted_steps: set[int] = set()
+        self.protector: Protector | None = None  # set by the trainer's ProtectSetup
         #: durable copies run on their own thread: a seal never waits behind a persist
         self.persists: queue.Queue = queue.Queue()
         self.persister = threading.Thread(target=self._persist_loop, name="stashpoint-persist", daemon=True)
@@ -116,6 +118,8 @@ class Keeper:
             writer.jobs.put(msg)
         elif isinstance(msg, Preempted):
             self._arm(msg.deadline_unix)
+        elif isinstance(msg, ProtectSetup):
+            self.protector = None if msg.placement is None else Protector(msg)
         elif isinstance(msg, Release):
             return True
         return False
@@ -202,8 +206,24 @@ class Keeper:
             metadata=msg.metadata,
         )
         memtier.write_manifest(self.config.root, manifest)
-        secs = time.perf_counter() - t0
-        return Outcome(bytes_written=msg.file_size, total_bytes=None, phase_seconds={"checksum": secs})
+        phases = {"checksum": time.perf_counter() - t0}
+        if self.protector is not None:  # the slot stays busy until its protection is written
+            phases.update(self._protect(manifest, buf.view(0, msg.file_size)))
+        return Outcome(bytes_written=msg.file_size, total_bytes=None, phase_seconds=phases)
+
+    def _protect(self, manifest: memtier.Manifest, data: memoryview) -> dict[str, float]:
+        """Protect a sealed snapshot on peer nodes; a failure leaves it unprotected, not lost."""
+        try:
+            got = self.protector.protect(manifest, data, time.time())
+        except (StashpointError, OSError) as exc:
+            print(
+                f"stashpoint keeper rank {self.config.rank}: the snapshot of step {manifest.step} "
+                f"is not protected: {exc}",
+                file=sys.stderr,
+            )
+            return {}
+        lag = {} if got.lag_s is None else {"protect_lag": got.lag_s}
+        return {"protect": got.seconds, **lag}
 
     def _buffer(self, slot: int) -> SharedBuffer:
         buf = self.slots.get(slot)

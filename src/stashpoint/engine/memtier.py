@@ -11,6 +11,8 @@ A job's memory tier on a node is one directory in shared memory (``/dev/shm`` or
         slot-0.json              its manifest, present only while the slot holds a
                                  complete, checksummed snapshot
         slot-1.safetensors ...
+      held-rank-*/, parity-*/    with protection (MemoryPolicy.protection): what this node
+                                 keeps for other nodes' ranks (engine/protect_store.py)
 
 A slot is allocated once and reused.  Before the trainer starts copying into a slot
 it removes the slot's manifest, and the keeper writes a new manifest only after the
@@ -300,18 +302,20 @@ def snapshot_index_json(snap: Snapshot) -> str:
     return index.to_json()
 
 
-def open_view(root: str, snap: Snapshot, tag: str) -> str:
+def open_view(root: str, snap: Snapshot, tag: str, sources: dict[int, str] | None = None) -> str:
     """A committed checkpoint directory for ``snap``, made of hard links; remove with :func:`close_view`.
 
     Checks each slot file still has the size its manifest recorded (a slot being
     rewritten has lost its manifest, and a truncated one is refused here).
+    ``sources``: rank -> the file holding that rank's slot, where it is not in ``root``
+    (another node's root, a replica, a slot rebuilt after a node loss).
     """
     view = os.path.join(root, f"{VIEW_PREFIX}{snap.step}-{tag}")
     close_view(view)
     os.makedirs(view)
     try:
         for m in snap.manifests:
-            src = slot_data(root, m.rank, m.slot)
+            src = (sources or {}).get(m.rank) or slot_data(root, m.rank, m.slot)
             if regular_size(src) < m.file_size:
                 raise ChecksumMismatchError(
                     f"{src}: the slot is shorter than its snapshot of step {snap.step}"
@@ -372,7 +376,8 @@ def remove_rank(root: str, rank: int) -> None:
     """Free this rank's memory; the last rank out removes the job's directory."""
     shutil.rmtree(rank_dir(root, rank), ignore_errors=True)
     try:
-        left = [n for n in os.listdir(root) if not n.startswith(VIEW_PREFIX)]
+        # what the node keeps for other nodes (protection) goes with its last rank
+        left = [n for n in os.listdir(root) if n.startswith("rank-")]
         if not left:
             shutil.rmtree(root, ignore_errors=True)
     except OSError:

@@ -29,8 +29,10 @@ from stashpoint.engine.messages import Release
 from stashpoint.engine.snapshot import MemorySnapshots, SnapshotHandle, connect_keeper
 from stashpoint.engine.telemetry import LoadResult
 from stashpoint.errors import IncompleteCheckpointError, InvalidOptionError, StashpointError
+from stashpoint.manager.node_loss import NodeMap, protection_bytes, recover_protected, start_protection
 from stashpoint.manager.policy import check_positive
 from stashpoint.manager.resume import agree_on_load
+from stashpoint.planning.protection import Parity, Replicate
 from stashpoint.vocab import IfBusy, PreemptSignal, choose
 
 
@@ -45,6 +47,9 @@ class MemoryPolicy:
     (None: none is caught); ``grace_s``: the budget to persist after it.  ``key``
     names the job's memory tier (default: a hash of the manager's root);
     ``shm_dir``: where it lives (default ``STASHPOINT_SHM_DIR`` or ``/dev/shm``).
+    ``protection``: :class:`Replicate` or :class:`Parity` keeps each snapshot recoverable
+    after the loss of a node (see docs/RESILIENCE.md); ``ranks_per_node`` says which
+    ranks share a node (default: torchrun's ``LOCAL_WORLD_SIZE``).
     """
 
     every_steps: int = 1
@@ -56,6 +61,8 @@ class MemoryPolicy:
     grace_s: float = 60.0
     key: str | None = None
     shm_dir: str | None = None
+    protection: Replicate | Parity | None = None
+    ranks_per_node: int | None = None
 
     def __post_init__(self) -> None:
         check_positive("every_steps", self.every_steps, integer=True, or_none=False)
@@ -69,6 +76,11 @@ class MemoryPolicy:
         choose("if_busy", self.if_busy, IfBusy)
         if self.signal is not None:
             choose("signal", self.signal, PreemptSignal)
+        if self.protection is not None and not isinstance(self.protection, (Replicate, Parity)):
+            raise InvalidOptionError(
+                f"protection must be Replicate(...), Parity(...) or None, not {self.protection!r}"
+            )
+        check_positive("ranks_per_node", self.ranks_per_node, integer=True, or_none=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,6 +108,12 @@ class MemoryTier:
             timeout_s=coord.timeout_s,
         )
         self.last: SnapshotHandle | None = None
+        self.nodes: NodeMap | None = None
+        if policy.protection is not None:
+            keeper = self.snapshots.client
+            self.nodes = start_protection(
+                policy.protection, policy.ranks_per_node, coord, self.root, policy.slots, keeper
+            )
 
     def warmup(self, state: dict, device_buffer: bool) -> int:
         return self.snapshots.warmup(state, device_buffer=device_buffer)
@@ -120,8 +138,21 @@ class MemoryTier:
         common = set.intersection(*(set(map(tuple, e)) for e in everyone))
         return [step for step, _ in sorted(common, reverse=True)]
 
+    @property
+    def protection_bytes(self) -> int:
+        """Shared memory this rank's node keeps to protect other nodes' snapshots, per rank."""
+        return 0 if self.nodes is None else protection_bytes(self.root, self.nodes, self.coord.rank)
+
     def recover(self, state: dict, newer_than: int | None, load_kwargs: dict) -> Recovered | None:
         """Load the newest agreed snapshot newer than ``newer_than`` (a collective); None if none loads."""
+        if self.nodes is not None:  # protected snapshots, on one node or several
+            got = recover_protected(
+                nodes=self.nodes, root=self.root, coord=self.coord, process_group=self.process_group,
+                state=state, newer_than=newer_than, load_kwargs=load_kwargs,
+            )
+            if got is None:
+                return None
+            return Recovered(step=got.step, path=self.root, seconds=got.seconds, result=got.result)
         for step in self.agreed_steps():
             if newer_than is not None and step < newer_than:
                 break
