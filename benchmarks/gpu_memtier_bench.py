@@ -21,9 +21,12 @@ Usage: ``python benchmarks/gpu_memtier_bench.py --out r.json``.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import math
 import os
+import pstats
 import shutil
 import signal
 import subprocess
@@ -154,9 +157,18 @@ def stalls(entries_x: int, batch: int, durable: str, snapshots: int = 12) -> dic
     )
     mgr.warmup(tr.state())
     out = {"entries": tr.entries(), "state_bytes": tr.state_bytes, "stall_s": [], "phase_s": []}
-    for _ in range(snapshots):
+    for i in range(snapshots):
         tr.step()
+        if i == snapshots - 2:  # one snapshot profiled, once everything is warm
+            torch.cuda.synchronize()
+            prof = cProfile.Profile()
+            prof.enable()
         h = mgr.snapshot(tr.loader["step"], tr.state())
+        if i == snapshots - 2:
+            prof.disable()
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+            out["profile"] = text.getvalue()[-6000:]
         if h is not None:
             out["stall_s"].append(h.stall_s)
             out["phase_s"].append(dict(h.timer.seconds))
