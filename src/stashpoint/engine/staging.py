@@ -20,10 +20,12 @@ A copy engine moves tensors into staging:
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import queue
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -84,6 +86,15 @@ class SharedBuffer:
             return self.pinned
         rc = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.size, 0)
         self.pinned = int(rc) == 0
+        if not self.pinned:
+            # the failure stays as the runtime's last error, which the next kernel launch
+            # would report as its own ("invalid argument" from an unrelated copy)
+            clear_cuda_error()
+            warnings.warn(
+                f"{self.path}: staging memory could not be page-locked (CUDA error {int(rc)}; "
+                "a file system other than tmpfs?); copies to it are synchronous and slower",
+                stacklevel=2,
+            )
         return self.pinned
 
     def view(self, offset: int, nbytes: int) -> memoryview:
@@ -136,6 +147,17 @@ def merged_runs(owners: list[tuple[int, int, object]]) -> dict[object, tuple[tup
             runs.setdefault(owner, []).append([start, end])
         last = owner
     return {owner: tuple((a, b) for a, b in rs) for owner, rs in runs.items()}
+
+
+def clear_cuda_error() -> None:
+    """Read (and so clear) the CUDA runtime's last error, through the runtime torch loaded."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libcudart" in line}
+    except OSError:
+        return
+    for path in paths:
+        ctypes.CDLL(path).cudaGetLastError()
 
 
 class Ticket:
@@ -256,34 +278,32 @@ class CudaCopyEngine(CopyEngine):
 
     def copy_into(self, host: torch.Tensor, copies: DeviceCopies) -> None:
         """With a device buffer large enough, mirror ``host``: each source goes to the
-        device buffer at its destination's offset (one foreach launch), and the buffer
-        goes to the host run by run -- a few large copies instead of one per tensor.
-        The views are built once per ``copies`` object (a memory snapshot reuses it)."""
+        device buffer at its destination's offset, and the buffer goes to the host run
+        by run -- a few large copies instead of one per tensor.  The views are built
+        once per ``copies`` object (a memory snapshot reuses it)."""
         buffer = self._buffer
         if not self.device_buffer or self._offset or buffer is None or buffer.numel() < copies.span:
             self.copy_many(copies.dsts, copies.srcs)
             return
-        snaps, runs = self._mirror(host, copies)
+        mirror = self._mirror(host, copies)
         with torch.cuda.stream(self.stream):
-            torch._foreach_copy_(snaps, copies.srcs, non_blocking=True)
-        self._pending.extend(runs)
+            for snaps, srcs in mirror.batches:
+                torch._foreach_copy_(snaps, srcs, non_blocking=True)
+            for snap, src in mirror.singles:
+                snap.copy_(src, non_blocking=True)
+        self._pending.extend(mirror.runs)
         self._offset = align(copies.span)
 
-    def _mirror(self, host: torch.Tensor, copies: DeviceCopies) -> tuple[list, list]:
+    def _mirror(self, host: torch.Tensor, copies: DeviceCopies) -> _Mirror:
         key = (id(copies), host.data_ptr(), self._buffer.data_ptr())
         got = self._mirrors.get(key)
         if got is not None and got[0]() is copies:
-            return got[1], got[2]
-        buf = self._buffer
-        snaps = [
-            buf[off : off + d.numel() * d.element_size()].view(d.dtype).view(d.shape)
-            for d, off in zip(copies.dsts, copies.offsets, strict=True)
-        ]
-        runs = [(host[a:b], buf[a:b]) for a, b in copies.runs]
+            return got[1]
+        mirror = _Mirror.of(self._buffer, host, copies)
         if len(self._mirrors) >= 8:  # a few stagings alternate (snapshot slots); drop the rest
             self._mirrors.clear()
-        self._mirrors[key] = (weakref.ref(copies), snaps, runs)
-        return snaps, runs
+        self._mirrors[key] = (weakref.ref(copies), mirror)
+        return mirror
 
     def _snapshot_views(self, dsts: list[torch.Tensor]) -> list[torch.Tensor]:
         """Views of the device buffer matching ``dsts``; the same list of destinations
@@ -312,6 +332,32 @@ class CudaCopyEngine(CopyEngine):
         staged = torch.cuda.Event()
         staged.record(self.stream)
         return _CudaTicket(safe, staged, self.device)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Mirror:
+    """A staging mirrored in a device buffer: the device-to-device copies, batched per
+    dtype where both ends are 16-byte aligned (what the batched copy kernels read
+    vectorised) and one by one otherwise, and the runs to copy to the host."""
+
+    batches: list[tuple[list[torch.Tensor], list[torch.Tensor]]]
+    singles: list[tuple[torch.Tensor, torch.Tensor]]
+    runs: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def of(cls, buffer: torch.Tensor, host: torch.Tensor, copies: DeviceCopies) -> _Mirror:
+        batches: dict[torch.dtype, tuple[list, list]] = {}
+        singles = []
+        for d, off, src in zip(copies.dsts, copies.offsets, copies.srcs, strict=True):
+            snap = buffer[off : off + d.numel() * d.element_size()].view(d.dtype).view(d.shape)
+            if snap.data_ptr() % 16 or src.data_ptr() % 16:
+                singles.append((snap, src))
+            else:
+                group = batches.setdefault(d.dtype, ([], []))
+                group[0].append(snap)
+                group[1].append(src)
+        runs = [(host[a:b], buffer[a:b]) for a, b in copies.runs]
+        return cls(batches=list(batches.values()), singles=singles, runs=runs)
 
 
 class _ThreadTicket(Ticket):
