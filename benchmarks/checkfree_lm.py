@@ -1,12 +1,13 @@
 """CheckFree on a small causal language model: a lost middle stage rebuilt from its
 neighbours, against re-initialising it and against the run that lost nothing.
 
-The model is a GPT of 8 pre-LayerNorm transformer blocks, each block one pipeline stage
-with its own AdamW parameter group (a pipeline rank's optimizer; the first stage also
-holds the embeddings, the last the final norm and the head).  It learns next-character
-prediction on a synthetic corpus with real structure: words spelt from a small alphabet, chosen by a sparse
-word-level Markov chain (each word has a few likely successors), sentences ended by a
-full stop.  Everything is seeded, single-threaded and on CPU, so a run is reproducible.
+The model is the demo's GPT (stashpoint.demo.model) with 8 pre-LayerNorm transformer
+blocks, each block one pipeline stage with its own AdamW parameter group (a pipeline
+rank's optimizer; the first stage also holds the embeddings, the last the final norm and
+the head).  It learns next-character prediction on a synthetic corpus with real
+structure: words spelt from a small alphabet, chosen by a sparse word-level Markov chain
+(each word has a few likely successors), sentences ended by a full stop.  Everything is
+seeded, single-threaded and on CPU, so a run is reproducible.
 
 Training runs to ``fail_at``; there the state is copied once per recovery, stage
 ``lost``'s weights are overwritten with NaN (the stage is gone) and then:
@@ -45,6 +46,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from stashpoint.demo.model import Block, GPTConfig, TinyGPT, make_model
 from stashpoint.recovery import grad_norm, rebuild_stage
 
 RECOVERIES = ("checkfree", "checkfree_squared", "uniform", "copy_previous", "random", "identity")
@@ -107,46 +109,20 @@ def batch(data: torch.Tensor, cfg: Config, step: int) -> tuple[torch.Tensor, tor
 # --- the model -------------------------------------------------------------------------
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: Config) -> None:
-        super().__init__()
-        self.heads = cfg.heads
-        self.ln1, self.ln2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
-        self.qkv, self.proj = nn.Linear(cfg.dim, 3 * cfg.dim), nn.Linear(cfg.dim, cfg.dim)
-        self.mlp = nn.Sequential(nn.Linear(cfg.dim, 4 * cfg.dim), nn.GELU(), nn.Linear(4 * cfg.dim, cfg.dim))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        b, t, d = h.shape
-        q, k, v = self.qkv(self.ln1(h)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
-        q, k, v = (u.transpose(1, 2) for u in (q, k, v))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        h = h + self.proj(a.transpose(1, 2).reshape(b, t, d))
-        return h + self.mlp(self.ln2(h))
-
-
-class TinyGPT(nn.Module):
-    def __init__(self, cfg: Config, vocab: int) -> None:
-        super().__init__()
-        self.tok, self.pos = nn.Embedding(vocab, cfg.dim), nn.Embedding(cfg.context, cfg.dim)
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.blocks)])
-        self.ln, self.head = nn.LayerNorm(cfg.dim), nn.Linear(cfg.dim, vocab)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.tok(x) + self.pos(torch.arange(x.shape[1]))
-        for block in self.blocks:
-            h = block(h)
-        return self.head(self.ln(h))
-
-
 def stage(model: TinyGPT, s: int) -> nn.ModuleList:
     """The layer container of stage ``s`` (one block)."""
     return nn.ModuleList([model.blocks[s]])
 
 
+def gpt_config(cfg: Config, vocab: int) -> GPTConfig:
+    sizes = {"dim": cfg.dim, "heads": cfg.heads, "layers": cfg.blocks, "mlp": 4 * cfg.dim}
+    return GPTConfig(vocab=vocab, seq=cfg.context, **sizes)
+
+
 def stage_params(model: TinyGPT, s: int) -> list[nn.Parameter]:
     params = list(model.blocks[s].parameters())
     if s == 0:
-        params += list(model.tok.parameters()) + list(model.pos.parameters())
+        params += list(model.embed.parameters()) + [model.pos]
     if s == len(model.blocks) - 1:
         params += list(model.ln.parameters()) + list(model.head.parameters())
     return params
@@ -178,8 +154,7 @@ class Trainer:
 
 def start(cfg: Config) -> Trainer:
     data, vocab = corpus(cfg)
-    torch.manual_seed(cfg.seed)
-    model = TinyGPT(cfg, vocab)
+    model = make_model(gpt_config(cfg, vocab), seed=cfg.seed)
     # one parameter group per stage (a pipeline rank's optimizer), in one AdamW for speed
     groups = [{"params": stage_params(model, s)} for s in range(cfg.blocks)]
     optims = [torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)]
@@ -196,11 +171,11 @@ def fail_and_recover(t: Trainer, recovery: str, norms: dict[str, float]) -> dict
             p.fill_(float("nan"))
     if recovery in ("random", "identity"):
         torch.manual_seed(cfg.seed + 777)
-        fresh = Block(cfg)
+        fresh = Block(t.model.cfg)
         if recovery == "identity":
-            for layer in (fresh.proj, fresh.mlp[2]):
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
+            with torch.no_grad():
+                for p in (fresh.o.weight, fresh.down.weight, fresh.down.bias):
+                    p.zero_()
         t.model.blocks[lost].load_state_dict(fresh.state_dict())
         for p in t.model.blocks[lost].parameters():
             t.optims[0].state.pop(p, None)
