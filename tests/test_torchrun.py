@@ -1,5 +1,6 @@
 """The torchrun recipe of docs/RESILIENCE.md, run for real: a worker dies, the elastic
-agent restarts the group, and the workers resume from the memory tier."""
+agent restarts the group, and the workers resume from the memory tier; and the warning
+stashpoint gives when torchrun would hand restarted workers the previous attempt's store."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
+
+from stashpoint._dist import Coordinator, shared_store_hazard
 
 
 def _free_port() -> int:
@@ -30,16 +34,15 @@ def _expected_weight(steps: int) -> float:
     return model.weight.sum().item()
 
 
-@pytest.mark.skip(
-    reason="the restarted workers currently hang before they resume (seen after the adapters "
-    "and layout work were merged; it passed before): under investigation"
-)
 def test_torchrun_restart_resumes_from_memory(tmp_path):
     shm, out = tmp_path / "shm", tmp_path / "out"
     shm.mkdir()
     out.mkdir()
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, STASHPOINT_SHM_DIR=str(shm), OMP_NUM_THREADS="1")
+    # the recipe: every attempt gets a rendezvous store of its own (without it, restarted
+    # workers can read the dead workers' gloo addresses and fail or hang in a group set-up)
+    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([here, env.get("PYTHONPATH", "")])
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
@@ -49,9 +52,33 @@ def test_torchrun_restart_resumes_from_memory(tmp_path):
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in proc.stderr  # no hazard warning
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     for r in results:
         assert r["attempt"] == 1  # the agent restarted the workers once
         assert r["resumed"] == ["memory", 4]
         assert r["weight"] == _expected_weight(6)  # bit-exact with an uninterrupted run
     assert not [n for n in os.listdir(shm) if n.startswith("stashpoint-mem-")]
+
+
+AGENT_ENV = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3"}
+
+
+def test_shared_store_hazard_only_when_restarts_share_the_agent_store():
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in shared_store_hazard(AGENT_ENV)
+    assert "--max-restarts 3" in shared_store_hazard(AGENT_ENV)
+    assert shared_store_hazard({}) is None  # not under torchrun
+    assert shared_store_hazard(dict(AGENT_ENV, TORCHELASTIC_USE_AGENT_STORE="False")) is None
+    assert shared_store_hazard(dict(AGENT_ENV, TORCHELASTIC_MAX_RESTARTS="0")) is None
+
+
+def test_control_group_warns_under_a_shared_agent_store(tmp_path, monkeypatch):
+    for name, value in AGENT_ENV.items():
+        monkeypatch.setenv(name, value)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        with pytest.warns(UserWarning, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+            coord = Coordinator(None, timeout_s=17.0)
+        assert coord.all_gather("x", "test: gather") == ["x"]
+    finally:
+        dist.destroy_process_group()

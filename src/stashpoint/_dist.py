@@ -11,7 +11,9 @@ Every method here is a collective: all ranks of the group call it, in the same o
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
+import os
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -25,6 +27,30 @@ T = TypeVar("T")
 # (id of the base group, timeout) -> (base group, control group).  The base group is kept
 # so its id cannot be reused by a later process group while the entry exists.
 _GROUPS: dict[tuple[int, float], tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
+
+
+def shared_store_hazard(env: Mapping[str, str] = os.environ) -> str | None:
+    """Why a gloo group set up in this worker may hang after a torchrun restart, or None.
+
+    torchrun's c10d rendezvous lends the workers its TCPStore (``TORCHELASTIC_USE_AGENT_STORE``)
+    and keeps that store across ``--max-restarts`` restarts, with no per-attempt namespace
+    (torch 2.13). Group names are the same in every attempt, so a restarted worker finds the
+    dead workers' gloo addresses under its group's keys and may read one before the peer
+    rewrites it: the mesh set-up then fails (connection refused) or waits out its timeout.
+    """
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if int(env.get("TORCHELASTIC_MAX_RESTARTS") or 0) == 0:
+        return None
+    return (
+        "torchrun shares its rendezvous TCPStore with the workers and keeps it across restarts "
+        f"(TORCHELASTIC_USE_AGENT_STORE=True, --max-restarts {env['TORCHELASTIC_MAX_RESTARTS']}): "
+        "restarted workers can read the dead workers' gloo addresses under the same group keys, "
+        "and setting up a process group (stashpoint's control group, or init_process_group) "
+        "then fails with 'Connection refused' or hangs until its timeout. Run torchrun with "
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so that every attempt gets a store of its own "
+        "(docs/RESILIENCE.md, torchrun recipe)"
+    )
 
 
 @dataclass(frozen=True)
@@ -88,6 +114,9 @@ class Coordinator:
         if cached is not None and cached[0] is base:
             return cached[1]
         ranks = dist.get_process_group_ranks(base)
+        hazard = shared_store_hazard()
+        if hazard is not None:
+            warnings.warn(f"stashpoint: {hazard}", stacklevel=3)
         group = dist.new_group(
             ranks=ranks,
             backend="gloo",

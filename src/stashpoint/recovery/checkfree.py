@@ -13,8 +13,9 @@ with ``alpha`` and ``beta`` the last gradient norms of stage i+1 and stage i-1 (
 neighbour and copies it.  The rebuilt stage's optimizer state is dropped (its moments
 described the lost weights) and its learning rate is raised (x1.2), so it catches up with
 the others.  Training continues from there: the loss jumps and comes back within some
-steps (docs/LAYOUTS.md gives measured numbers); it is far better than a random stage,
-and far worse than a checkpoint.
+steps (docs/LAYOUTS.md gives measured numbers): on the small models measured it is at
+best somewhat better than re-initialising the stage (on a small language model, no better
+than a stage started as the identity), and far worse than a checkpoint.
 
 A stage is a sequence of layers of one shape (a ``nn.ModuleDict`` or ``nn.ModuleList``
 of transformer blocks): the lost stage's ``k``-th layer is rebuilt from the ``k``-th
