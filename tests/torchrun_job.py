@@ -25,7 +25,7 @@ def main(durable: str, out: str, steps: int, kill_at: int) -> None:
     model = torch.nn.Linear(16, 16)
     optim = torch.optim.SGD(model.parameters(), lr=0.1)
     state = {"model": model, "optim": optim, "loader": {"step": 0}}
-    policy = MemoryPolicy(every_steps=1, if_busy="wait", reattach_s=120, signal=None)
+    policy = MemoryPolicy(every_steps=1, if_busy="wait", reattach_s=300, signal=None)
     mgr = CheckpointManager(durable, memory=policy, save_policy=SavePolicy(every_steps=100), timeout_s=300)
     info = mgr.load_latest(state)
     for step in range(state["loader"]["step"], steps):
