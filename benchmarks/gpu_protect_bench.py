@@ -57,6 +57,7 @@ class Ranks:
         self.events: queue.Queue = queue.Queue()
         init = tempfile.mktemp(prefix="sp-protect-rdzv-", dir=args.dir)
         self.started = time.time()
+        self.wall_deadline = time.monotonic() + args.t0 + args.wall_s - self.started
         self.procs = []
         for rank in range(args.nodes):
             cmd = [sys.executable, WORKER, "--role", role, "--rank", str(rank), "--world", str(args.nodes)]
@@ -74,6 +75,7 @@ class Ranks:
 
     def next(self, deadline: float) -> dict | None:
         """The next event; None when every process has exited (or the deadline passed: killed)."""
+        deadline = min(deadline, self.wall_deadline)
         while True:
             try:
                 return self.events.get(timeout=0.5)
@@ -318,7 +320,8 @@ def main() -> None:
     ap.add_argument("--kill-node", type=int, default=0)
     ap.add_argument("--d2h-mib", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=4, help="torch CPU threads per trainer")
-    ap.add_argument("--budget-s", type=float, default=200, help="seconds for parts 1-2 (runs skipped)")
+    ap.add_argument("--budget-s", type=float, default=240, help="seconds for parts 1-2 (runs skipped)")
+    ap.add_argument("--wall-s", type=float, default=540, help="every trainer is killed after this")
     ap.add_argument("--parts", default="bench,node_loss")
     ap.add_argument("--dir", default="/tmp/sp-protect-gpu", help="durable checkpoints (a real disk)")
     ap.add_argument("--shm", default="/dev/shm/sp-protect-gpu", help="the simulated nodes' memory roots")

@@ -139,33 +139,30 @@ def manager(args, rank: int, directory: str, key: str, every: int, protection, *
     )
 
 
-def copy_gbps(args, nbytes: int, active: bool) -> float:
-    """Device-to-host copies (pinned host memory) of ``nbytes``, three times; 0 if not ``active``."""
-    cuda = args.device.startswith("cuda")
-    src = torch.empty(nbytes, dtype=torch.uint8, device=args.device)
-    dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
-    dst.copy_(src, non_blocking=cuda)
-    if cuda:
-        torch.cuda.synchronize()
-    dist.barrier()
+def copy_seconds(tr: Trainer, src: torch.Tensor, dst: torch.Tensor, active: bool) -> float:
+    """Three device-to-host copies into pinned memory, timed between barriers; 0 if not ``active``."""
     seconds = 0.0
+    dist.barrier()
     if active:
         t = time.perf_counter()
         for _ in range(3):
-            dst.copy_(src, non_blocking=cuda)
-        if cuda:
-            torch.cuda.synchronize()
+            dst.copy_(src, non_blocking=tr.cuda)
+        tr.sync()
         seconds = time.perf_counter() - t
     dist.barrier()
-    return 3 * nbytes / seconds / 1e9 if active else 0.0
+    return seconds
 
 
 def limits(args, tr: Trainer, rank: int, world: int) -> dict:
     """Shared and solo D2H rate, step time with every rank training, the link-limited interval."""
     nbytes = args.d2h_mib << 20
-    solo = gather(copy_gbps(args, nbytes, rank == 0))[0]
-    per_rank = gather(copy_gbps(args, nbytes, True))
-    shared = sum(per_rank)  # every rank copying at once: their rates add up on the shared link
+    src = torch.empty(nbytes, dtype=torch.uint8, device=args.device)
+    dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=tr.cuda)
+    copy_seconds(tr, src, dst, True)  # warm
+    solo = 3 * nbytes / gather(copy_seconds(tr, src, dst, rank == 0))[0] / 1e9
+    seconds = gather(copy_seconds(tr, src, dst, True))
+    shared = world * 3 * nbytes / max(seconds) / 1e9  # every rank copying at once, on one link
+    del src, dst
     for _ in range(3):
         tr.step()
     tr.sync()
@@ -185,7 +182,7 @@ def limits(args, tr: Trainer, rank: int, world: int) -> dict:
         "state_bytes_per_rank": nbytes,
         "d2h_solo_gbps": solo,
         "d2h_shared_gbps": shared,
-        "d2h_per_rank_gbps": per_rank,
+        "d2h_shared_seconds": seconds,
         "step_s": step_s,
         "link_limited_every": every,
     }
