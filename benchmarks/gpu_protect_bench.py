@@ -261,10 +261,9 @@ def summary(out: dict) -> str:
             f"step {lim['step_s'] * 1e3:.0f} ms, D2H {lim['d2h_shared_gbps']:.1f} GB/s shared by "
             f"{out['args']['nodes']}, link-limited every {lim['link_limited_every']}"
         )
-    lines.append(
-        f"{'run':<24}{'tok/s':>10}{'vs none':>9}{'snaps':>7}{'skip':>6}{'stall':>8}{'protect':>9}{'lag':>8}"
-        f"{'mem max/mean':>14}"
-    )
+    if out.get("runs") or out.get("skipped_runs"):
+        head = f"{'run':<24}{'tok/s':>10}{'vs none':>9}{'snaps':>7}{'skip':>6}{'stall':>8}"
+        lines.append(head + f"{'protect':>9}{'lag':>8}{'mem max/mean':>14}")
 
     def ms(x):
         return "-" if x is None else f"{x * 1e3:.0f}ms" if x < 10 else f"{x:.0f}s"
