@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from stashpoint.engine import memtier
-from stashpoint.engine.checksum import block_crcs
+from stashpoint.engine.checksum import CRC_THREADS, block_crcs
 from stashpoint.engine.messages import (
     Allocated,
     AllocFailed,
@@ -63,7 +63,6 @@ from stashpoint.format.index import INDEX_FILE, ChunkRecord, Index
 from stashpoint.storage import resolve
 
 #: threads computing checksums of a sealed snapshot
-CRC_THREADS = int(os.environ.get("STASHPOINT_CRC_THREADS", str(min(8, os.cpu_count() or 1))))
 #: a keeper started by a trainer waits this long for it to connect
 FIRST_CONNECT_S = 120.0
 

@@ -12,6 +12,8 @@ import time
 
 import numpy as np
 
+from stashpoint.engine.checksum import CRC_THREADS, PARALLEL_MIN_BYTES, spans, worker_pool
+
 #: bytes XOR-ed (or copied) per piece: small enough to pace, large enough to run at full speed
 PIECE_BYTES = 8 << 20
 
@@ -26,6 +28,14 @@ def xor_into(dst: memoryview, src: memoryview, pacer: Pacer | None = None) -> No
     if len(dst) < n:
         raise ValueError(f"xor_into: destination of {len(dst)} bytes is shorter than the source ({n})")
     d, s = _array(dst), _array(src)
+    if pacer is None and n >= PARALLEL_MIN_BYTES:  # unpaced: every core's share at once
+        list(
+            worker_pool().map(
+                lambda r: np.bitwise_xor(d[r[0] : r[1]], s[r[0] : r[1]], out=d[r[0] : r[1]]),
+                spans(n, PIECE_BYTES, CRC_THREADS),
+            )
+        )
+        return
     for a in range(0, n, PIECE_BYTES):
         b = min(n, a + PIECE_BYTES)
         np.bitwise_xor(d[a:b], s[a:b], out=d[a:b])

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 
 from stashpoint.engine import memtier
-from stashpoint.engine.checksum import block_crcs
+from stashpoint.engine.checksum import parallel_block_crcs
 from stashpoint.engine.parity import Pacer, xor_into
 from stashpoint.engine.protect_store import (
     HELD_PREFIX,
@@ -88,7 +88,7 @@ class Protector:
         member = Member(
             rank=m.rank,
             file_size=m.file_size,
-            crc32c=tuple(block_crcs(data, m.crc_block)),
+            crc32c=tuple(parallel_block_crcs(data, m.crc_block)),
             manifest=memtier.manifest_to_json(m),
             sealed_at=sealed_at,
         )
@@ -284,7 +284,7 @@ def rebuild(t: NodeTransport, source: Source, rank: int) -> Rebuilt:
         member = next(m for m in record.members if m.rank == other.rank)
         data = t.read(other.node, other.path)[: member.file_size]
         check_blocks(
-            block_crcs(memoryview(data), record.crc_block),
+            parallel_block_crcs(memoryview(data), record.crc_block),
             member.crc32c,
             t.local_path(other.node, other.path),
             record.crc_block,
@@ -292,7 +292,7 @@ def rebuild(t: NodeTransport, source: Source, rank: int) -> Rebuilt:
         n = min(len(out), len(data))
         xor_into(memoryview(out)[:n], memoryview(data)[:n])
     check_blocks(
-        block_crcs(memoryview(out), record.crc_block),
+        parallel_block_crcs(memoryview(out), record.crc_block),
         lost.crc32c,
         f"{where} (rank {rank} rebuilt from parity)",
         record.crc_block,

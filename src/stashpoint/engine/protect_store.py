@@ -33,13 +33,14 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from stashpoint.engine.checksum import block_crcs
+from stashpoint.engine.checksum import block_crcs, parallel_block_crcs
 from stashpoint.engine.parity import PIECE_BYTES, Pacer, xor_into
 from stashpoint.errors import ChecksumMismatchError, IndexCorruptError, ProtectionError
 from stashpoint.format.index_json import check_seal, parse_strict, seal
@@ -196,14 +197,15 @@ def check_blocks(got: list[int] | tuple[int, ...], want: tuple[int, ...], where:
 
 
 def file_crcs(fd: int, size: int, block: int) -> list[int]:
-    """The crc32c of every ``block`` bytes of an open file, read in pieces."""
+    """The crc32c of every ``block`` bytes of an open file, read through a mapping."""
     if size == 0:
         return block_crcs(memoryview(b""), block)
-    step = block * max(1, PIECE_BYTES // block)
-    out: list[int] = []
-    for a in range(0, size, step):
-        out += block_crcs(memoryview(os.pread(fd, min(step, size - a), a)), block)
-    return out
+    with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapped:
+        view = memoryview(mapped)
+        try:
+            return parallel_block_crcs(view, block)
+        finally:
+            view.release()
 
 
 # --------------------------------------------------------------------------- transport
@@ -291,6 +293,14 @@ class FileTransport(NodeTransport):
         try:
             if os.fstat(fd).st_size < len(data):
                 os.ftruncate(fd, len(data))
+            if pacer is None and len(data):  # in place, every core's share at once
+                with mmap.mmap(fd, len(data)) as mapped:
+                    view = memoryview(mapped)
+                    try:
+                        xor_into(view, data)
+                    finally:
+                        view.release()
+                return
             for a in range(0, len(data), PIECE_BYTES):
                 piece = data[a : a + PIECE_BYTES]
                 cur = bytearray(os.pread(fd, len(piece), a))
