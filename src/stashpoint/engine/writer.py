@@ -127,7 +127,8 @@ class _Writer:
         ]
         try:
             written, size = publisher.write_file(job.rank, items, job.crc_block, timer)
-            publisher.deliver(job.rank, [*written, *job.inline])
+            kept = publisher.write_fragment(job.rank, written, job.grids)
+            publisher.deliver(job.rank, [*kept, *job.inline])
         except BaseException as exc:
             if job.rank == 0:  # the coordinator gives up for everyone: staging goes
                 publisher.abort()
@@ -144,7 +145,7 @@ class _Writer:
                 publisher.abort()
                 raise
             total = publisher.finish(
-                job.plan_items, contributions, job.metadata, job.crc_block, timer
+                job.plan_items, contributions, job.metadata, job.crc_block, timer, job.grids
             ).total_bytes
         else:
             with timer.phase("wait_commit"):
