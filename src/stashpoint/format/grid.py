@@ -177,11 +177,11 @@ def _dim_splits(length: int, intervals: list[tuple[int, int]], candidates: list[
 
 
 def _candidates(count: int, mesh_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    out: list[tuple[int, ...]] = [(), (count,)]
+    out: list[tuple[int, ...]] = [()]
     sizes = [m for m in mesh_shape if m > 1]
     for k in range(1, min(3, len(sizes)) + 1):
         out += [tuple(p) for p in itertools.permutations(sizes, k)]
-    return out
+    return [*out, (count,)]
 
 
 def infer_grid(
