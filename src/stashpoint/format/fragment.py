@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from stashpoint.errors import IndexCorruptError
 from stashpoint.format.grid import GridCell
 from stashpoint.format.index_json import parse_strict
-from stashpoint.format.index_parse import CRC_LIMIT, INDEX_ITEMSIZE, IndexParser, numel
+from stashpoint.format.index_parse import BYTES_LIMIT, CRC_LIMIT, INDEX_ITEMSIZE, IndexParser, numel, utf8
 from stashpoint.format.records import ChunkRecord, FragmentRef, Item, TensorRecord
 
 FRAGMENT_FORMAT = "stashpoint-fragment"
@@ -92,31 +92,49 @@ def parse_fragment(
         p.expect(ok, f"chunks[{name!r}]", "a tensor item of the index described by a grid")
         p.expect(isinstance(entries, list), f"chunks[{name!r}]", "a list")
         for i, raw_entry in enumerate(entries):
-            c = _entry(p, raw_entry, f"chunks[{name!r}][{i}]", rec, ref)
-            p.expect((name, c.offsets) not in out, f"chunks[{name!r}][{i}].offsets", "unique in the fragment")
+            c = _entry(p, raw_entry, lambda i=i, name=name: f"chunks[{name!r}][{i}]", rec, ref)
+            if (name, c.offsets) in out:
+                p.fail(f"chunks[{name!r}][{i}].offsets", "unique in the fragment")
             out[name, c.offsets] = c
     return out
 
 
-def _entry(p: IndexParser, raw: object, ctx: str, rec: TensorRecord, ref: FragmentRef) -> ChunkRecord:
-    p.expect(isinstance(raw, dict), ctx, "a JSON object")
-    offsets = p.ints(raw, "offsets", ctx, len(rec.shape))
-    cell = rec.grid.cell_at(offsets)
-    p.expect(
-        cell is not None and cell.rank == ref.rank,
-        f"{ctx}.offsets",
-        f"the start of a grid cell of {ref.file!r}",
+def _ints(v: object, hi: int, length: int | None = None) -> bool:
+    return (
+        isinstance(v, list)
+        and (length is None or len(v) == length)
+        and all(type(x) is int and 0 <= x < hi for x in v)
     )
-    key = p.str(raw, "key", ctx)
-    p.expect(key != "", f"{ctx}.key", "a non-empty string")
-    byte_range = p.ints(raw, "byte_range", ctx, 2)
-    p.expect(byte_range[0] <= byte_range[1], f"{ctx}.byte_range", "ordered")
+
+
+def _entry(
+    p: IndexParser, raw: object, ctx: Callable[[], str], rec: TensorRecord, ref: FragmentRef
+) -> ChunkRecord:
+    """One entry, checked with plain comparisons (a fragment has thousands); ``ctx()`` names it."""
+    if not isinstance(raw, dict):
+        p.fail(ctx(), "a JSON object")
+    offsets, key, byte_range, crc = (raw.get(k) for k in ("offsets", "key", "byte_range", "crc32c"))
+    if not _ints(offsets, BYTES_LIMIT, len(rec.shape)):
+        p.fail(f"{ctx()}.offsets", f"a list of {len(rec.shape)} integers in [0, 2^63)")
+    cell = rec.grid.cell_at(offsets)
+    if cell is None or cell.rank != ref.rank:
+        p.fail(f"{ctx()}.offsets", f"the start of a grid cell of {ref.file!r}")
+    if not isinstance(key, str) or key == "" or not utf8(key):
+        p.fail(f"{ctx()}.key", "a non-empty string")
+    if not _ints(byte_range, BYTES_LIMIT, 2) or byte_range[0] > byte_range[1]:
+        p.fail(f"{ctx()}.byte_range", "an ordered pair of integers in [0, 2^63)")
     nbytes = numel(cell.shape) * INDEX_ITEMSIZE[rec.dtype]
-    p.expect(byte_range[1] - byte_range[0] == nbytes, f"{ctx}.byte_range", "shape x itemsize long")
-    crc = p.ints(raw, "crc32c", ctx, hi=CRC_LIMIT)
-    p.expect(len(crc) == max(1, -(-nbytes // p.block)), f"{ctx}.crc32c", "one checksum per block")
+    if byte_range[1] - byte_range[0] != nbytes:
+        p.fail(f"{ctx()}.byte_range", "shape x itemsize long")
+    if not _ints(crc, CRC_LIMIT) or len(crc) != max(1, -(-nbytes // p.block)):
+        p.fail(f"{ctx()}.crc32c", "one checksum per block, each in [0, 2^32)")
     return ChunkRecord(
-        offsets=offsets, shape=cell.shape, file=ref.file, key=key, byte_range=byte_range, crc32c=crc
+        offsets=cell.offsets,
+        shape=cell.shape,
+        file=ref.file,
+        key=key,
+        byte_range=tuple(byte_range),
+        crc32c=tuple(crc),
     )
 
 

@@ -105,17 +105,15 @@ class TensorGrid:
     steps: tuple[tuple[int, ...], ...]
     exceptions: tuple[tuple[int, int], ...] = ()
     _moved: dict[int, int] = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
+    #: the dimensions' splits and their piece counts (derived)
+    dims: tuple[DimSplit, ...] = field(default=(), init=False, compare=False, repr=False)
+    counts: tuple[int, ...] = field(default=(), init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_moved", dict(self.exceptions))
-
-    @property
-    def dims(self) -> tuple[DimSplit, ...]:
-        return tuple(DimSplit(n, s) for n, s in zip(self.shape, self.splits))
-
-    @property
-    def counts(self) -> tuple[int, ...]:
-        return tuple(d.count for d in self.dims)
+        dims = tuple(DimSplit(n, s) for n, s in zip(self.shape, self.splits))
+        object.__setattr__(self, "dims", dims)
+        object.__setattr__(self, "counts", tuple(d.count for d in dims))
 
     @property
     def cell_count(self) -> int:

@@ -8,6 +8,7 @@ from an index, and nothing that breaks the format's rules is loaded.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from stashpoint.errors import IndexCorruptError, UnsafePathError
@@ -35,7 +36,7 @@ RANKS_LIMIT = 1 << 31
 NAME_BYTES_LIMIT = 255
 _PAIRWISE_TILING = 256  # beyond this many chunks, volume and distinct offsets are checked
 
-def _utf8(text: str) -> bool:
+def utf8(text: str) -> bool:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -43,14 +44,17 @@ def _utf8(text: str) -> bool:
     return True
 
 
+_SEPARATORS = re.compile("[/\\\\\0]")
+
+
 def is_plain_file_name(name: str) -> bool:
     """A file of the checkpoint directory itself: no separators, no NUL, not ``.``/``..``."""
-    return (
-        name not in ("", ".", "..")
-        and not any(ch in name for ch in "/\\\0")
-        and _utf8(name)
-        and len(name.encode("utf-8")) <= NAME_BYTES_LIMIT
-    )
+    if name in ("", ".", "..") or _SEPARATORS.search(name):
+        return False
+    try:
+        return len(name.encode("utf-8")) <= NAME_BYTES_LIMIT
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
 
 
 class IndexParser:
@@ -93,7 +97,7 @@ class IndexParser:
 
     def str(self, d: dict, key: str, ctx: str = "") -> str:
         v, name = self.get(d, key, ctx)
-        self.expect(isinstance(v, str) and _utf8(v), name, "a string")
+        self.expect(isinstance(v, str) and utf8(v), name, "a string")
         return v
 
     def ints(
@@ -232,7 +236,7 @@ class IndexParser:
 
     def item(self, raw: object, name: str, world_size: int) -> Item:
         ctx = f"items[{name!r}]"
-        self.expect(name != "" and _utf8(name), ctx, "named by a non-empty string")
+        self.expect(name != "" and utf8(name), ctx, "named by a non-empty string")
         if not (isinstance(raw, dict) and raw.get("kind") == "per_rank"):
             return self.record(raw, ctx)
         ranks = self.list(raw, "ranks", ctx)
