@@ -15,6 +15,7 @@ the others.  Pure: no I/O, no torch.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -117,10 +118,7 @@ class TensorGrid:
 
     @property
     def cell_count(self) -> int:
-        n = 1
-        for c in self.counts:
-            n *= c
-        return n
+        return math.prod(self.counts)
 
     def rank_bounds(self) -> tuple[int, int]:
         """The least and greatest rank the affine rule gives over every split position."""
