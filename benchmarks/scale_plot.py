@@ -62,6 +62,7 @@ def plot(doc: dict, out: str) -> None:
             label=f"{label}: worst of N/2, N, 2N",
         )
         planned = [r for r in rows if r.get("save_plan")]
+        traced = [r for r in planned if r["save_plan"]["peak_bytes"] is not None]
         if planned:
             axes[1].plot(
                 [r["world"] for r in planned],
@@ -71,8 +72,8 @@ def plot(doc: dict, out: str) -> None:
                 label=f"{label}: save plan (today)",
             )
             axes[2].plot(
-                [r["world"] for r in planned],
-                [r["save_plan"]["peak_bytes"] / MIB for r in planned],
+                [r["world"] for r in traced],
+                [r["save_plan"]["peak_bytes"] / MIB for r in traced],
                 marker=marker,
                 ls=":",
                 label=f"{label}: save plan (today)",
