@@ -160,7 +160,7 @@ def test_index_round_trip_and_validation():
     assert Index.from_json(text, "x").to_json() == text
     old = _index(format_version=1)  # no index checksum: validation alone must catch these
     with pytest.raises(UnsupportedFormatVersionError):
-        Index.from_json(old.replace('"format_version": 1', '"format_version": 3'), "x")
+        Index.from_json(old.replace('"format_version": 1', '"format_version": 4'), "x")
     with pytest.raises(IndexCorruptError, match="byte_range"):
         Index.from_json(old.replace("16", "17"), "x")
     with pytest.raises(IndexCorruptError, match="dtype"):
