@@ -143,7 +143,7 @@ class Publisher:
         """Put this rank's chunks of grid tensors into its index fragment, in the staging location.
 
         Returns what the rank still contributes to ``index.json`` itself: its other
-        chunks, and the fragment's name and digest (docs/FORMAT.md §3.3).
+        chunks, and the fragment's name and digest (docs/FORMAT.md §3.4).
         """
         into, rest = fragment_chunks(written, grids)
         if not into:

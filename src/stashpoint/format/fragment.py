@@ -3,7 +3,7 @@
 From format version 3, a tensor described by a grid (:mod:`stashpoint.format.grid`)
 keeps its chunks' keys, byte ranges and CRC-32C lists out of ``index.json``: each data
 file has a fragment, ``index-RRRRR.json``, written by the rank that wrote the file, and
-``index.json`` lists every fragment with its SHA-256 (docs/FORMAT.md §3.3).  A loading
+``index.json`` lists every fragment with its SHA-256 (docs/FORMAT.md §3.4).  A loading
 rank reads only the fragments of the files it reads from.  A fragment is believed only
 once its bytes match the digest that the (checksummed) ``index.json`` records, and every
 entry is checked against the grid it belongs to, so a fragment is as strictly validated

@@ -8,7 +8,7 @@ are the product of the dimensions' pieces, and the file that holds each one is a
 affine function of its pieces' positions (the rank at that mesh coordinate) except for
 the cells listed as exceptions (replicated pieces, written by whichever holder had the
 fewest bytes).  So a tensor with a million chunks is described in a few ints
-(docs/FORMAT.md §3.2), and a reader finds the chunks overlapping a box without listing
+(docs/FORMAT.md §3.3), and a reader finds the chunks overlapping a box without listing
 the others.  Pure: no I/O, no torch.
 """
 

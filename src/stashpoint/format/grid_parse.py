@@ -33,7 +33,7 @@ def _int_lists(p: IndexParser, raw: object, field_name: str, shape_of: list | No
 
 
 def parse_grid(p: IndexParser, raw: dict, ctx: str, shape: tuple[int, ...]) -> TensorGrid:
-    """A tensor's grid (docs/FORMAT.md §3.2), checked against its shape and the world size."""
+    """A tensor's grid (docs/FORMAT.md §3.3), checked against its shape and the world size."""
     splits_raw, _ = p.get(raw, "splits", ctx)
     splits = _int_lists(p, splits_raw, f"{ctx}.splits", None, 1)
     p.expect(len(splits) == len(shape) and len(shape) > 0, f"{ctx}.splits", "one list per tensor dimension")

@@ -1,4 +1,4 @@
-"""Which tensors a save's index describes by a grid (docs/FORMAT.md §3.2), from its plan.
+"""Which tensors a save's index describes by a grid (docs/FORMAT.md §3.3), from its plan.
 
 Every rank computes the same answer from the same plan, so each rank knows, without
 asking, which of its chunks go into its index fragment (those of grid tensors) and
