@@ -239,6 +239,10 @@ MAIN_DAMAGE = [
     ("fragment-sha", lambda d: d["fragments"][1].update(sha256="x" * 64), "fragments[1].sha256"),
     ("fragment-name", lambda d: d["fragments"][1].update(fragment="../up.json"), "fragments[1].fragment"),
     ("fragment-bytes", lambda d: d["fragments"][1].update(bytes=-1), "fragments[1].bytes"),
+    ("fragment-bytes-bool", lambda d: d["fragments"][1].update(bytes=True), "fragments[1].bytes"),
+    ("fragment-dotdot", lambda d: d["fragments"][1].update(fragment=".."), "fragments[1].fragment"),
+    ("fragment-backslash", lambda d: d["fragments"][1].update(file="a\\b"), "fragments[1].file"),
+    ("fragment-not-object", lambda d: d["fragments"].__setitem__(1, [1]), "fragments[1]"),
     (
         "fragment-twice",
         lambda d: d["fragments"][1].update(fragment="index-00000.json"),
@@ -253,6 +257,16 @@ def test_malformed_grid_or_fragment_list_is_named(damage, field: str) -> None:
     damage(doc)
     with pytest.raises(IndexCorruptError, match=f"ckpt: index field .*{re.escape(field)}"):
         Index.from_json(_reseal(doc), "ckpt")
+
+
+def test_fragment_names_beyond_plain_ascii_are_judged_by_the_full_rule() -> None:
+    """A name the quick check does not vouch for (non-ASCII, a control character) is still
+    read when it is a plain file name (FORMAT.md §1)."""
+    doc, _ = _saved()
+    doc["fragments"][1].update(fragment="índice-\t1.json")
+    index = Index.from_json(_reseal(doc), "ckpt")
+    assert index.fragments[1].fragment == "índice-\t1.json"
+    assert index.fragments[0].fragment == "index-00000.json"
 
 
 def _fragment_damage(mutate):
