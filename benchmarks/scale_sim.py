@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib.metadata
 import json
 import os
 import platform
@@ -44,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import scale_model as sm
 import scale_plot
+from stashpoint import __version__
 from stashpoint.engine.persist import build_index
 from stashpoint.engine.publish import save_metadata
 from stashpoint.engine.records import Written
@@ -60,6 +62,9 @@ SAVE_ID = "5ca1e5a7e000"
 #: the process CPU seconds of every timed call, in order (wall time on a busy machine
 #: counts other processes' turns; CPU time does not)
 CPU_SECONDS: list[float] = []
+#: the wall seconds of every timed call, in order (the fastest of a call's repeats is the
+#: one least disturbed by other work)
+WALL_SECONDS: list[float] = []
 
 
 def measured(fn, repeats: int = 1, trace: bool = True):
@@ -72,6 +77,7 @@ def measured(fn, repeats: int = 1, trace: bool = True):
         result = fn()
         times.append(time.perf_counter() - t)
         CPU_SECONDS.append(time.process_time() - cpu)
+        WALL_SECONDS.append(times[-1])
     if not trace:
         return result, statistics.median(times), None
     gc.collect()
@@ -274,17 +280,21 @@ def load_side(kind: str, world: int, load_world: int, directory: Path, model, re
         lambda: Index.from_json((directory / "index.json").read_bytes(), "sim"), repeats
     )
     parse_cpu = statistics.median(CPU_SECONDS[-repeats:])
+    parse_min = min(WALL_SECONDS[-repeats:])
     plan, total_s, total_peak = measured(run, repeats)
     total_cpu = statistics.median(CPU_SECONDS[-repeats:])
+    total_min = min(WALL_SECONDS[-repeats:])
     runs = repeats + 1
     return {
         "load_world": load_world,
         "rank": rank,
         "parse_seconds": parse_s,
+        "parse_min_seconds": parse_min,
         "parse_cpu_seconds": parse_cpu,
         "parse_and_plan_cpu_seconds": total_cpu,
         "parse_peak_bytes": parse_peak,
         "parse_and_plan_seconds": total_s,
+        "parse_and_plan_min_seconds": total_min,
         "parse_and_plan_peak_bytes": total_peak,
         "fragments_read": read["n"] // runs,
         "fragment_bytes_read": read["bytes"] // runs,
@@ -331,12 +341,24 @@ def one(kind: str, world: int, args, model) -> dict:
     return row
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
 def _doc(args, model, rows) -> dict:
     return {
         "what": "benchmarks/scale_sim.py: simulated 70B-class state, planning and index only",
         "items": len(model),
+        "software": {"torch": importlib.metadata.version("torch"), "stashpoint": __version__},
         "machine": {
             "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpu_model": _cpu_model(),
+            "cpu_affinity": sorted(os.sched_getaffinity(0)),
             "cpus": os.cpu_count(),
             "load_average": os.getloadavg(),
             "note": "a shared 2-core machine; other work ran at the same time",
@@ -371,9 +393,13 @@ def main() -> None:
             rows.sort(key=lambda r: (r["layout"], r["world"]))
             out.write_text(json.dumps(_doc(args, model, rows), indent=1) + "\n")
             worst = max(r["parse_and_plan_seconds"] for r in row["loads"])
+            best = max(r["parse_and_plan_min_seconds"] for r in row["loads"])
+            cpu = max(r["parse_and_plan_cpu_seconds"] for r in row["loads"])
+            peak = max(r["parse_and_plan_peak_bytes"] for r in row["loads"])
             print(
                 f"{kind:8} N={world:5}: index {row['index_json_bytes'] / MIB:7.2f} MiB + fragments "
-                f"{row['fragments_bytes'] / MIB:9.1f} MiB; parse+plan <= {worst:.3f}s "
+                f"{row['fragments_bytes'] / MIB:9.1f} MiB; parse+plan <= {worst:.3f}s median, "
+                f"{best:.3f}s fastest, {cpu:.3f}s CPU, peak {peak / MIB:.1f} MiB "
                 f"({row['wall_seconds']:.0f}s)",
                 flush=True,
             )
