@@ -303,6 +303,27 @@ def test_malformed_fragment_is_named(mutate, field: str) -> None:
         expand_index(index, lambda ref: fragments[ref.fragment], "ckpt")
 
 
+def test_a_load_checks_the_fragment_entries_it_uses_and_a_whole_read_checks_all() -> None:
+    """A loading rank checks the entries of the cells its boxes overlap; a damaged entry
+    of another cell does not stop it, but is named when used and by a whole read."""
+    chunks = [((r, 0), (1, 3), r // 2) for r in range(8)]  # two cells in each file
+    text, fragments, _ = compact_and_explicit(chunks, (8, 3), 4)
+    doc = json.loads(text)
+    raw = _fragment_damage(lambda d: d["chunks"]["w"][1].update(crc32c=[1, 2]))(fragments["index-00001.json"])
+    fragments["index-00001.json"] = raw
+    doc["fragments"][1].update(sha256=hashlib.sha256(raw).hexdigest(), bytes=len(raw))
+    index = Index.from_json(_reseal(doc), "ckpt")
+    grids = index.grid_chunks(lambda ref: fragments[ref.fragment], "ckpt")
+    (got,) = grids.overlapping("w", index.items["w"], [((2, 0), (1, 3))])
+    assert (got.offsets, got.shape, got.file) == ((2, 0), (1, 3), "data-00001.safetensors")
+    assert list(grids.checked()) == [got]
+    pattern = r"ckpt/index-00001.json: index field .chunks\['w'\]\[1\].crc32c. must be"
+    with pytest.raises(IndexCorruptError, match=pattern):
+        grids.overlapping("w", index.items["w"], [((3, 0), (1, 3))])
+    with pytest.raises(IndexCorruptError, match=pattern):
+        expand_index(index, lambda ref: fragments[ref.fragment], "ckpt")
+
+
 def test_fragment_not_matching_its_digest_or_lacking_a_chunk_is_named() -> None:
     doc, fragments = _saved()
     index = Index.from_json(_reseal(doc), "ckpt")
@@ -325,6 +346,18 @@ def test_cell_in_the_file_of_a_rank_without_fragment_is_named() -> None:
     index = Index.from_json(_reseal(doc), "ckpt")
     with pytest.raises(IndexCorruptError, match="file of rank 3, which has no entry in 'fragments'"):
         expand_index(index, lambda ref: fragments[ref.fragment], "ckpt")
+
+
+def test_a_grid_shared_by_tensors_is_checked_against_each_shape() -> None:
+    """Tensors with the same grid share one parsed grid only when their shapes agree."""
+    doc, _ = _saved()
+    doc["items"]["v"] = json.loads(json.dumps(doc["items"]["w"]))
+    index = Index.from_json(_reseal(doc), "ckpt")
+    assert index.items["v"].grid is index.items["w"].grid
+    doc["items"]["v"]["shape"] = [0, 3]
+    pattern = r"index field .items\['v'\].grid. must be a grid of a tensor"
+    with pytest.raises(IndexCorruptError, match=pattern):
+        Index.from_json(_reseal(doc), "ckpt")
 
 
 def test_grid_of_no_elements_is_refused() -> None:

@@ -181,13 +181,13 @@ class CheckpointReader:
         """Every data file in ``files`` (default: all) exists and is long enough for its chunks.
 
         Without ``files`` the whole index is checked (every fragment is read); with them,
-        the chunks ``index.json`` lists and those of the fragments read so far count.
+        the chunks ``index.json`` lists and those of the fragments used so far count.
         """
         if files is None:
             with self.vanishing():
                 check_files(self.storage, self.path, self.index, set(self.index.files), self.file_path)
             return
-        extra = [("", c) for part in self.grid_chunks.parsed.values() for c in part.values()]
+        extra = [("", c) for c in self.grid_chunks.checked()]
         with self.vanishing():
             check_files(self.storage, self.path, self.main, set(files), self.file_path, extra)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from stashpoint.errors import IndexCorruptError
 from stashpoint.format.grid import GridCell
@@ -65,9 +65,11 @@ def fragment_ref(rank: int, file: str, raw: bytes) -> FragmentRef:
 
 
 def parse_fragment(
-    raw: bytes, ref: FragmentRef, items: Mapping[str, Item], save_id: str, block: int, where: str
-) -> FragmentChunks:
-    """The chunks of one fragment, checked against its digest and the grids of ``items``.
+    raw: bytes, ref: FragmentRef, items: Mapping[str, Item], meta: tuple[str, int], where: str, whole: bool
+) -> Fragment:
+    """One fragment, checked against its digest, the index's ``meta`` (save id, checksum
+    block) and the grids of ``items``; with ``whole``, every entry is checked here, else
+    each entry when it is first used (:meth:`Fragment.get`).
 
     Raises IndexCorruptError naming the fragment and the field for anything that does
     not match: the digest, the JSON, an item that is not a grid tensor, an entry whose
@@ -79,24 +81,69 @@ def parse_fragment(
             f"{where}: index fragment {ref.fragment!r} does not match '{ctx}.sha256' of the index "
             "(it was modified, damaged or replaced after the save)"
         )
+    save_id, block = meta
     p = IndexParser(f"{where}/{ref.fragment}")
     p.block = block
     doc = parse_strict(raw, p.where)
     p.expect(isinstance(doc, dict) and doc.get("format") == FRAGMENT_FORMAT, "format", f'"{FRAGMENT_FORMAT}"')
     p.expect(doc.get("file") == ref.file, "file", f"{ref.file!r}, as '{ctx}.file' of the index says")
     p.expect(doc.get("save_id") == save_id, "save_id", "the save_id of the index")
-    out: FragmentChunks = {}
+    fragment = Fragment(p, ref, items)
     for name, entries in p.obj(doc, "chunks").items():
         rec = items.get(name)
         ok = isinstance(rec, TensorRecord) and rec.grid is not None
         p.expect(ok, f"chunks[{name!r}]", "a tensor item of the index described by a grid")
         p.expect(isinstance(entries, list), f"chunks[{name!r}]", "a list")
         for i, raw_entry in enumerate(entries):
-            c = _entry(p, raw_entry, lambda i=i, name=name: f"chunks[{name!r}][{i}]", rec, ref)
-            if (name, c.offsets) in out:
-                p.fail(f"chunks[{name!r}][{i}].offsets", "unique in the fragment")
-            out[name, c.offsets] = c
-    return out
+            fragment.add(name, i, raw_entry, rec)  # type: ignore[arg-type]
+    if whole:
+        fragment.check_all()
+    return fragment
+
+
+class Fragment:
+    """The entries of one fragment by (item name, offsets).  Its bytes matched the digest
+    the checksummed index records, so an entry no read uses cannot mislead one: each is
+    checked against its grid cell when first used, or all at once (:meth:`check_all`)."""
+
+    def __init__(self, p: IndexParser, ref: FragmentRef, items: Mapping[str, Item]) -> None:
+        self.p, self.ref, self.items = p, ref, items
+        self.raw: dict[tuple[str, tuple[int, ...]], tuple[int, dict]] = {}
+        #: the entries checked so far
+        self.checked: FragmentChunks = {}
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def add(self, name: str, i: int, raw: object, rec: TensorRecord) -> None:
+        offsets = raw.get("offsets") if type(raw) is dict else None
+        if type(offsets) is not list or not all(type(x) is int for x in offsets):
+            _entry(self.p, raw, _named(name, i), rec, self.ref)  # raises, naming it
+        key = (name, tuple(offsets))  # type: ignore[arg-type]
+        if key in self.raw:
+            self.p.fail(f"chunks[{name!r}][{i}].offsets", "unique in the fragment")
+        self.raw[key] = (i, raw)  # type: ignore[assignment]
+
+    def get(self, name: str, cell: GridCell) -> ChunkRecord | None:
+        """The checked record of ``cell`` of grid tensor ``name`` (a cell of this file), if listed."""
+        key = (name, cell.offsets)
+        got = self.checked.get(key)
+        if got is None and key in self.raw:
+            i, raw = self.raw[key]
+            rec = self.items[name]
+            got = self.checked[key] = _fields(self.p, raw, _named(name, i), rec, self.ref, cell)  # type: ignore[arg-type]
+        return got
+
+    def check_all(self) -> None:
+        """Every entry: its offsets start a cell of this file, its fields follow the format."""
+        for (name, _), (i, raw) in self.raw.items():
+            c = _entry(self.p, raw, _named(name, i), self.items[name], self.ref)  # type: ignore[arg-type]
+            self.checked[name, c.offsets] = c
+
+
+def _named(name: str, i: int) -> Callable[[], str]:
+    """The field name of entry ``i`` of item ``name``, made only when an error needs it."""
+    return lambda: f"chunks[{name!r}][{i}]"
 
 
 def _ints(v: object, hi: int, length: int | None = None) -> bool:
@@ -113,12 +160,20 @@ def _entry(
     """One entry, checked with plain comparisons (a fragment has thousands); ``ctx()`` names it."""
     if not isinstance(raw, dict):
         p.fail(ctx(), "a JSON object")
-    offsets, key, byte_range, crc = (raw.get(k) for k in ("offsets", "key", "byte_range", "crc32c"))
+    offsets = raw.get("offsets")
     if not _ints(offsets, BYTES_LIMIT, len(rec.shape)):
         p.fail(f"{ctx()}.offsets", f"a list of {len(rec.shape)} integers in [0, 2^63)")
     cell = rec.grid.cell_at(offsets)
     if cell is None or cell.rank != ref.rank:
         p.fail(f"{ctx()}.offsets", f"the start of a grid cell of {ref.file!r}")
+    return _fields(p, raw, ctx, rec, ref, cell)
+
+
+def _fields(
+    p: IndexParser, raw: dict, ctx: Callable[[], str], rec: TensorRecord, ref: FragmentRef, cell: GridCell
+) -> ChunkRecord:
+    """The record of the entry of ``cell`` (whose offsets it has): key, byte range, checksums."""
+    key, byte_range, crc = (raw.get(k) for k in ("key", "byte_range", "crc32c"))
     if not isinstance(key, str) or key == "" or not utf8(key):
         p.fail(f"{ctx()}.key", "a non-empty string")
     if not _ints(byte_range, BYTES_LIMIT, 2) or byte_range[0] > byte_range[1]:
@@ -142,7 +197,8 @@ class GridChunks:
     """The chunks of grid tensors, read from the fragments they live in, each fragment once.
 
     ``load(ref)`` returns a fragment's bytes (the engine reads them from storage);
-    ``items`` are the index's items, against whose grids every fragment is checked.
+    ``items`` are the index's items, against whose grids every fragment is checked:
+    each entry when it is first used, or (``whole``) every entry of a fragment read.
     """
 
     def __init__(
@@ -152,19 +208,24 @@ class GridChunks:
         meta: tuple[str, int],
         load: Callable[[FragmentRef], bytes],
         where: str,
+        whole: bool = False,
     ) -> None:
         self.items, self.refs, self.load, self.where = items, fragments, load, where
-        self.save_id, self.block = meta
-        self.parsed: dict[int, FragmentChunks] = {}
+        self.meta, self.whole = meta, whole
+        self.parsed: dict[int, Fragment] = {}
 
-    def fragment(self, rank: int) -> FragmentChunks:
+    def fragment(self, rank: int) -> Fragment:
         got = self.parsed.get(rank)
         if got is None:
             ref = self.refs[rank]
-            got = self.parsed[rank] = parse_fragment(
-                self.load(ref), ref, self.items, self.save_id, self.block, self.where
-            )
+            raw = self.load(ref)  # type: ignore[arg-type]
+            got = self.parsed[rank] = parse_fragment(raw, ref, self.items, self.meta, self.where, self.whole)  # type: ignore[arg-type]
         return got
+
+    def checked(self) -> Iterator[ChunkRecord]:
+        """The records of the fragments' entries checked so far (those read or to be read)."""
+        for part in self.parsed.values():
+            yield from part.checked.values()
 
     def ref_of(self, fqn: str, cell: GridCell) -> FragmentRef:
         ref = self.refs[cell.rank] if cell.rank < len(self.refs) else None
@@ -180,7 +241,7 @@ class GridChunks:
         out = []
         for cell in cells:
             ref = self.ref_of(fqn, cell)
-            got = self.fragment(ref.rank).get((fqn, cell.offsets))
+            got = self.fragment(ref.rank).get(fqn, cell)
             if got is None:
                 raise IndexCorruptError(
                     f"{self.where}: index fragment {ref.fragment!r} lacks chunk {list(cell.offsets)} of "

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from stashpoint.errors import IndexCorruptError, UnsupportedFormatVersionError
 from stashpoint.format.fragment import GridChunks
@@ -159,30 +159,26 @@ class Index:
             fragments=parsed.fragments,
         )
 
-    def grid_chunks(self, load: Callable[[FragmentRef], bytes], where: str) -> GridChunks:
-        """The reader of this index's grid chunks, fragments read through ``load``."""
+    def grid_chunks(
+        self, load: Callable[[FragmentRef], bytes], where: str, whole: bool = False
+    ) -> GridChunks:
+        """The reader of this index's grid chunks, fragments read through ``load``; with
+        ``whole``, every entry of a fragment read is checked at once, else when used."""
         meta = (self.metadata.save_id, self.crc_block_bytes)
-        return GridChunks(self.items, self.fragments, meta, load, where)
+        return GridChunks(self.items, self.fragments, meta, load, where, whole)
 
 
 def expand_index(index: Index, load: Callable[[FragmentRef], bytes], where: str) -> Index:
     """``index`` with every grid tensor's chunks listed (every fragment is read and checked)."""
     if not index.compact:
         return index
-    grids = index.grid_chunks(load, where)
+    grids = index.grid_chunks(load, where, whole=True)
     items: dict[str, Item] = {}
     for name, item in index.items.items():
         is_grid = isinstance(item, TensorRecord) and item.grid is not None
         items[name] = grids.expanded(name, item) if is_grid else item
     grids.check_complete()
-    return Index(
-        metadata=index.metadata,
-        items=items,
-        crc_block_bytes=index.crc_block_bytes,
-        format_version=index.format_version,
-        checksum_verified=index.checksum_verified,
-        fragments=index.fragments,
-    )
+    return replace(index, items=items)
 
 
 def iter_chunks(index: Index) -> Iterator[tuple[str, ChunkRecord]]:

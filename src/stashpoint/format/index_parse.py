@@ -68,6 +68,17 @@ class IndexParser:
         self.version = version
         self.block = 0  # crc_block_bytes, once read
         self.world = 1  # metadata.world_size, once read
+        #: layouts and grids already checked, by their JSON text (and the tensor's shape):
+        #: the thousands of tensors of a large index share a handful of each
+        self.seen: dict[tuple[str, str, tuple[int, ...]], object] = {}
+
+    def once(self, what: str, raw: object, shape: tuple[int, ...], parse):
+        """``parse()``, or the result it gave for the same ``what`` of JSON ``raw`` and ``shape``."""
+        key = (what, repr(raw), shape)
+        got = self.seen.get(key)
+        if got is None:
+            got = self.seen[key] = parse()
+        return got
 
     def fail(self, field_name: str, wanted: str):
         raise IndexCorruptError(f"{self.where}: index field {field_name!r} must be {wanted}")
@@ -218,10 +229,12 @@ class IndexParser:
         shape = self.ints(raw, "shape", ctx)
         layout = None
         if raw.get("layout") is not None:
-            layout = self.layout(self.obj(raw, "layout", ctx), ctx)
+            obj = self.obj(raw, "layout", ctx)
+            layout = self.once("layout", obj, (), lambda: self.layout(obj, ctx))
         if self.version >= 3 and "grid" in raw:
             self.expect("chunks" not in raw, f"{ctx}.chunks", "absent when the item has a grid")
-            grid = parse_grid(self, self.obj(raw, "grid", ctx), f"{ctx}.grid", shape)
+            obj = self.obj(raw, "grid", ctx)
+            grid = self.once("grid", obj, shape, lambda: parse_grid(self, obj, f"{ctx}.grid", shape))
             return TensorRecord(dtype=dtype, shape=shape, chunks=(), layout=layout, grid=grid)
         chunks = tuple(
             self.chunk(c, f"{ctx}.chunks[{i}]") for i, c in enumerate(self.list(raw, "chunks", ctx))
