@@ -227,6 +227,11 @@ MAIN_DAMAGE = [
     ("splits-not-lists", lambda d: _grid(d).update(splits=[4, []]), "items['w'].grid.splits"),
     ("splits-zero", lambda d: _grid(d).update(splits=[[0], []]), "items['w'].grid.splits"),
     ("splits-ndim", lambda d: _grid(d).update(splits=[[4]]), "items['w'].grid.splits"),
+    (
+        "splits-deep",  # more levels than a Python stack would follow
+        lambda d: _grid(d).update(splits=[[1] * 5000, []], file_steps=[[0] * 5000, []]),
+        "items['w'].grid.splits",
+    ),
     ("steps-shape", lambda d: _grid(d).update(file_steps=[[1, 1], []]), "items['w'].grid.file_steps"),
     ("steps-beyond-world", lambda d: _grid(d).update(file_steps=[[2], []]), "items['w'].grid.file_steps"),
     ("first-beyond-world", lambda d: _grid(d).update(file_first=4), "items['w'].grid.file_first"),
@@ -322,6 +327,19 @@ def test_a_load_checks_the_fragment_entries_it_uses_and_a_whole_read_checks_all(
         grids.overlapping("w", index.items["w"], [((3, 0), (1, 3))])
     with pytest.raises(IndexCorruptError, match=pattern):
         expand_index(index, lambda ref: fragments[ref.fragment], "ckpt")
+
+
+def test_a_grid_claiming_more_cells_than_listed_fails_at_the_first_missing_one() -> None:
+    """A billion cells claimed, four listed: a load over the whole tensor stops at the first
+    cell it checks (here the listed entry of cell 0, whose byte range no longer fits)."""
+    doc, fragments = _saved()
+    doc["items"]["w"].update(shape=[1 << 40, 3])
+    _grid(doc).update(splits=[[1 << 30], []], file_steps=[[0], []])
+    index = Index.from_json(_reseal(doc), "ckpt")
+    grids = index.grid_chunks(lambda ref: fragments[ref.fragment], "ckpt")
+    pattern = r"index-00000.json: index field .chunks\['w'\]\[0\].byte_range"
+    with pytest.raises(IndexCorruptError, match=pattern):
+        grids.overlapping("w", index.items["w"], [((0, 0), (1 << 40, 3))])
 
 
 def test_fragment_not_matching_its_digest_or_lacking_a_chunk_is_named() -> None:

@@ -252,13 +252,17 @@ class GridChunks:
 
     def overlapping(
         self, fqn: str, rec: TensorRecord, boxes: Iterable[tuple[tuple[int, ...], tuple[int, ...]]]
-    ):
-        """The chunks of ``fqn`` that overlap any of ``boxes`` ((offsets, shape) pairs), each once."""
-        seen: dict[int, GridCell] = {}
+    ) -> tuple[ChunkRecord, ...]:
+        """The chunks of ``fqn`` that overlap any of ``boxes`` ((offsets, shape) pairs), each once.
+
+        Each cell is looked up as the grid yields it, so a grid that claims more cells than
+        the fragments list fails at the first missing one, never after listing them all."""
+        found: dict[int, ChunkRecord] = {}
         for offsets, shape in boxes:
             for cell in rec.grid.cells(offsets, shape):
-                seen.setdefault(cell.number, cell)
-        return self.chunks(fqn, rec, [seen[n] for n in sorted(seen)])
+                if cell.number not in found:
+                    (found[cell.number],) = self.chunks(fqn, rec, (cell,))
+        return tuple(found[n] for n in sorted(found))
 
     def expanded(self, fqn: str, rec: TensorRecord) -> TensorRecord:
         """``rec`` with every chunk listed (reads every fragment that holds one)."""

@@ -146,10 +146,20 @@ class TensorGrid:
         """The cells overlapping the box (all cells by default), in row-major order."""
         offsets = (0,) * len(self.shape) if offsets is None else offsets
         shape = self.shape if shape is None else shape
-        counts = self.counts
-        per_dim = [list(d.overlapping(o, o + n)) for d, o, n in zip(self.dims, offsets, shape)]
-        for parts in itertools.product(*per_dim):
-            yield self._cell(parts, counts)
+        # each dimension's pieces are generated afresh under each piece of the one before:
+        # nothing is listed, so a box over a huge grid costs only the cells consumed
+        spans = [(o, o + n) for o, n in zip(offsets, shape)]
+        for parts in self._parts(0, (), spans):
+            yield self._cell(parts, self.counts)
+
+    def _parts(
+        self, d: int, before: tuple[Piece, ...], spans: list[tuple[int, int]]
+    ) -> Iterator[tuple[Piece, ...]]:
+        if d == len(self.dims):
+            yield before
+            return
+        for piece in self.dims[d].overlapping(*spans[d]):
+            yield from self._parts(d + 1, (*before, piece), spans)
 
     def cell_at(self, offsets: Sequence[int]) -> GridCell | None:
         """The cell whose first element is at ``offsets``, if there is one."""

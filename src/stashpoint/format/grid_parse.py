@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from stashpoint.format.index_parse import IndexParser
 
 _RANKS_LIMIT = 1 << 31
+#: split levels per dimension (FORMAT.md §3.3): one per mesh dimension is all a layout needs
+SPLIT_LEVELS_LIMIT = 32
 _BYTES_LIMIT = 1 << 63
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 #: a plain file name (FORMAT.md §1) for certain: printable ASCII without separators, not
@@ -49,6 +51,11 @@ def parse_grid(p: IndexParser, raw: dict, ctx: str, shape: tuple[int, ...]) -> T
     splits_raw, _ = p.get(raw, "splits", ctx)
     splits = _int_lists(p, splits_raw, f"{ctx}.splits", None, 1)
     p.expect(len(splits) == len(shape) and len(shape) > 0, f"{ctx}.splits", "one list per tensor dimension")
+    p.expect(
+        all(len(levels) <= SPLIT_LEVELS_LIMIT for levels in splits),
+        f"{ctx}.splits",
+        f"lists of at most {SPLIT_LEVELS_LIMIT} integers",
+    )
     steps_raw, _ = p.get(raw, "file_steps", ctx)
     steps = _int_lists(p, steps_raw, f"{ctx}.file_steps", splits, -_RANKS_LIMIT + 1)
     first = p.int(raw, "file_first", ctx, hi=p.world)
