@@ -27,12 +27,16 @@ def plan_grids(plan: SavePlan, min_chunks: int = GRID_MIN_CHUNKS) -> dict[str, T
                 continue
             placed.setdefault(w.fqn, []).append((w.box.offsets, w.box.shape, rank))
     grids = {}
+    #: tensors of one shape cut the same way share a grid: each geometry is inferred once
+    inferred: dict[tuple, TensorGrid | None] = {}
     for fqn, chunks in placed.items():
         if len(chunks) < max(min_chunks, 2):
             continue
         item = plan.items[fqn]
         mesh = item.layout.mesh_shape if item.layout is not None else ()
-        grid = infer_grid(item.shape, chunks, len(plan.writes), mesh)
-        if grid is not None:
-            grids[fqn] = grid
+        key = (item.shape, mesh, tuple(chunks))
+        if key not in inferred:
+            inferred[key] = infer_grid(item.shape, chunks, len(plan.writes), mesh)
+        if inferred[key] is not None:
+            grids[fqn] = inferred[key]
     return grids
