@@ -33,7 +33,7 @@ from stashpoint import errors, vocab
 from stashpoint._dist import Coordinator
 from stashpoint._state import flatten_state
 from stashpoint.engine.messages import Job, Outcome
-from stashpoint.engine.persist import grid_min_chunks
+from stashpoint.engine.persist import save_grids
 from stashpoint.engine.prepare import PreparedSave, chunk_of, inline_values, prepare_save
 from stashpoint.engine.publish import save_metadata
 from stashpoint.engine.records import Chunk, Source
@@ -44,7 +44,6 @@ from stashpoint.engine.telemetry import PhaseTimer, SaveResult, env_telemetry
 from stashpoint.engine.tensors import local_tensor, region
 from stashpoint.engine.writer_client import BackgroundWriter, JobFutures
 from stashpoint.format.index import DEFAULT_CRC_BLOCK_BYTES
-from stashpoint.planning.index_layout import plan_grids
 from stashpoint.planning.save_plan import WriteItem
 from stashpoint.storage import resolve
 from stashpoint.storage.commit import CommitStrategy
@@ -184,7 +183,7 @@ def async_save_state(
         timeout_s=timeout_s,
         overwrite=overwrite,
         commit=prepared.publisher.commit,
-        grids=plan_grids(prepared.plan, grid_min_chunks()),
+        grids=save_grids(prepared.plan),
         **_coordinator_part(coord, prepared, step, user),
     )
     _launch(handle, job, slot, tickets, writer, coord, optimizers_of(state) if mode == "lazy" else None)

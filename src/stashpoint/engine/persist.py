@@ -33,8 +33,8 @@ from stashpoint.format.index import (
 )
 from stashpoint.format.records import numel
 from stashpoint.format.safetensors_file import layout_file
-from stashpoint.planning.index_layout import GRID_MIN_CHUNKS
-from stashpoint.planning.save_plan import GLOBAL, ItemPlan
+from stashpoint.planning.index_layout import GRID_MIN_CHUNKS, plan_grids
+from stashpoint.planning.save_plan import GLOBAL, ItemPlan, SavePlan
 from stashpoint.storage import Storage
 
 WRITE_THREADS = int(os.environ.get("STASHPOINT_WRITE_THREADS", "4"))
@@ -203,6 +203,32 @@ def _parallel_write(writer, items, ranges, crcs, crc_block, timer, threads) -> N
 def grid_min_chunks() -> int:
     """Tensors with at least this many chunks get a grid (``STASHPOINT_GRID_MIN_CHUNKS``)."""
     return int(os.environ.get("STASHPOINT_GRID_MIN_CHUNKS", str(GRID_MIN_CHUNKS)))
+
+
+class _GridMemo:
+    """The grids of the plan saved with last, kept while the next save brings the same
+    plan object (a plan reused by the plan cache): no second walk over every rank's writes."""
+
+    def __init__(self) -> None:
+        self._last: tuple[SavePlan, int, dict[str, TensorGrid]] | None = None
+
+    def of(self, plan: SavePlan) -> dict[str, TensorGrid]:
+        min_chunks = grid_min_chunks()
+        last = self._last
+        if last is not None and last[0] is plan and last[1] == min_chunks:
+            return last[2]
+        grids = plan_grids(plan, min_chunks)
+        self._last = (plan, min_chunks, grids)
+        return grids
+
+
+_GRIDS = _GridMemo()
+
+
+def save_grids(plan: SavePlan) -> dict[str, TensorGrid]:
+    """Which tensors of ``plan`` a save describes by grids (:func:`plan_grids`), computed once
+    for a plan that is saved with again."""
+    return _GRIDS.of(plan)
 
 
 def fragment_chunks(

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 from stashpoint import _state
 from stashpoint._dist import Coordinator
-from stashpoint.engine.persist import grid_min_chunks
+from stashpoint.engine.persist import save_grids
 from stashpoint.engine.prepare import file_items, inline_values, prepare_save
 from stashpoint.engine.publish import save_metadata
 from stashpoint.engine.telemetry import PhaseTimer, SaveResult, env_telemetry
 from stashpoint.errors import InvalidStateError
 from stashpoint.format.index import DEFAULT_CRC_BLOCK_BYTES
-from stashpoint.planning.index_layout import plan_grids
 from stashpoint.storage import resolve
 from stashpoint.storage.commit import CommitStrategy
 
@@ -64,7 +63,7 @@ def save_state(
     plan, publisher = prepared.plan, prepared.publisher
     writes = plan.writes[coord.rank]
     with timer.phase("plan"):
-        grids = plan_grids(plan, grid_min_chunks())
+        grids = save_grids(plan)
 
     def write():
         items = file_items(writes, prepared.sources)
