@@ -18,7 +18,7 @@ from stashpoint.format.grid import TensorGrid
 from stashpoint.format.index import Layout
 from stashpoint.planning.layout import REPLICATE, Box, PlacementSpec, dim_runs, local_boxes
 from stashpoint.planning.load_plan import TargetTensor
-from stashpoint.planning.save_plan import LocalItem
+from stashpoint.planning.save_plan import ItemPlan, LocalItem
 
 LAYERS, HIDDEN, KV, MLP, VOCAB, TP = 80, 8192, 1024, 28672, 128256, 8
 
@@ -118,6 +118,22 @@ def inventory(kind: str, world: int, rank: int, model: list[Item]) -> list[Local
             )
         )
     return out
+
+
+def item_plans(kind: str, world: int, model: list[Item]) -> dict[str, ItemPlan]:
+    """What the save plan records of every item (what the index is built from)."""
+    return {
+        it.fqn: ItemPlan(
+            fqn=it.fqn,
+            is_tensor=True,
+            scope="global",
+            dtype="float32",
+            shape=it.shape,
+            layout=layout(kind, it.tp, world) if it.shape else None,
+            encoding="",
+        )
+        for it in model
+    }
 
 
 def targets(kind: str, world: int, rank: int, model: list[Item]) -> dict[str, TargetTensor]:

@@ -1,26 +1,22 @@
 """Simulated-scale planning benchmark: a 70B-class state at 8 to 8,192 ranks, on one CPU.
 
 No processes, no data: stashpoint's own planning and index code runs on the inventory of
-every rank (``scale_model.py`` builds them: 80 layers, hidden 8192, vocabulary 128256,
-parameters plus two Adam moments plus ``step``, float32; FSDP over N ranks and FSDP x
-TP(8)).  For every layout and N it measures, per rank:
+every rank (``scale_model.py``: 80 layers, hidden 8192, vocabulary 128256, parameters
+plus two Adam moments plus ``step``, float32; FSDP over N ranks and FSDP x TP(8)).  Per
+layout and N, per rank:
 
-* **save plan**: ``build_save_plan`` over all N inventories (what every rank runs today);
-  time and peak Python memory (``tracemalloc``).  Run up to ``--plan-max`` ranks: beyond,
-  the inventories alone exceed this machine's memory (the cached plan of the plan-cache
-  work is what removes this step).
-* **index build**: ``plan_grids`` (every rank: which tensors get grids), the rank's own
-  fragment, and ``build_index`` on the coordinator from the grids and the fragments'
-  digests.  Up to ``--plan-max`` the grids are inferred from the real plan; beyond, they
-  come from the layout rule (``scale_model.rule_grid``), which the run checks equal to the
-  inferred ones wherever both exist.
-* **index size on disk**: ``index.json`` plus every rank's fragment (all generated; byte
-  ranges and checksums are placeholders of realistic width), and, up to ``--plan-max``,
-  the same index in the explicit form of format 2.
-* **load**: on one loading rank (the middle one) of a load at N/2, N and 2N ranks with the
-  same layout kind: parse ``index.json``, then ``plan_load``, which reads and checks only
-  the fragments of the files its boxes overlap.  Median of ``--repeats`` timings; peak
-  memory in a separate run under ``tracemalloc``.
+* **save plan**: ``build_save_plan`` over all N inventories, time and peak Python memory
+  (``tracemalloc``), up to ``--plan-max`` ranks (beyond, the inventories exceed this
+  machine's memory).
+* **index build**: ``plan_grids``, the rank's own fragment, and ``build_index`` on the
+  coordinator.  Beyond ``--plan-max`` the grids come from the layout rule
+  (``scale_model.rule_grid``), checked equal to the inferred ones where both exist.
+* **index size on disk**: ``index.json`` plus every rank's fragment (byte ranges and
+  checksums are placeholders of realistic width), and up to ``--plan-max`` the same index
+  in format 2's explicit form.
+* **load**: on the middle rank of a load at N/2, N and 2N ranks of the same layout kind:
+  parse ``index.json``, then ``plan_load``, which reads only the fragments its boxes
+  overlap.  Median, fastest and CPU time of ``--repeats``; peak memory in one more run.
 
 Writes ``benchmarks/results/scale-sim-<date>.json`` and ``docs/img/scale-sim.png``.
 """
@@ -53,7 +49,7 @@ from stashpoint.format.fragment import fragment_bytes, fragment_ref
 from stashpoint.format.index import FORMAT_VERSION, ChunkRecord, FragmentRef, Index, expand_index
 from stashpoint.planning.index_layout import plan_grids
 from stashpoint.planning.load_plan import plan_load
-from stashpoint.planning.save_plan import ItemPlan, build_save_plan
+from stashpoint.planning.save_plan import build_save_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
@@ -65,6 +61,8 @@ CPU_SECONDS: list[float] = []
 #: the wall seconds of every timed call, in order (the fastest of a call's repeats is the
 #: one least disturbed by other work)
 WALL_SECONDS: list[float] = []
+#: the load measurements whose worst over N/2, N and 2N is printed
+WORST = ("seconds", "min_seconds", "cpu_seconds", "peak_bytes")
 
 
 def measured(fn, repeats: int = 1, trace: bool = True):
@@ -86,21 +84,6 @@ def measured(fn, repeats: int = 1, trace: bool = True):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     return result, statistics.median(times), peak
-
-
-def item_plans(kind: str, world: int, model) -> dict[str, ItemPlan]:
-    return {
-        it.fqn: ItemPlan(
-            fqn=it.fqn,
-            is_tensor=True,
-            scope="global",
-            dtype="float32",
-            shape=it.shape,
-            layout=sm.layout(kind, it.tp, world) if it.shape else None,
-            encoding="",
-        )
-        for it in model
-    }
 
 
 def rank_chunks(kind: str, world: int, rank: int, side: dict, model) -> tuple[list, list]:
@@ -185,7 +168,7 @@ def build_side(kind: str, world: int, model, side: dict, keep: set[int], sample:
     Beyond ``sample`` ranks only the kept fragments and every (world/sample)-th are built;
     the others are given the sampled mean size and a digest no load checks (only kept
     fragments are read), and the total is reported as an estimate."""
-    plans = item_plans(kind, world, model)
+    plans = sm.item_plans(kind, world, model)
     contributions: list[list] = [[] for _ in range(world)]
     frag_bytes, kept, sizes = 0, {}, []
     built = set(range(world)) if world <= sample else keep | set(range(0, world, world // sample))
@@ -342,11 +325,8 @@ def one(kind: str, world: int, args, model) -> dict:
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return platform.processor()
+    with open("/proc/cpuinfo") as f:  # Linux, as every machine this runs on
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
 
 
 def _doc(args, model, rows) -> dict:
@@ -392,15 +372,12 @@ def main() -> None:
             rows = [r for r in rows if (r["layout"], r["world"]) != (kind, world)] + [row]
             rows.sort(key=lambda r: (r["layout"], r["world"]))
             out.write_text(json.dumps(_doc(args, model, rows), indent=1) + "\n")
-            worst = max(r["parse_and_plan_seconds"] for r in row["loads"])
-            best = max(r["parse_and_plan_min_seconds"] for r in row["loads"])
-            cpu = max(r["parse_and_plan_cpu_seconds"] for r in row["loads"])
-            peak = max(r["parse_and_plan_peak_bytes"] for r in row["loads"])
+            worst = {k: max(r[f"parse_and_plan_{k}"] for r in row["loads"]) for k in WORST}
             print(
                 f"{kind:8} N={world:5}: index {row['index_json_bytes'] / MIB:7.2f} MiB + fragments "
-                f"{row['fragments_bytes'] / MIB:9.1f} MiB; parse+plan <= {worst:.3f}s median, "
-                f"{best:.3f}s fastest, {cpu:.3f}s CPU, peak {peak / MIB:.1f} MiB "
-                f"({row['wall_seconds']:.0f}s)",
+                f"{row['fragments_bytes'] / MIB:9.1f} MiB; parse+plan <= {worst['seconds']:.3f}s median, "
+                f"{worst['min_seconds']:.3f}s fastest, {worst['cpu_seconds']:.3f}s CPU, peak "
+                f"{worst['peak_bytes'] / MIB:.1f} MiB ({row['wall_seconds']:.0f}s)",
                 flush=True,
             )
     doc = _doc(args, model, rows)

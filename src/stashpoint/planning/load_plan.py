@@ -146,8 +146,7 @@ def plan_load(
     where: str,
     grid_chunks: GridLookup = _no_grids,
 ) -> LoadPlan:
-    """The plan of a load; ``grid_chunks`` finds the chunks of grid tensors that the
-    target boxes overlap, so no other chunk of theirs is ever listed."""
+    """The plan of a load; ``grid_chunks`` lists only the grid chunks the target boxes overlap."""
     if strict and not partial:
         _check_missing(index, targets, where)
     unplaced = (
