@@ -669,7 +669,7 @@ def test_unsafe_file_name_in_index(saved: Saved, name: str) -> None:
     expect_error_everywhere(saved.path, errors.UnsafePathError)
 
 
-@pytest.mark.parametrize("version", [0, 3, 99, -1])
+@pytest.mark.parametrize("version", [0, 4, 99, -1])
 def test_unsupported_format_version(saved: Saved, version: int) -> None:
     edit_index(saved.path, _set("format_version", version))
     expect_error_everywhere(saved.path, errors.UnsupportedFormatVersionError)
@@ -678,7 +678,7 @@ def test_unsupported_format_version(saved: Saved, version: int) -> None:
 
 
 def test_unsupported_format_version_wins_over_unknown_fields(saved: Saved) -> None:
-    (saved.path / INDEX_FILE).write_text(json.dumps({"format": "stashpoint", "format_version": 3, "x": []}))
+    (saved.path / INDEX_FILE).write_text(json.dumps({"format": "stashpoint", "format_version": 4, "x": []}))
     expect_error_everywhere(saved.path, errors.UnsupportedFormatVersionError)
 
 

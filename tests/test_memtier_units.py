@@ -13,8 +13,9 @@ from stashpoint.engine.persist import data_file_name
 from stashpoint.engine.publish import save_metadata
 from stashpoint.engine.records import Inline, Written
 from stashpoint.errors import ChecksumMismatchError, IndexCorruptError, InvalidOptionError
-from stashpoint.format.index import ChunkRecord, Layout
+from stashpoint.format.index import FORMAT_VERSION, INDEX_FILE, ChunkRecord, Index, Layout
 from stashpoint.manager.memory import MemoryPolicy, Preemption
+from stashpoint.planning.index_layout import GRID_MIN_CHUNKS
 from stashpoint.planning.save_plan import GLOBAL, ItemPlan
 
 
@@ -117,6 +118,22 @@ def test_view_is_a_checkpoint_of_hard_links_and_refuses_a_short_slot(tmp_path):
     os.truncate(memtier.slot_data(root, 1, 0), 4)
     with pytest.raises(ChecksumMismatchError, match="shorter"):
         memtier.open_view(root, snap, "t")
+
+
+def test_view_index_is_a_current_format_index_listing_every_chunk(tmp_path):
+    """A snapshot's view has no index fragments, so its index lists every chunk, even of a
+    tensor with as many chunks as a save would describe by a grid."""
+    root, world = str(tmp_path / "mem"), GRID_MIN_CHUNKS + 4
+    for r in range(world):
+        _place(root, _manifest(r, world, 9))
+    (snap,) = memtier.complete_snapshots(root)
+    view = memtier.open_view(root, snap, "t")
+    with open(os.path.join(view, INDEX_FILE), "rb") as f:
+        index = Index.from_json(f.read(), view)
+    assert index.format_version == FORMAT_VERSION and index.checksum_verified
+    assert not index.compact and index.fragments == ()
+    assert [c.offsets for c in index.items["w"].chunks] == [(2 * r,) for r in range(world)]
+    memtier.close_view(view)
 
 
 def test_long_socket_paths_are_reached_through_a_directory_descriptor(tmp_path):

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stashpoint.engine.persist import save_grids
 from stashpoint.errors import InconsistentStateError, IndexCorruptError, UnsupportedFormatVersionError
 from stashpoint.format.index import ChunkRecord, Index, SaveMetadata, TensorRecord
 from stashpoint.format.values import from_json, to_json
@@ -160,7 +161,7 @@ def test_index_round_trip_and_validation():
     assert Index.from_json(text, "x").to_json() == text
     old = _index(format_version=1)  # no index checksum: validation alone must catch these
     with pytest.raises(UnsupportedFormatVersionError):
-        Index.from_json(old.replace('"format_version": 1', '"format_version": 3'), "x")
+        Index.from_json(old.replace('"format_version": 1', '"format_version": 4'), "x")
     with pytest.raises(IndexCorruptError, match="byte_range"):
         Index.from_json(old.replace("16", "17"), "x")
     with pytest.raises(IndexCorruptError, match="dtype"):
@@ -169,3 +170,23 @@ def test_index_round_trip_and_validation():
         Index.from_json(text.replace('"float32"', '"float33"'), "x")
     with pytest.raises(IndexCorruptError):
         Index.from_json(text[:-20], "x")
+
+
+def test_a_plan_saved_with_again_keeps_its_grids(monkeypatch):
+    """Grids are a function of the plan: a reused plan (the plan cache) reuses them; another
+    plan, or another STASHPOINT_GRID_MIN_CHUNKS, computes them again."""
+    world = 16
+
+    def plan():
+        return build_save_plan(
+            [[_item("w", [Box((r * 2,), (2,), (0,))], shape=(2 * world,))] for r in range(world)]
+        )
+
+    first = plan()
+    grids = save_grids(first)
+    assert set(grids) == {"w"} and grids["w"].splits == ((world,),)
+    assert save_grids(first) is grids
+    again = save_grids(plan())
+    assert again == grids and again is not grids
+    monkeypatch.setenv("STASHPOINT_GRID_MIN_CHUNKS", str(world + 1))
+    assert save_grids(first) == {}

@@ -33,6 +33,7 @@ from stashpoint._dist import Coordinator
 from stashpoint._state import flatten_state
 from stashpoint.engine.copies import copy_in, engine_for, pieces_of
 from stashpoint.engine.messages import Job, Outcome
+from stashpoint.engine.persist import save_grids
 from stashpoint.engine.prepare import PreparedSave, inline_values, prepare_save
 from stashpoint.engine.publish import save_metadata
 from stashpoint.engine.save import check_save_args
@@ -170,6 +171,7 @@ def async_save_state(
         timeout_s=timeout_s,
         overwrite=overwrite,
         commit=prepared.publisher.commit,
+        grids=save_grids(prepared.plan),
         **_coordinator_part(coord, prepared, step, user),
     )
     _launch(handle, job, slot, tickets, writer, coord, optimizers_of(state) if mode == "lazy" else None)

@@ -49,7 +49,7 @@ def diff_keys(
     as in :func:`stashpoint.load`.
     """
     reader = CheckpointReader.open(os.fspath(path), verify=True, follow_symlinks=follow_symlinks)
-    index = reader.index if rename is None else renamed_index(reader.index, rename)
+    index = reader.main if rename is None else renamed_index(reader.main, rename)
     flat = _state.flatten_state(state)
     renames = checkpoint_names(index.items.keys(), flat.leaves.keys(), flat.prefixes)
     return _diff(index.items.keys(), flat.leaves.keys(), flat.prefixes, renames)

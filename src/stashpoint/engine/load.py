@@ -29,7 +29,8 @@ from stashpoint.engine.telemetry import LoadResult, PhaseTimer, env_telemetry
 from stashpoint.engine.tensors import dtensor_boxes, full_box, local_tensor
 from stashpoint.errors import LoadApplyError, ShapeMismatchError, StateMismatchError, TypeMismatchError
 from stashpoint.format.dtypes import dtype_from_name, dtype_name, itemsize
-from stashpoint.format.index import Index
+from stashpoint.format.index import ChunkRecord, Index, TensorRecord
+from stashpoint.planning.layout import Box
 from stashpoint.planning.load_plan import (
     LoadPlan,
     PerRankPolicy,
@@ -174,11 +175,20 @@ def _load_per_rank(per_rank: PerRankPolicy) -> PerRankPolicy:
 def _plan(storage, ckpt: str, state: dict, opts: LoadOptions, coord: Coordinator) -> _Planned:
     """Step 1: read the index, flatten the target and match the two; check the files."""
     reader = CheckpointReader(storage, ckpt, verify=opts.verify, follow_symlinks=opts.follow_symlinks)
-    index = reader.index if opts.rename is None else renamed_index(reader.index, opts.rename)
+    index = reader.main if opts.rename is None else renamed_index(reader.main, opts.rename)
     flat = _state.flatten_state(state)
     index, renames = canonical_index(index, flat)
     index = _with_ties(index, [*tied_groups(flat), *opts.tied])
     targets = {fqn: _target(leaf) for fqn, leaf in flat.leaves.items()}
+    # grid tensors: only the chunks overlapping this rank's boxes, from their fragments
+    # (keyed by the checkpoint's name of the record, whatever the target calls it)
+    saved_name = {id(rec): name for name, rec in reader.main.items.items()}
+
+    def overlapping(fqn: str, rec: TensorRecord, boxes: tuple[Box, ...]) -> tuple[ChunkRecord, ...]:
+        with reader.vanishing():
+            boxes_of = [(b.offsets, b.shape) for b in boxes]
+            return reader.grid_chunks.overlapping(saved_name[id(rec)], rec, boxes_of)
+
     try:
         plan = plan_load(
             index,
@@ -192,6 +202,7 @@ def _plan(storage, ckpt: str, state: dict, opts: LoadOptions, coord: Coordinator
             allow_pickle=opts.allow_pickle,
             per_rank=opts.per_rank,
             where=reader.where,
+            grid_chunks=overlapping,
         )
     except StateMismatchError as exc:
         if reader.format != "hf" or opts.rename is not None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from stashpoint import errors
 from stashpoint.engine.records import Chunk, Inline
+from stashpoint.format.grid import TensorGrid
 from stashpoint.format.index import SaveMetadata
 from stashpoint.planning.save_plan import ItemPlan
 from stashpoint.storage.commit import CommitStrategy
@@ -66,6 +67,8 @@ class Job:
     timeout_s: float
     overwrite: bool
     commit: CommitStrategy
+    #: the tensors whose chunks go into index fragments (every rank), see plan_grids
+    grids: dict[str, TensorGrid] = field(default_factory=dict)
     #: rank 0 only: what the index is built from
     plan_items: dict[str, ItemPlan] | None = None
     metadata: SaveMetadata | None = None

@@ -13,24 +13,28 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 from stashpoint.engine.checksum import block_crcs
 from stashpoint.engine.records import Contribution, FileItem, Inline, Written
 from stashpoint.engine.telemetry import PhaseTimer
-from stashpoint.errors import DiskFullError, StashpointError, StorageWriteError
+from stashpoint.errors import DiskFullError, InconsistentStateError, StashpointError, StorageWriteError
+from stashpoint.format.grid import TensorGrid
 from stashpoint.format.index import (
     ChunkRecord,
+    FragmentRef,
     Index,
     ObjectRecord,
     PerRankRecord,
     SaveMetadata,
     TensorRecord,
 )
+from stashpoint.format.records import numel
 from stashpoint.format.safetensors_file import layout_file
-from stashpoint.planning.save_plan import GLOBAL, ItemPlan
+from stashpoint.planning.index_layout import GRID_MIN_CHUNKS, plan_grids
+from stashpoint.planning.save_plan import GLOBAL, ItemPlan, SavePlan
 from stashpoint.storage import Storage
 
 WRITE_THREADS = int(os.environ.get("STASHPOINT_WRITE_THREADS", "4"))
@@ -196,20 +200,77 @@ def _parallel_write(writer, items, ranges, crcs, crc_block, timer, threads) -> N
         crcs[i] = merged if items[i].chunk.nbytes else [0]
 
 
+def grid_min_chunks() -> int:
+    """Tensors with at least this many chunks get a grid (``STASHPOINT_GRID_MIN_CHUNKS``)."""
+    return int(os.environ.get("STASHPOINT_GRID_MIN_CHUNKS", str(GRID_MIN_CHUNKS)))
+
+
+class _GridMemo:
+    """The grids of the plan saved with last, kept while the next save brings the same
+    plan object (a plan reused by the plan cache): no second walk over every rank's writes."""
+
+    def __init__(self) -> None:
+        self._last: tuple[SavePlan, int, dict[str, TensorGrid]] | None = None
+
+    def of(self, plan: SavePlan) -> dict[str, TensorGrid]:
+        min_chunks = grid_min_chunks()
+        last = self._last
+        if last is not None and last[0] is plan and last[1] == min_chunks:
+            return last[2]
+        grids = plan_grids(plan, min_chunks)
+        self._last = (plan, min_chunks, grids)
+        return grids
+
+
+_GRIDS = _GridMemo()
+
+
+def save_grids(plan: SavePlan) -> dict[str, TensorGrid]:
+    """Which tensors of ``plan`` a save describes by grids (:func:`plan_grids`), computed once
+    for a plan that is saved with again."""
+    return _GRIDS.of(plan)
+
+
+def fragment_chunks(
+    written: list[Written], grids: Mapping[str, TensorGrid]
+) -> tuple[list[Written], list[Written]]:
+    """A rank's written chunks split into those of grid tensors (for its fragment) and the rest."""
+    into, rest = [], []
+    for w in written:
+        (into if w.fqn in grids and not w.per_rank else rest).append(w)
+    return into, rest
+
+
 def build_index(
-    items: dict[str, ItemPlan], contributions: list[list[Contribution]], meta: SaveMetadata, crc_block: int
+    items: dict[str, ItemPlan],
+    contributions: list[list[Contribution]],
+    meta: SaveMetadata,
+    crc_block: int,
+    grids: Mapping[str, TensorGrid] | None = None,
 ) -> Index:
-    """The index from the plan and what every rank contributed (``contributions[rank]``)."""
+    """The index from the plan, its grids and what every rank contributed (``contributions[rank]``)."""
+    grids = grids or {}
     by_fqn: dict[str, list[tuple[int, Contribution]]] = {}
+    refs: list[FragmentRef | None] = [None] * len(contributions)
     for rank, cs in enumerate(contributions):
         for c in cs:
-            by_fqn.setdefault(c.fqn, []).append((rank, c))
+            if isinstance(c, FragmentRef):
+                refs[rank] = c
+            else:
+                by_fqn.setdefault(c.fqn, []).append((rank, c))
     out = {}
     for fqn, ip in items.items():
         got = by_fqn.get(fqn, [])
+        if fqn in grids:
+            _agree(fqn, not got)
+            out[fqn] = TensorRecord(
+                dtype=ip.dtype, shape=ip.shape, chunks=(), layout=ip.layout, grid=grids[fqn]
+            )
+            continue
         if ip.scope == GLOBAL:
             if ip.is_tensor:
                 chunks = sorted((c.record for _, c in got), key=lambda r: r.offsets)
+                _agree(fqn, sum(numel(c.shape) for c in chunks) == numel(ip.shape))
                 out[fqn] = TensorRecord(
                     dtype=ip.dtype, shape=ip.shape, chunks=tuple(chunks), layout=ip.layout
                 )
@@ -224,7 +285,15 @@ def build_index(
             else:
                 records.append(_object_record(c))
         out[fqn] = PerRankRecord(ranks=tuple(records))
-    return Index(metadata=meta, items=out, crc_block_bytes=crc_block)
+    return Index(metadata=meta, items=out, crc_block_bytes=crc_block, fragments=tuple(refs))
+
+
+def _agree(fqn: str, ok: bool) -> None:
+    if not ok:
+        raise InconsistentStateError(
+            f"the ranks disagree on whether {fqn!r} is described by a grid: "
+            "STASHPOINT_GRID_MIN_CHUNKS must be the same on every rank"
+        )
 
 
 def _object_record(c: Contribution) -> ObjectRecord:

@@ -30,7 +30,7 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -41,6 +41,7 @@ from stashpoint.engine.persist import (
     WRITE_THREADS,
     build_index,
     data_file_name,
+    fragment_chunks,
     named_write_errors,
     write_data_file,
     write_error,
@@ -58,7 +59,16 @@ from stashpoint.engine.records import (
 from stashpoint.engine.telemetry import PhaseTimer
 from stashpoint.errors import CoordinationError, RemoteRankError, StashpointError
 from stashpoint.format.dtypes import dtype_name, itemsize
-from stashpoint.format.index import DEFAULT_CRC_BLOCK_BYTES, INDEX_FILE, Index, NameLayout, SaveMetadata
+from stashpoint.format.fragment import fragment_bytes, fragment_ref
+from stashpoint.format.grid import TensorGrid
+from stashpoint.format.index import (
+    DEFAULT_CRC_BLOCK_BYTES,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    Index,
+    NameLayout,
+    SaveMetadata,
+)
 from stashpoint.planning.save_plan import GLOBAL, ItemPlan
 from stashpoint.storage import LocalStorage, Storage, resolve
 from stashpoint.storage.commit import AtomicRenameCommit, CommitStrategy, default_commit
@@ -127,6 +137,24 @@ class Publisher:
             self.storage, self.staging, data_file_name(rank), items, crc_block, timer, threads, self.where
         )
 
+    def write_fragment(
+        self, rank: int, written: list[Written], grids: Mapping[str, TensorGrid]
+    ) -> list[Contribution]:
+        """Put this rank's chunks of grid tensors into its index fragment, in the staging location.
+
+        Returns what the rank still contributes to ``index.json`` itself: its other
+        chunks, and the fragment's name and digest (docs/FORMAT.md §3.4).
+        """
+        into, rest = fragment_chunks(written, grids)
+        if not into:
+            return list(rest)
+        file = into[0].record.file
+        raw = fragment_bytes(file, self.token, FORMAT_VERSION, [(w.fqn, w.record) for w in into])
+        ref = fragment_ref(rank, file, raw)
+        with named_write_errors(self.where, ref.fragment):
+            self.storage.write_bytes(self.storage.join(self.staging, ref.fragment), raw)
+        return [*rest, ref]
+
     def finish(
         self,
         plan_items: dict[str, ItemPlan],
@@ -134,10 +162,11 @@ class Publisher:
         metadata: SaveMetadata,
         crc_block: int,
         timer: PhaseTimer,
+        grids: Mapping[str, TensorGrid] | None = None,
     ) -> Index:
         """The coordinator: build the index from every rank's records, write it, commit."""
         try:
-            index = build_index(plan_items, contributions, metadata, crc_block)
+            index = build_index(plan_items, contributions, metadata, crc_block, grids)
         except BaseException:
             self.abort()
             raise

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import os
 import pickle
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -30,6 +31,7 @@ from stashpoint.errors import (
     CheckpointNotFoundError,
     DataFileMissingError,
     IncompleteCheckpointError,
+    IndexCorruptError,
     MissingKeyError,
     PickleNotAllowedError,
     StashpointError,
@@ -39,11 +41,15 @@ from stashpoint.foreign import TORCH_PICKLE, detect_format, foreign_index, membe
 from stashpoint.format.dtypes import dtype_from_name, itemsize
 from stashpoint.format.index import (
     INDEX_FILE,
+    ChunkRecord,
+    FragmentRef,
     Index,
+    Item,
     ObjectRecord,
     PerRankRecord,
     Record,
     TensorRecord,
+    expand_index,
     iter_chunks,
 )
 from stashpoint.format.values import from_json
@@ -70,10 +76,40 @@ class CheckpointReader:
         self.verify = verify
         self.follow_symlinks = follow_symlinks
         self._paths: dict[str, str] = {}
+        self._expanded: Index | None = None
         with self.vanishing():
-            self.format, self.index = self._open_index()
-            for name in self.index.files:
+            #: the index as ``index.json`` has it: grid tensors list no chunks (format 3)
+            self.format, self.main = self._open_index()
+            for name in self.main.files:
                 self.file_path(name)
+        #: the chunks of grid tensors, from the fragments, each read once when first needed
+        self.grid_chunks = self.main.grid_chunks(self._read_fragment, self.where)
+
+    @property
+    def index(self) -> Index:
+        """The index with every chunk listed: for a format 3 index with grids, every
+        fragment is read and checked once, here.  A load uses :attr:`main` and
+        :attr:`grid_chunks` instead, and reads only the fragments it needs."""
+        if self._expanded is None:
+            with self.vanishing():
+                self._expanded = expand_index(self.main, self._read_fragment, self.where)
+        return self._expanded
+
+    def _read_fragment(self, ref: FragmentRef) -> bytes:
+        path = self.file_path(ref.fragment)
+        with self.vanishing():
+            try:
+                size = self.storage.size(path)
+            except FileNotFoundError:
+                raise DataFileMissingError(
+                    f"{self.where}: index fragment {ref.fragment!r} is missing"
+                ) from None
+            if size != ref.size:
+                raise IndexCorruptError(
+                    f"{self.where}: index fragment {ref.fragment!r} has {size} bytes, but "
+                    f"'fragments[{ref.rank}].bytes' of the index says {ref.size}"
+                )
+            return self.storage.read_bytes(path)
 
     @classmethod
     def open(cls, location: str | os.PathLike, *, verify: bool = True, follow_symlinks: bool = False):
@@ -130,7 +166,7 @@ class CheckpointReader:
     @property
     def crc_block(self) -> int | None:
         """Checksum block size when reads are verified, else None."""
-        return self.index.crc_block_bytes if self.verify and self.index.crc_block_bytes else None
+        return self.main.crc_block_bytes if self.verify and self.main.crc_block_bytes else None
 
     def file_path(self, name: str) -> str:
         """The storage path of data file ``name``, checked to lie inside the checkpoint."""
@@ -142,10 +178,18 @@ class CheckpointReader:
         return got
 
     def check_files(self, files: Iterable[str] | None = None) -> None:
-        """Every data file in ``files`` (default: all) exists and is long enough for its chunks."""
-        wanted = set(self.index.files if files is None else files)
+        """Every data file in ``files`` (default: all) exists and is long enough for its chunks.
+
+        Without ``files`` the whole index is checked (every fragment is read); with them,
+        the chunks ``index.json`` lists and those of the fragments used so far count.
+        """
+        if files is None:
+            with self.vanishing():
+                check_files(self.storage, self.path, self.index, set(self.index.files), self.file_path)
+            return
+        extra = [("", c) for c in self.grid_chunks.checked()]
         with self.vanishing():
-            check_files(self.storage, self.path, self.index, wanted, self.file_path)
+            check_files(self.storage, self.path, self.main, set(files), self.file_path, extra)
 
     def read_chunk(self, fqn: str, read: ChunkRead, dest: torch.Tensor) -> int:
         """Read the runs of one chunk into ``dest`` (a CPU tensor); returns bytes read."""
@@ -214,10 +258,17 @@ class CheckpointReader:
         return self.read_value(fqn, rec, allow_pickle=allow_pickle)
 
     def _record(self, fqn: str) -> TensorRecord:
-        rec = self.index.items.get(fqn)
+        rec = self.main.items.get(fqn)
         if not isinstance(rec, TensorRecord):
             raise MissingKeyError(f"{self.where}: {fqn!r} is not a tensor of the checkpoint")
-        return rec
+        return self.listed(fqn, rec)
+
+    def listed(self, fqn: str, item: Item) -> Item:
+        """``item`` with its chunks listed (from the fragments, when it has a grid)."""
+        if isinstance(item, TensorRecord) and item.grid is not None:
+            with self.vanishing():
+                return self.grid_chunks.expanded(fqn, item)
+        return item
 
     def items(
         self, names: Sequence[str] | None, *, per_rank: PerRankChoice, allow_pickle: bool
@@ -228,19 +279,20 @@ class CheckpointReader:
         or as a list of every saved rank's value (``"all"``).  Every key, pickle and
         data file is checked before the first value is yielded.
         """
-        names = sorted(self.index.items) if names is None else list(names)
+        names = sorted(self.main.items) if names is None else list(names)
         records: list[Record] = []
+        listed: dict[str, Item] = {}
         for name in names:
-            if name not in self.index.items:
+            if name not in self.main.items:
                 raise MissingKeyError(f"{self.where}: key {name!r} is not in the checkpoint")
-            item = self.index.items[name]
+            item = listed[name] = self.listed(name, self.main.items[name])
             recs = item.ranks if isinstance(item, PerRankRecord) else (item,)
             if not allow_pickle and any(isinstance(r, ObjectRecord) and r.pickled for r in recs):
                 raise PickleNotAllowedError(_pickle_msg(self.where, name))
             records += recs
         self.check_files(files_of(records))
         for name in names:
-            item = self.index.items[name]
+            item = listed[name]
             if not isinstance(item, PerRankRecord):
                 yield name, self.read_record(name, item, allow_pickle=allow_pickle)
             elif per_rank == "all":
@@ -271,11 +323,13 @@ def check_files(
     index: Index,
     files: set[str],
     file_path: Callable[[str], str] | None = None,
+    extra: Iterable[tuple[str, ChunkRecord]] = (),
 ) -> None:
-    """Every data file in ``files`` exists and is long enough for every chunk in it."""
+    """Every data file in ``files`` exists and is long enough for every chunk in it
+    (those ``index`` lists, and the ``extra`` (name, chunk) pairs)."""
     where = storage.describe(path)
     need: dict[str, tuple[int, str, str]] = {}
-    for fqn, chunk in iter_chunks(index):
+    for fqn, chunk in itertools.chain(iter_chunks(index), extra):
         if chunk.file in files and chunk.byte_range[1] > need.get(chunk.file, (0,))[0]:
             need[chunk.file] = (chunk.byte_range[1], fqn, chunk.key)
     for name in sorted(files):

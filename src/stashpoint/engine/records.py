@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from stashpoint.format.dtypes import dtype_from_name
-from stashpoint.format.index import ChunkRecord
+from stashpoint.format.index import ChunkRecord, FragmentRef
 from stashpoint.format.safetensors_file import FileEntry
 from stashpoint.vocab import Encoding
 
@@ -101,20 +101,25 @@ class Inline:
     json_text: str
 
 
-#: one entry of what a rank contributes to the index
-Contribution = Written | Inline
+#: one entry of what a rank contributes to the index; a :class:`FragmentRef` names the
+#: index fragment that holds the rank's chunks of grid tensors
+Contribution = Written | Inline | FragmentRef
 
 
 def contribution_to_json(c: Contribution) -> dict:
     """For the manifests ranks' writers exchange through storage (never in a checkpoint)."""
     if isinstance(c, Inline):
         return {"fqn": c.fqn, "per_rank": c.per_rank, "json_text": c.json_text}
+    if isinstance(c, FragmentRef):
+        return {"fragment_ref": dataclasses.asdict(c)}
     return {"fqn": c.fqn, "per_rank": c.per_rank, "dtype": c.dtype, "record": dataclasses.asdict(c.record)}
 
 
 def contribution_from_json(d: dict) -> Contribution:
     if "json_text" in d:
         return Inline(fqn=d["fqn"], per_rank=d["per_rank"], json_text=d["json_text"])
+    if "fragment_ref" in d:
+        return FragmentRef(**d["fragment_ref"])
     r = d["record"]
     record = ChunkRecord(
         offsets=tuple(r["offsets"]),

@@ -6,9 +6,12 @@ Call order (every rank calls :func:`save_state` with the same path):
    inventories are exchanged over gloo and every rank computes the same
    :class:`~stashpoint.planning.save_plan.SavePlan` (:mod:`~stashpoint.engine.prepare`);
 2. each rank writes its chunks into its own data file in the staging location and
-   fsyncs it, then reports its chunk records;
-3. the coordinator (rank 0) writes the index into the staging location and commits
-   (atomic rename, or the index itself is the marker).
+   fsyncs it, puts the records of its chunks of grid tensors (every rank knows which
+   from the plan: :func:`~stashpoint.planning.index_layout.plan_grids`) into its own
+   index fragment, and reports only the rest and the fragment's digest;
+3. the coordinator (rank 0) builds the index from the plan, the grids and those
+   reports, writes it into the staging location and commits (atomic rename, or the
+   index itself is the marker).
 
 A failure on any rank makes every rank raise, and nothing is committed: the
 previous checkpoint at the path, if any, is untouched.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 from stashpoint import _state
 from stashpoint._dist import Coordinator
+from stashpoint.engine.persist import save_grids
 from stashpoint.engine.prepare import file_items, inline_values, prepare_save
 from stashpoint.engine.publish import save_metadata
 from stashpoint.engine.telemetry import PhaseTimer, SaveResult, env_telemetry
@@ -57,17 +61,21 @@ def save_state(
     prepared = prepare_save(state, coord, storage, final, commit, overwrite, allow_pickle, timer=timer)
     plan, publisher = prepared.plan, prepared.publisher
     writes = plan.writes[coord.rank]
+    with timer.phase("plan"):
+        grids = save_grids(plan)
 
     def write():
         items = file_items(writes, prepared.sources)
         written, size = publisher.write_file(coord.rank, items, crc_block_bytes, timer)
-        return written + inline_values(writes, prepared.sources), size
+        kept = publisher.write_fragment(coord.rank, written, grids)
+        return kept + inline_values(writes, prepared.sources), size
 
     def finish():
         if not coord.is_coordinator:
             return None
         meta = save_metadata(coord.world_size, step, user, publisher.token, prepared.layouts)
-        return publisher.finish(plan.items, [r[0] for r in results], meta, crc_block_bytes, timer).total_bytes
+        contributions = [r[0] for r in results]
+        return publisher.finish(plan.items, contributions, meta, crc_block_bytes, timer, grids).total_bytes
 
     try:
         results = coord.run_everywhere("save: write data", write).everyone

@@ -22,8 +22,8 @@ from __future__ import annotations
 import queue
 import sys
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Literal
 
@@ -48,6 +48,7 @@ from stashpoint.engine.records import FileItem, Inline, Written
 from stashpoint.engine.shm import reclaim_orphans, shm_path
 from stashpoint.engine.staging import SharedBuffer, pack
 from stashpoint.engine.telemetry import PhaseTimer
+from stashpoint.format.grid import TensorGrid
 from stashpoint.format.index import SaveMetadata
 from stashpoint.planning.save_plan import ItemPlan
 from stashpoint.storage import resolve
@@ -174,6 +175,7 @@ class Writer:
             timeout_s=job.timeout_s,
             plan_items=job.plan_items,
             metadata=job.metadata,
+            grids=job.grids,
         )
         return publish_share(
             publisher, share, lambda size: self.send(Persisted(job_id=job.job_id, bytes_written=size))
@@ -192,6 +194,8 @@ class Share:
     timeout_s: float
     plan_items: dict[str, ItemPlan] | None = None  # rank 0
     metadata: SaveMetadata | None = None  # rank 0
+    #: the tensors whose chunks go into index fragments (every rank), see plan_grids
+    grids: Mapping[str, TensorGrid] = field(default_factory=dict)
     #: checks this rank's records before they are delivered (e.g. against known checksums)
     check: Callable[[list[Written]], None] | None = None
 
@@ -204,7 +208,8 @@ def publish_share(publisher: Publisher, share: Share, persisted: Callable[[int],
         written, size = publisher.write_file(share.rank, share.items, share.crc_block, timer)
         if share.check is not None:
             share.check(written)
-        publisher.deliver(share.rank, [*written, *share.inline])
+        kept = publisher.write_fragment(share.rank, written, share.grids)
+        publisher.deliver(share.rank, [*kept, *share.inline])
     except BaseException as exc:
         if share.rank == 0:  # the coordinator gives up for everyone: staging goes
             publisher.abort()
@@ -221,7 +226,7 @@ def publish_share(publisher: Publisher, share: Share, persisted: Callable[[int],
             publisher.abort()
             raise
         total = publisher.finish(
-            share.plan_items, contributions, share.metadata, share.crc_block, timer
+            share.plan_items, contributions, share.metadata, share.crc_block, timer, share.grids
         ).total_bytes
     else:
         with timer.phase("wait_commit"):

@@ -11,14 +11,17 @@ SHA-256 of its own bytes (:mod:`stashpoint.format.index_json`), checked on every
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 
 from stashpoint.errors import IndexCorruptError, UnsupportedFormatVersionError
+from stashpoint.format.fragment import GridChunks
+from stashpoint.format.grid import TensorGrid
 from stashpoint.format.index_json import CHECKSUM_MEMBER, check_seal, parse_strict, seal
 from stashpoint.format.index_parse import IndexParser
 from stashpoint.format.records import (
     ChunkRecord,
+    FragmentRef,
     Item,
     Layout,
     NameLayout,
@@ -39,6 +42,7 @@ __all__ = [
     "INDEX_FILE",
     "READABLE_VERSIONS",
     "ChunkRecord",
+    "FragmentRef",
     "Index",
     "Item",
     "JSONValue",
@@ -50,14 +54,16 @@ __all__ = [
     "Record",
     "SaveMetadata",
     "TensorRecord",
+    "expand_index",
     "iter_chunks",
     "layout_to_json",
 ]
 
 FORMAT_NAME = "stashpoint"
-#: version 2 added the index checksum; version 1 indexes are still read (unverified)
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#: version 2 added the index checksum (version 1 indexes are still read, unverified);
+#: version 3 added tensor grids and index fragments
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 INDEX_FILE = "index.json"
 #: version of the optional ``metadata.names`` member (its own, beside the format's)
 NAMES_VERSION = 1
@@ -73,10 +79,19 @@ class Index:
     #: True when read from a file whose index checksum matched; False for a version 1
     #: index (which has none) and for indexes built in memory (never read from a file)
     checksum_verified: bool = field(default=False, compare=False)
+    #: version 3: the index fragment of each saving rank (None where it wrote none)
+    fragments: tuple[FragmentRef | None, ...] = ()
 
     @property
     def files(self) -> list[str]:
-        return sorted({c.file for rec in records_of(self.items.values()) for c in chunks_of(rec)})
+        """Every data file the index names."""
+        named = {c.file for rec in records_of(self.items.values()) for c in chunks_of(rec)}
+        return sorted(named | {ref.file for ref in self.fragments if ref is not None})
+
+    @property
+    def compact(self) -> bool:
+        """Some tensor is described by a grid: its chunks are listed in the fragments."""
+        return any(isinstance(i, TensorRecord) and i.grid is not None for i in self.items.values())
 
     @property
     def total_bytes(self) -> int:
@@ -102,6 +117,9 @@ class Index:
             "metadata": meta,
             "items": {name: _item_to_json(item) for name, item in sorted(self.items.items())},
         }
+        if self.format_version >= 3:
+            refs = self.fragments or (None,) * self.metadata.world_size
+            doc["fragments"] = [_fragment_ref_to_json(r) for r in refs]
         body = json.dumps(doc, indent=1, allow_nan=False)
         return body if self.format_version < 2 else seal(body)
 
@@ -130,14 +148,37 @@ class Index:
                 f"{where}: index field {CHECKSUM_MEMBER!r} must end the file, as FORMAT.md §3.1 "
                 "writes it (it is missing or was damaged)"
             )
-        metadata, items, block = p.document(doc)
+        p.version = version
+        parsed = p.document(doc)
         return cls(
-            metadata=metadata,
-            items=items,
-            crc_block_bytes=block,
+            metadata=parsed.metadata,
+            items=parsed.items,
+            crc_block_bytes=parsed.block,
             format_version=version,
             checksum_verified=sealed,
+            fragments=parsed.fragments,
         )
+
+    def grid_chunks(
+        self, load: Callable[[FragmentRef], bytes], where: str, whole: bool = False
+    ) -> GridChunks:
+        """The reader of this index's grid chunks, fragments read through ``load``; with
+        ``whole``, every entry of a fragment read is checked at once, else when used."""
+        meta = (self.metadata.save_id, self.crc_block_bytes)
+        return GridChunks(self.items, self.fragments, meta, load, where, whole)
+
+
+def expand_index(index: Index, load: Callable[[FragmentRef], bytes], where: str) -> Index:
+    """``index`` with every grid tensor's chunks listed (every fragment is read and checked)."""
+    if not index.compact:
+        return index
+    grids = index.grid_chunks(load, where, whole=True)
+    items: dict[str, Item] = {}
+    for name, item in index.items.items():
+        is_grid = isinstance(item, TensorRecord) and item.grid is not None
+        items[name] = grids.expanded(name, item) if is_grid else item
+    grids.check_complete()
+    return replace(index, items=items)
 
 
 def iter_chunks(index: Index) -> Iterator[tuple[str, ChunkRecord]]:
@@ -174,14 +215,28 @@ def _chunk_to_json(c: ChunkRecord) -> dict:
     }
 
 
+def _fragment_ref_to_json(ref: FragmentRef | None) -> dict | None:
+    if ref is None:
+        return None
+    return {"file": ref.file, "fragment": ref.fragment, "sha256": ref.sha256, "bytes": ref.size}
+
+
+def _grid_to_json(grid: TensorGrid) -> dict:
+    return {
+        "splits": [list(s) for s in grid.splits],
+        "file_first": grid.first,
+        "file_steps": [list(s) for s in grid.steps],
+        "file_exceptions": [list(e) for e in grid.exceptions],
+    }
+
+
 def _record_to_json(rec: Record) -> dict:
     if isinstance(rec, TensorRecord):
-        out: dict = {
-            "kind": "tensor",
-            "dtype": rec.dtype,
-            "shape": list(rec.shape),
-            "chunks": [_chunk_to_json(c) for c in rec.chunks],
-        }
+        out: dict = {"kind": "tensor", "dtype": rec.dtype, "shape": list(rec.shape)}
+        if rec.grid is not None:
+            out["grid"] = _grid_to_json(rec.grid)
+        else:
+            out["chunks"] = [_chunk_to_json(c) for c in rec.chunks]
         if rec.layout is not None:
             names = rec.layout.mesh_dim_names
             out["layout"] = {

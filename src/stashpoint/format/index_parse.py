@@ -8,10 +8,15 @@ from an index, and nothing that breaks the format's rules is loaded.
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import dataclass
 
 from stashpoint.errors import IndexCorruptError, UnsafePathError
+from stashpoint.format.grid_parse import parse_fragment_refs, parse_grid
+from stashpoint.format.records import INDEX_ITEMSIZE as INDEX_ITEMSIZE
 from stashpoint.format.records import (
     ChunkRecord,
+    FragmentRef,
     Item,
     Layout,
     NameLayout,
@@ -21,6 +26,7 @@ from stashpoint.format.records import (
     SaveMetadata,
     TensorRecord,
     chunks_of,
+    numel,
 )
 from stashpoint.format.values import MalformedValue, check_plain, from_json
 from stashpoint.vocab import LayoutKind, words
@@ -32,25 +38,8 @@ RANKS_LIMIT = 1 << 31
 NAME_BYTES_LIMIT = 255
 _PAIRWISE_TILING = 256  # beyond this many chunks, volume and distinct offsets are checked
 
-#: the closed dtype list of FORMAT.md §2 and each dtype's bytes per element (no torch needed)
-INDEX_ITEMSIZE = {
-    **dict.fromkeys(("float64", "int64", "uint64", "complex64"), 8),
-    **dict.fromkeys(("float32", "int32", "uint32"), 4),
-    **dict.fromkeys(("float16", "bfloat16", "int16", "uint16"), 2),
-    **dict.fromkeys(("int8", "uint8", "bool", "float8_e4m3fn", "float8_e5m2"), 1),
-    **dict.fromkeys(("float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu", "float4_e2m1fn_x2"), 1),
-    "complex128": 16,
-}
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _utf8(text: str) -> bool:
+def utf8(text: str) -> bool:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -58,22 +47,38 @@ def _utf8(text: str) -> bool:
     return True
 
 
+_SEPARATORS = re.compile("[/\\\\\0]")
+
+
 def is_plain_file_name(name: str) -> bool:
     """A file of the checkpoint directory itself: no separators, no NUL, not ``.``/``..``."""
-    return (
-        name not in ("", ".", "..")
-        and not any(ch in name for ch in "/\\\0")
-        and _utf8(name)
-        and len(name.encode("utf-8")) <= NAME_BYTES_LIMIT
-    )
+    if name in ("", ".", "..") or _SEPARATORS.search(name):
+        return False
+    try:
+        return len(name.encode("utf-8")) <= NAME_BYTES_LIMIT
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
 
 
 class IndexParser:
     """Turns a strictly parsed JSON document into index records, or raises IndexCorruptError."""
 
-    def __init__(self, where: str) -> None:
+    def __init__(self, where: str, version: int = 2) -> None:
         self.where = where
+        self.version = version
         self.block = 0  # crc_block_bytes, once read
+        self.world = 1  # metadata.world_size, once read
+        #: layouts and grids already checked, by their JSON text (and the tensor's shape):
+        #: the thousands of tensors of a large index share a handful of each
+        self.seen: dict[tuple[str, str, tuple[int, ...]], object] = {}
+
+    def once(self, what: str, raw: object, shape: tuple[int, ...], parse):
+        """``parse()``, or the result it gave for the same ``what`` of JSON ``raw`` and ``shape``."""
+        key = (what, repr(raw), shape)
+        got = self.seen.get(key)
+        if got is None:
+            got = self.seen[key] = parse()
+        return got
 
     def fail(self, field_name: str, wanted: str):
         raise IndexCorruptError(f"{self.where}: index field {field_name!r} must be {wanted}")
@@ -106,7 +111,7 @@ class IndexParser:
 
     def str(self, d: dict, key: str, ctx: str = "") -> str:
         v, name = self.get(d, key, ctx)
-        self.expect(isinstance(v, str) and _utf8(v), name, "a string")
+        self.expect(isinstance(v, str) and utf8(v), name, "a string")
         return v
 
     def ints(
@@ -174,14 +179,18 @@ class IndexParser:
             )
         return tuple(out)
 
-    def chunk(self, raw: object, ctx: str) -> ChunkRecord:
-        self.expect(isinstance(raw, dict), ctx, "a JSON object")
-        name = self.str(raw, "file", ctx)
+    def file_name(self, d: dict, key: str, ctx: str) -> str:
+        name = self.str(d, key, ctx)
         if not is_plain_file_name(name):
             raise UnsafePathError(
-                f"{self.where}: index field '{ctx}.file' must be a plain file name inside the "
+                f"{self.where}: index field '{ctx}.{key}' must be a plain file name inside the "
                 f"checkpoint, not {name[:80]!r}"
             )
+        return name
+
+    def chunk(self, raw: object, ctx: str) -> ChunkRecord:
+        self.expect(isinstance(raw, dict), ctx, "a JSON object")
+        name = self.file_name(raw, "file", ctx)
         key = self.str(raw, "key", ctx)
         self.expect(key != "", f"{ctx}.key", "a non-empty string")
         byte_range = self.ints(raw, "byte_range", ctx, 2)
@@ -218,6 +227,15 @@ class IndexParser:
         dtype = self.str(raw, "dtype", ctx)
         self.expect(dtype in INDEX_ITEMSIZE, f"{ctx}.dtype", "a dtype name from FORMAT.md §2")
         shape = self.ints(raw, "shape", ctx)
+        layout = None
+        if raw.get("layout") is not None:
+            obj = self.obj(raw, "layout", ctx)
+            layout = self.once("layout", obj, (), lambda: self.layout(obj, ctx))
+        if self.version >= 3 and "grid" in raw:
+            self.expect("chunks" not in raw, f"{ctx}.chunks", "absent when the item has a grid")
+            obj = self.obj(raw, "grid", ctx)
+            grid = self.once("grid", obj, shape, lambda: parse_grid(self, obj, f"{ctx}.grid", shape))
+            return TensorRecord(dtype=dtype, shape=shape, chunks=(), layout=layout, grid=grid)
         chunks = tuple(
             self.chunk(c, f"{ctx}.chunks[{i}]") for i, c in enumerate(self.list(raw, "chunks", ctx))
         )
@@ -227,9 +245,6 @@ class IndexParser:
             )
             self.expect(ok, f"{ctx}.chunks[{i}]", "inside the tensor's shape")
         self.check_tiling(shape, chunks, ctx)
-        layout = None
-        if raw.get("layout") is not None:
-            layout = self.layout(self.obj(raw, "layout", ctx), ctx)
         rec = TensorRecord(dtype=dtype, shape=shape, chunks=chunks, layout=layout)
         self.check_sizes(rec, INDEX_ITEMSIZE[dtype], ctx)
         return rec
@@ -264,7 +279,7 @@ class IndexParser:
 
     def item(self, raw: object, name: str, world_size: int) -> Item:
         ctx = f"items[{name!r}]"
-        self.expect(name != "" and _utf8(name), ctx, "named by a non-empty string")
+        self.expect(name != "" and utf8(name), ctx, "named by a non-empty string")
         if not (isinstance(raw, dict) and raw.get("kind") == "per_rank"):
             return self.record(raw, ctx)
         ranks = self.list(raw, "ranks", ctx)
@@ -287,7 +302,7 @@ class IndexParser:
         for i, c in enumerate(chunks_of(rec)):
             field_name = f"{ctx}.chunk" if isinstance(rec, ObjectRecord) else f"{ctx}.chunks[{i}]"
             self.expect(
-                c.nbytes == _numel(c.shape) * size, f"{field_name}.byte_range", "shape x itemsize long"
+                c.nbytes == numel(c.shape) * size, f"{field_name}.byte_range", "shape x itemsize long"
             )
             self.expect(
                 len(c.crc32c) == max(1, -(-c.nbytes // self.block)),
@@ -297,9 +312,9 @@ class IndexParser:
 
     def check_tiling(self, shape: tuple[int, ...], chunks: tuple[ChunkRecord, ...], ctx: str) -> None:
         """The chunks cover every element of the tensor exactly once."""
-        numel = _numel(shape)
-        covered = sum(_numel(c.shape) for c in chunks)
-        self.expect(covered == numel, f"{ctx}.chunks", f"covering all {numel} elements exactly once")
+        total = numel(shape)
+        covered = sum(numel(c.shape) for c in chunks)
+        self.expect(covered == total, f"{ctx}.chunks", f"covering all {total} elements exactly once")
         if len(chunks) > _PAIRWISE_TILING:
             self.expect(len({c.offsets for c in chunks}) == len(chunks), f"{ctx}.chunks", "non-overlapping")
             return
@@ -311,10 +326,21 @@ class IndexParser:
                 )
                 self.expect(not overlap, f"{ctx}.chunks", "non-overlapping")
 
-    def document(self, doc: dict) -> tuple[SaveMetadata, dict[str, Item], int]:
-        """The metadata, the items and the checksum block size of a version 1 or 2 index."""
+    def document(self, doc: dict) -> ParsedIndex:
+        """The metadata, items, checksum block size and (version 3) fragments of an index."""
         self.block = self.int(doc, "crc_block_bytes", lo=64)
         self.expect(self.block % 64 == 0, "crc_block_bytes", "a positive multiple of 64")
         metadata = self.metadata(doc)
-        items = self.obj(doc, "items")
-        return metadata, {n: self.item(raw, n, metadata.world_size) for n, raw in items.items()}, self.block
+        self.world = metadata.world_size
+        raw_items = self.obj(doc, "items")
+        items = {n: self.item(raw, n, metadata.world_size) for n, raw in raw_items.items()}
+        fragments = parse_fragment_refs(self, doc) if self.version >= 3 else ()
+        return ParsedIndex(metadata=metadata, items=items, block=self.block, fragments=fragments)
+
+
+@dataclass(frozen=True)
+class ParsedIndex:
+    metadata: SaveMetadata
+    items: dict[str, Item]
+    block: int
+    fragments: tuple[FragmentRef | None, ...]

@@ -6,8 +6,26 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Union
 
+from stashpoint.format.grid import TensorGrid
 from stashpoint.format.values import JSONValue
 from stashpoint.vocab import LayoutKind
+
+#: the closed dtype list of FORMAT.md §2 and each dtype's bytes per element (no torch needed)
+INDEX_ITEMSIZE = {
+    **dict.fromkeys(("float64", "int64", "uint64", "complex64"), 8),
+    **dict.fromkeys(("float32", "int32", "uint32"), 4),
+    **dict.fromkeys(("float16", "bfloat16", "int16", "uint16"), 2),
+    **dict.fromkeys(("int8", "uint8", "bool", "float8_e4m3fn", "float8_e5m2"), 1),
+    **dict.fromkeys(("float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu", "float4_e2m1fn_x2"), 1),
+    "complex128": 16,
+}
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 @dataclass(frozen=True)
@@ -43,14 +61,35 @@ class Layout:
 
 @dataclass(frozen=True)
 class TensorRecord:
+    """A global or per-rank tensor: its chunks listed, or (format 3) described by a grid.
+
+    A record with a ``grid`` has no ``chunks`` of its own: its chunks' byte ranges and
+    checksums are in the fragments of their files (:mod:`stashpoint.format.fragment`);
+    :func:`stashpoint.format.index.expand_index` lists them.
+    """
+
     dtype: str
     shape: tuple[int, ...]
     chunks: tuple[ChunkRecord, ...]
     layout: Layout | None = None
+    grid: TensorGrid | None = None
 
     @property
     def nbytes(self) -> int:
+        if self.grid is not None:
+            return numel(self.shape) * INDEX_ITEMSIZE.get(self.dtype, 0)
         return sum(c.nbytes for c in self.chunks)
+
+
+@dataclass(frozen=True)
+class FragmentRef:
+    """An index fragment (format 3): the grid chunks of ``file``, written by ``rank``."""
+
+    rank: int
+    file: str
+    fragment: str
+    sha256: str
+    size: int
 
 
 @dataclass(frozen=True)

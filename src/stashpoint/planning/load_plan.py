@@ -19,10 +19,18 @@ from stashpoint.errors import (
     UnexpectedKeyError,
     WorldSizeMismatchError,
 )
-from stashpoint.format.index import Index, ObjectRecord, PerRankRecord, Record, TensorRecord
+from stashpoint.format.index import ChunkRecord, Index, ObjectRecord, PerRankRecord, Record, TensorRecord
 from stashpoint.planning.layout import Box
 from stashpoint.planning.name_match import owned
 from stashpoint.planning.read_plan import ChunkRead, plan_chunk_reads
+
+#: the chunks of a grid tensor (format 3) that overlap the boxes: ``(fqn, record, boxes)``
+GridLookup = Callable[[str, TensorRecord, tuple[Box, ...]], tuple[ChunkRecord, ...]]
+
+
+def _no_grids(fqn: str, rec: TensorRecord, boxes: tuple[Box, ...]) -> tuple[ChunkRecord, ...]:
+    raise ValueError(f"{fqn!r} is described by a grid: plan_load needs grid_chunks to find its chunks")
+
 
 #: What to do with a per-rank item saved at another world size: "error", "drop",
 #: "rank0", or a function ``(name, values_of_all_saved_ranks, rank, world_size) -> value``.
@@ -136,7 +144,9 @@ def plan_load(
     allow_pickle: bool,
     per_rank: PerRankPolicy,
     where: str,
+    grid_chunks: GridLookup = _no_grids,
 ) -> LoadPlan:
+    """The plan of a load; ``grid_chunks`` lists only the grid chunks the target boxes overlap."""
     if strict and not partial:
         _check_missing(index, targets, where)
     unplaced = (
@@ -173,7 +183,8 @@ def plan_load(
             boxes = tgt.boxes
             if per_rank_tensor or tgt.per_rank:
                 boxes = _whole(tgt.local_shape)
-            reads = plan_chunk_reads(rec.chunks, list(boxes), tgt.itemsize, crc)
+            chunks = rec.chunks if rec.grid is None else grid_chunks(fqn, rec, boxes)
+            reads = plan_chunk_reads(chunks, list(boxes), tgt.itemsize, crc)
             tensors.append(TensorLoad(fqn, tuple(reads), tgt.local_shape, tgt.dtype))
             continue
         if not tgt.assignable:
