@@ -95,7 +95,7 @@ def train(rank: int, world: int, split: list[list[int]], steps: range, options: 
     state = {"model": model, "optim": optim}
     if load is not None:
         target = {"model": model} if options.get("model_only") else state
-        stashpoint.load(target, load, per_rank="rank0", strict=not options.get("model_only"))
+        stashpoint.load(target, load, strict=not options.get("model_only"))
     stage = PipelineStage(model, stage_id, pp, torch.device("cpu"), group=mesh["pp"].get_group())
     kind = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
     sched = kind(stage, MICROBATCHES // dp if dp > 1 else MICROBATCHES, loss_fn=loss_fn)
@@ -136,7 +136,7 @@ def train_whole(steps: range, load: str) -> list[float]:
     try:
         model = Transformer()
         optim = optimizer(model)
-        stashpoint.load({"model": model, "optim": optim}, load, per_rank="rank0")
+        stashpoint.load({"model": model, "optim": optim}, load)  # param groups: any PP size
         losses = []
         for step in steps:
             x, y = batch(step)

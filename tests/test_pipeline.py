@@ -9,8 +9,12 @@ Every case runs in one pool of four ranks (two cores: PP=4 alone, DP=2 only at P
 
 from __future__ import annotations
 
+import pytest
+
 import pp_cases
 import stashpoint
+from stashpoint._state import common_param_groups
+from stashpoint.errors import WorldSizeMismatchError
 
 
 def _losses(results: list) -> list[float]:
@@ -47,3 +51,12 @@ def test_strict_loads_fail_only_on_items_no_rank_has_a_place_for(pools, tmp_path
     results = pools(4).run(pp_cases.unclaimed_case, str(tmp_path / "c"))
     for ok, message in results:
         assert ok and "'m.w3'" in message and str(tmp_path / "c") in message
+
+
+def test_param_groups_of_stages_load_at_any_size_only_when_they_agree_beyond_names():
+    stage0 = [{"lr": 0.1, "betas": [0.9, 0.99], "params": ["layers.0.w", "layers.1.w"]}]
+    stage1 = [{"lr": 0.1, "betas": [0.9, 0.99], "params": ["layers.2.w"]}]
+    assert common_param_groups([stage0, stage1], "ckpt: 'optim.param_groups'") is stage0
+    faster = [{"lr": 0.2, "betas": [0.9, 0.99], "params": ["layers.2.w"]}]
+    with pytest.raises(WorldSizeMismatchError, match=r"ckpt: 'optim.param_groups'.*rank 0 and rank 1"):
+        common_param_groups([stage0, faster], "ckpt: 'optim.param_groups'")

@@ -30,7 +30,12 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from stashpoint.errors import InvalidStateError, TensorSubclassMismatchError, UnsupportedTensorError
+from stashpoint.errors import (
+    InvalidStateError,
+    TensorSubclassMismatchError,
+    UnsupportedTensorError,
+    WorldSizeMismatchError,
+)
 from stashpoint.format.values import MalformedValue, NotRepresentable, check_plain, to_json
 from stashpoint.planning.names import Layout, check_layouts, strip_wrappers, to_global
 from stashpoint.planning.save_plan import CHECKED, PER_RANK, REPLICATED, SHARDED
@@ -317,6 +322,27 @@ def with_target_params(template: object, loaded: object) -> object:
     if not same_form or not all(isinstance(g, dict) for g in (*template, *loaded)):
         return loaded
     return [{**g, "params": t["params"]} if "params" in t else g for t, g in zip(template, loaded)]
+
+
+def common_param_groups(saved: list[object], what: str) -> object:
+    """The param groups every saving rank agrees on once their ``params`` names are left
+    out (pipeline stages or expert shards name different parameters, and nothing else
+    differs in a typical job); WorldSizeMismatchError if anything else differs."""
+    first = _without_params(saved[0])
+    for rank, groups in enumerate(saved[1:], start=1):
+        if _without_params(groups) != first:
+            raise WorldSizeMismatchError(
+                f"{what} was saved per rank by {len(saved)} ranks whose optimizer param groups "
+                f"differ beyond their parameter names (rank 0 and rank {rank}); pass per_rank="
+                "'rank0' or a function to say which to load"
+            )
+    return saved[0]
+
+
+def _without_params(groups: object) -> object:
+    if not isinstance(groups, list):
+        return groups
+    return [{k: v for k, v in g.items() if k != "params"} if isinstance(g, dict) else g for g in groups]
 
 
 def _stateful_entry(name: str, obj, out: FlatState, scope: Scope) -> None:

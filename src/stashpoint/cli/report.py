@@ -17,6 +17,7 @@ from stashpoint.textfmt import human_bytes, table
 PHASES = [
     "plan",
     "plan_cached",
+    "grids",
     "wait_buffer",
     "device_to_host",
     "checksum",

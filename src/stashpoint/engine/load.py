@@ -47,7 +47,7 @@ from stashpoint.vocab import PerRankChoice, choose
 def _target(leaf: _state.Leaf) -> Target:
     v = leaf.value
     if not isinstance(v, torch.Tensor):
-        return TargetObject(leaf.fqn, assignable=leaf.container is not None)
+        return TargetObject(leaf.fqn, assignable=leaf.container is not None, param_groups=leaf.param_groups)
     per_rank = leaf.scope == _state.PER_RANK
     local = local_tensor(v)
     if isinstance(v, DTensor) and not per_rank:
@@ -247,7 +247,10 @@ def _read_values(p: _Planned, opts: LoadOptions, coord: Coordinator, staged: dic
             )
     for c in p.plan.combines:
         saved = [reader.read_record(c.fqn, r, allow_pickle=opts.allow_pickle) for r in c.records]
-        value = opts.per_rank(c.fqn, saved, coord.rank, coord.world_size)  # type: ignore[operator]
+        if callable(opts.per_rank):
+            value = opts.per_rank(c.fqn, saved, coord.rank, coord.world_size)
+        else:  # param groups saved per rank, at another world size (planning.load_plan)
+            value = _state.common_param_groups(saved, f"{where}: {c.fqn!r}")
         if not isinstance(c.target, TargetTensor):
             leaf = p.flat.leaves[c.fqn]
             values[c.fqn] = _state.with_target_params(leaf.value, value) if leaf.param_groups else value

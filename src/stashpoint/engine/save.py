@@ -61,7 +61,7 @@ def save_state(
     prepared = prepare_save(state, coord, storage, final, commit, overwrite, allow_pickle, timer=timer)
     plan, publisher = prepared.plan, prepared.publisher
     writes = plan.writes[coord.rank]
-    with timer.phase("plan"):
+    with timer.phase("grids"):  # the index's grids (reused with a reused plan)
         grids = save_grids(plan)
 
     def write():

@@ -52,6 +52,10 @@ class TargetTensor:
 class TargetObject:
     fqn: str
     assignable: bool = True
+    #: an optimizer's param groups: saved per rank by pipeline stages or expert shards whose
+    #: groups differ only in their parameter names, they load at any world size once the
+    #: loader has checked that the rest agrees (see _state.common_param_groups)
+    param_groups: bool = False
 
 
 Target = TargetTensor | TargetObject
@@ -115,6 +119,18 @@ def _resolve_per_rank(
     )
 
 
+def _groups_to_compare(item: PerRankRecord, tgt: Target, world: int, policy: PerRankPolicy) -> bool:
+    """Per-rank param groups at another world size, with no policy given: every rank's
+    groups are read, and load compares them without their parameter names."""
+    return (
+        isinstance(tgt, TargetObject)
+        and tgt.param_groups
+        and len(item.ranks) != world
+        and policy == "error"
+        and not any(isinstance(r, ObjectRecord) and r.pickled for r in item.ranks)
+    )
+
+
 def _check_tensor(fqn: str, rec: Record, tgt: Target, where: str, shape_of_target) -> None:
     if isinstance(tgt, TargetObject) or not isinstance(rec, TensorRecord):
         have = "a tensor" if isinstance(rec, TensorRecord) else "a plain value"
@@ -162,6 +178,9 @@ def plan_load(
             continue
         rec: Record | tuple[Record, ...] | None = item
         if isinstance(item, PerRankRecord):
+            if _groups_to_compare(item, tgt, world_size, per_rank):
+                combines.append(CombineLoad(fqn, item.ranks, tgt))
+                continue
             rec = _resolve_per_rank(fqn, item, rank, world_size, per_rank, where)
             if rec is None:
                 skipped.append(fqn)
