@@ -37,7 +37,7 @@ import mmap
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from stashpoint.engine.checksum import block_crcs, parallel_block_crcs
@@ -243,6 +243,16 @@ class NodeTransport:
         """A path on this machine where the file can be read (a network transport fetches it)."""
         raise NotImplementedError
 
+    def mapped(self, node: int, relpath: str) -> contextlib.AbstractContextManager[memoryview]:
+        """The file's bytes, read-only, without a copy where the transport can; views of it
+        must not outlive the block."""
+        raise NotImplementedError
+
+    def write_with(self, node: int, relpath: str, size: int, fill: Callable[[memoryview], None]) -> None:
+        """Publish a file of ``size`` bytes that ``fill`` writes into a writable view (no
+        file appears when ``fill`` raises)."""
+        raise NotImplementedError
+
 
 class FileTransport(NodeTransport):
     """Every node's memory root is a directory this process can reach (see the module docstring)."""
@@ -286,6 +296,35 @@ class FileTransport(NodeTransport):
     def read(self, node: int, relpath: str) -> bytes:
         with os.fdopen(open_regular(self.local_path(node, relpath)), "rb") as f:
             return f.read()
+
+    @contextlib.contextmanager
+    def mapped(self, node: int, relpath: str) -> Iterator[memoryview]:
+        fd = open_regular(self.local_path(node, relpath))
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                yield memoryview(b"")
+                return
+            with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapping, memoryview(mapping) as view:
+                yield view
+        finally:
+            os.close(fd)
+
+    def write_with(self, node: int, relpath: str, size: int, fill: Callable[[memoryview], None]) -> None:
+        path = self._dir_for(node, relpath)
+        tmp = f"{path}.part"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            if size:
+                with mmap.mmap(fd, size) as mapping, memoryview(mapping) as view:
+                    fill(view)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, path)
 
     def xor_into(self, node: int, relpath: str, data: memoryview, pacer: Pacer | None = None) -> None:
         path = self._dir_for(node, relpath)
