@@ -16,7 +16,7 @@ from stashpoint.engine import memtier
 from stashpoint.engine.parity import Pacer, xor_into
 from stashpoint.engine.protect import Protector, ProtectSetup, held_bytes, inventory, rebuild
 from stashpoint.engine.protect_store import FileTransport, check_blocks
-from stashpoint.errors import ChecksumMismatchError, InvalidOptionError
+from stashpoint.errors import ChecksumMismatchError, InvalidOptionError, ProtectionError
 from stashpoint.planning.protection import Holding, Source, node_ids, place, rebuild_candidates
 
 BLOCK = 4096
@@ -279,3 +279,18 @@ def test_max_rate_paces_the_protection_traffic(tmp_path) -> None:
     paced = ProtectSetup(**{**setup.__dict__, "rate": Replicate(copies=1, max_rate="10MB").rate})
     got = Protector(paced).protect(_manifest(0, 1, 2_000_000, 2), memoryview(data[0]), time.time())
     assert paced.rate == 10_000_000 and got.seconds >= 0.15 and got.bytes_sent == 2_000_000
+
+
+def test_transport_writes_never_follow_a_planted_link(tmp_path):
+    root = tmp_path / "node0"
+    (root / "held").mkdir(parents=True)
+    t = FileTransport({0: str(root)})
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"keep")
+    os.symlink(outside, root / "held" / "x.part")  # a link where the writer stages its file
+    os.symlink(outside, root / "held" / "p")
+    with pytest.raises(ProtectionError, match="x.part: cannot be written"):
+        t.write(0, "held/x", memoryview(b"data"))
+    with pytest.raises(ProtectionError, match="held/p: cannot be written"):
+        t.xor_into(0, "held/p", memoryview(b"data"))
+    assert outside.read_bytes() == b"keep"

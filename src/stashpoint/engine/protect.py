@@ -271,49 +271,35 @@ def _record_of(t: NodeTransport, h: Holding) -> ProtectionRecord:
 
 def rebuild(t: NodeTransport, source: Source, rank: int) -> Rebuilt:
     """``rank``'s slot file from ``source`` (a replica, or a parity and the other members'
-    slots), every block checked; ChecksumMismatchError names a damaged one.
-
-    Parity: the rebuilt file is written in place through a mapping (a copy of the parity,
-    each member XOR-ed into it from its own mapping), checksummed on the pool's threads.
-    """
+    slots), every block checked; ChecksumMismatchError names a damaged one."""
     h = source.holding
     record = _record_of(t, h)
     where = t.local_path(h.node, h.path)
+    check_blocks(t.checksums(h.node, h.path, record.crc_block), record.crc32c, where, record.crc_block)
     lost = next(m for m in record.members if m.rank == rank)
     if h.kind == "replica":
-        check_blocks(t.checksums(h.node, h.path, record.crc_block), record.crc32c, where, record.crc_block)
         return Rebuilt(rank=rank, node=h.node, path=h.path, manifest=lost.manifest)
-    path = f"{REBUILT_DIR}/{entry_name(record.step, record.save_id)}-rank-{rank:05d}.safetensors"
-    with t.mapped(h.node, h.path) as parity:
-        check_blocks(parallel_block_crcs(parity, record.crc_block), record.crc32c, where, record.crc_block)
-
-        def fill(out: memoryview) -> None:
-            out[:] = parity[: lost.file_size]
-            for other in source.others:
-                _xor_member(t, other, record, out)
-            check_blocks(
-                parallel_block_crcs(out, record.crc_block),
-                lost.crc32c,
-                f"{where} (rank {rank} rebuilt from parity)",
-                record.crc_block,
-            )
-
-        t.write_with(h.node, path, lost.file_size, fill)
-    return Rebuilt(rank=rank, node=h.node, path=path, manifest=lost.manifest)
-
-
-def _xor_member(t: NodeTransport, other: Holding, record: ProtectionRecord, out: memoryview) -> None:
-    """XOR a surviving member's slot file, checked block by block, into ``out``."""
-    member = next(m for m in record.members if m.rank == other.rank)
-    with t.mapped(other.node, other.path) as whole, whole[: member.file_size] as data:
+    out = bytearray(t.read(h.node, h.path)[: lost.file_size])
+    for other in source.others:
+        member = next(m for m in record.members if m.rank == other.rank)
+        data = t.read(other.node, other.path)[: member.file_size]
         check_blocks(
-            parallel_block_crcs(data, record.crc_block),
+            parallel_block_crcs(memoryview(data), record.crc_block),
             member.crc32c,
             t.local_path(other.node, other.path),
             record.crc_block,
         )
         n = min(len(out), len(data))
-        xor_into(out[:n], data[:n])
+        xor_into(memoryview(out)[:n], memoryview(data)[:n])
+    check_blocks(
+        parallel_block_crcs(memoryview(out), record.crc_block),
+        lost.crc32c,
+        f"{where} (rank {rank} rebuilt from parity)",
+        record.crc_block,
+    )
+    path = f"{REBUILT_DIR}/{entry_name(record.step, record.save_id)}-rank-{rank:05d}.safetensors"
+    t.write(h.node, path, memoryview(out))
+    return Rebuilt(rank=rank, node=h.node, path=path, manifest=lost.manifest)
 
 
 def held_bytes(root: str) -> int:

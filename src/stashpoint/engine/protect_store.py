@@ -33,14 +33,13 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import mmap
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from stashpoint.engine.checksum import block_crcs, parallel_block_crcs
+from stashpoint.engine.checksum import CRC_THREADS, PARALLEL_MIN_BYTES, block_crcs, spans, worker_pool
 from stashpoint.engine.parity import PIECE_BYTES, Pacer, xor_into
 from stashpoint.errors import ChecksumMismatchError, IndexCorruptError, ProtectionError
 from stashpoint.format.index_json import check_seal, parse_strict, seal
@@ -197,18 +196,34 @@ def check_blocks(got: list[int] | tuple[int, ...], want: tuple[int, ...], where:
 
 
 def file_crcs(fd: int, size: int, block: int) -> list[int]:
-    """The crc32c of every ``block`` bytes of an open file, read through a mapping."""
+    """The crc32c of every ``block`` bytes of an open file, read in pieces (on the pool's
+    threads for a large file).  Reads, not a mapping: a file shortened meanwhile reads
+    short and fails its checksums instead of faulting the process."""
     if size == 0:
         return block_crcs(memoryview(b""), block)
-    with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapped:
-        view = memoryview(mapped)
-        try:
-            return parallel_block_crcs(view, block)
-        finally:
-            view.release()
+    step = block * max(1, PIECE_BYTES // block)
+
+    def span(s: tuple[int, int]) -> list[int]:
+        out: list[int] = []
+        for a in range(s[0], s[1], step):
+            out += block_crcs(memoryview(os.pread(fd, min(step, s[1] - a), a)), block)
+        return out
+
+    if size < PARALLEL_MIN_BYTES:
+        return span((0, size))
+    return [c for part in worker_pool().map(span, spans(size, block, CRC_THREADS)) for c in part]
 
 
 # --------------------------------------------------------------------------- transport
+
+
+def _open_own(path: str, flags: int) -> int:
+    """Open (creating) a file of the memory root, never through a symbolic link."""
+    try:
+        return os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        why = f"{exc.strerror}; a link or a special file?"
+        raise ProtectionError(f"{path}: cannot be written ({why})") from None
 
 
 class NodeTransport:
@@ -243,16 +258,6 @@ class NodeTransport:
         """A path on this machine where the file can be read (a network transport fetches it)."""
         raise NotImplementedError
 
-    def mapped(self, node: int, relpath: str) -> contextlib.AbstractContextManager[memoryview]:
-        """The file's bytes, read-only, without a copy where the transport can; views of it
-        must not outlive the block."""
-        raise NotImplementedError
-
-    def write_with(self, node: int, relpath: str, size: int, fill: Callable[[memoryview], None]) -> None:
-        """Publish a file of ``size`` bytes that ``fill`` writes into a writable view (no
-        file appears when ``fill`` raises)."""
-        raise NotImplementedError
-
 
 class FileTransport(NodeTransport):
     """Every node's memory root is a directory this process can reach (see the module docstring)."""
@@ -279,7 +284,7 @@ class FileTransport(NodeTransport):
     def write(self, node: int, relpath: str, data: memoryview, pacer: Pacer | None = None) -> None:
         path = self._dir_for(node, relpath)
         tmp = f"{path}.part"
-        with open(tmp, "wb") as f:
+        with os.fdopen(_open_own(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:
             for a in range(0, len(data), PIECE_BYTES):
                 piece = data[a : a + PIECE_BYTES]
                 f.write(piece)
@@ -297,49 +302,12 @@ class FileTransport(NodeTransport):
         with os.fdopen(open_regular(self.local_path(node, relpath)), "rb") as f:
             return f.read()
 
-    @contextlib.contextmanager
-    def mapped(self, node: int, relpath: str) -> Iterator[memoryview]:
-        fd = open_regular(self.local_path(node, relpath))
-        try:
-            size = os.fstat(fd).st_size
-            if size == 0:
-                yield memoryview(b"")
-                return
-            with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapping, memoryview(mapping) as view:
-                yield view
-        finally:
-            os.close(fd)
-
-    def write_with(self, node: int, relpath: str, size: int, fill: Callable[[memoryview], None]) -> None:
-        path = self._dir_for(node, relpath)
-        tmp = f"{path}.part"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            if size:
-                with mmap.mmap(fd, size) as mapping, memoryview(mapping) as view:
-                    fill(view)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
-        os.replace(tmp, path)
-
     def xor_into(self, node: int, relpath: str, data: memoryview, pacer: Pacer | None = None) -> None:
         path = self._dir_for(node, relpath)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = _open_own(path, os.O_RDWR)
         try:
             if os.fstat(fd).st_size < len(data):
                 os.ftruncate(fd, len(data))
-            if pacer is None and len(data):  # in place, every core's share at once
-                with mmap.mmap(fd, len(data)) as mapped:
-                    view = memoryview(mapped)
-                    try:
-                        xor_into(view, data)
-                    finally:
-                        view.release()
-                return
             for a in range(0, len(data), PIECE_BYTES):
                 piece = data[a : a + PIECE_BYTES]
                 cur = bytearray(os.pread(fd, len(piece), a))

@@ -278,8 +278,9 @@ class CudaCopyEngine(CopyEngine):
 
     def copy_into(self, host: torch.Tensor, copies: DeviceCopies) -> None:
         """With a device buffer large enough, mirror ``host``: each source goes to the
-        device buffer at its destination's offset, and the buffer goes to the host run
-        by run -- a few large copies instead of one per tensor.  The views are built
+        device buffer at its destination's offset (one batched launch; mixed dtypes and
+        offsets that are not 16-byte aligned were checked on an H200), and the buffer
+        goes to the host run by run -- a few large copies instead of one per tensor.  The views are built
         once per ``copies`` object (a memory snapshot reuses it)."""
         buffer = self._buffer
         if not self.device_buffer or self._offset or buffer is None or buffer.numel() < copies.span:
@@ -287,10 +288,7 @@ class CudaCopyEngine(CopyEngine):
             return
         mirror = self._mirror(host, copies)
         with torch.cuda.stream(self.stream):
-            for snaps, srcs in mirror.batches:
-                torch._foreach_copy_(snaps, srcs, non_blocking=True)
-            for snap, src in mirror.singles:
-                snap.copy_(src, non_blocking=True)
+            torch._foreach_copy_(mirror.snaps, copies.srcs, non_blocking=True)
         self._pending.extend(mirror.runs)
         self._offset = align(copies.span)
 
@@ -336,28 +334,19 @@ class CudaCopyEngine(CopyEngine):
 
 @dataclass(frozen=True, kw_only=True)
 class _Mirror:
-    """A staging mirrored in a device buffer: the device-to-device copies, batched per
-    dtype where both ends are 16-byte aligned (what the batched copy kernels read
-    vectorised) and one by one otherwise, and the runs to copy to the host."""
+    """A staging mirrored in a device buffer: the views each source is copied to (at its
+    destination's offset), and the runs to copy to the host."""
 
-    batches: list[tuple[list[torch.Tensor], list[torch.Tensor]]]
-    singles: list[tuple[torch.Tensor, torch.Tensor]]
+    snaps: list[torch.Tensor]
     runs: list[tuple[torch.Tensor, torch.Tensor]]
 
     @classmethod
     def of(cls, buffer: torch.Tensor, host: torch.Tensor, copies: DeviceCopies) -> _Mirror:
-        batches: dict[torch.dtype, tuple[list, list]] = {}
-        singles = []
-        for d, off, src in zip(copies.dsts, copies.offsets, copies.srcs, strict=True):
-            snap = buffer[off : off + d.numel() * d.element_size()].view(d.dtype).view(d.shape)
-            if snap.data_ptr() % 16 or src.data_ptr() % 16:
-                singles.append((snap, src))
-            else:
-                group = batches.setdefault(d.dtype, ([], []))
-                group[0].append(snap)
-                group[1].append(src)
-        runs = [(host[a:b], buffer[a:b]) for a, b in copies.runs]
-        return cls(batches=list(batches.values()), singles=singles, runs=runs)
+        snaps = [
+            buffer[off : off + d.numel() * d.element_size()].view(d.dtype).view(d.shape)
+            for d, off in zip(copies.dsts, copies.offsets, strict=True)
+        ]
+        return cls(snaps=snaps, runs=[(host[a:b], buffer[a:b]) for a, b in copies.runs])
 
 
 class _ThreadTicket(Ticket):
