@@ -30,9 +30,10 @@ import time
 
 sys.path.insert(0, "src")
 from stashpoint.engine import memtier
+from stashpoint.engine.net_transport import TransportSpec
 from stashpoint.engine.parity import xor_into
 from stashpoint.engine.protect import Protector, ProtectSetup, held_bytes, inventory, rebuild
-from stashpoint.engine.protect_store import FileTransport
+from stashpoint.engine.transport import FileTransport
 from stashpoint.planning.protection import Parity, Replicate, node_ids, place, rebuild_candidates
 
 BLOCK = 1 << 20
@@ -88,7 +89,7 @@ def run_policy(policy, n_nodes: int, nbytes: int, slots: int, shm: str) -> dict:
             for rank, blob in data.items():
                 setup = ProtectSetup(
                     placement=placement.ranks[rank],
-                    roots=tuple(roots.items()),
+                    transport=TransportSpec(kind="files", roots=tuple(roots.items())),
                     keep=slots,
                     rate=None,
                     timeout_s=60,

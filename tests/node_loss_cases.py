@@ -74,6 +74,8 @@ def node_job(rank, world, init_file, job, results) -> None:
         signal=None,
         protection=job["protection"],
         ranks_per_node=per_node,
+        peer_transport=job.get("peer_transport", "auto"),
+        listen_host="127.0.0.1",
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -124,6 +126,21 @@ def keepers_of(shm: str) -> list[int]:
         if b"stashpoint.engine.keeper_main" in args and any(a.startswith(shm.encode() + b"/") for a in args):
             out.append(int(pid))
     return out
+
+
+def listening_ports(pid: int) -> list[int]:
+    """The loopback TCP ports process ``pid`` listens on (from /proc: socket inodes of its fds)."""
+    try:
+        inodes = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    except OSError:
+        return []
+    ports = []
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            local, state, inode = line.split()[1], line.split()[3], line.split()[9]
+            if state == "0A" and local.startswith("0100007F:") and f"socket:[{inode}]" in inodes:
+                ports.append(int(local.split(":")[1], 16))
+    return ports
 
 
 def free_port() -> int:

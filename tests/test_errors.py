@@ -921,7 +921,7 @@ def test_peer_errors_name_the_peer_and_the_step():
 def test_protection_error_names_the_peer_file(tmp_path: Path) -> None:
     import fcntl
 
-    from stashpoint.engine.protect_store import FileTransport
+    from stashpoint.engine.transport import FileTransport
 
     stripe = tmp_path / "node1" / "parity-g00000-s00000"
     stripe.mkdir(parents=True)
@@ -958,6 +958,7 @@ def test_unprotected_warning_names_the_memory_root_and_why(tmp_path: Path) -> No
 def test_protection_exceeded_warning_names_the_lost_ranks_and_changes_nothing(tmp_path: Path) -> None:
     from stashpoint._dist import Coordinator
     from stashpoint.engine import memtier
+    from stashpoint.engine.net_transport import TransportSpec
     from stashpoint.manager.node_loss import NodeMap, recover_protected
     from stashpoint.planning.protection import Placement
 
@@ -968,7 +969,8 @@ def test_protection_exceeded_warning_names_the_lost_ranks_and_changes_nothing(tm
                                 file_size=64, records=())
     memtier.write_manifest(root, manifest)  # rank 1 of the 2-rank snapshot is gone, unprotected
     state = {"w": torch.ones(3)}
-    nodes = NodeMap(nodes=(0,), roots=((0, root),), placement=Placement())
+    spec = TransportSpec(kind="files", roots=((0, root),))
+    nodes = NodeMap(nodes=(0,), transport=spec, placement=Placement())
     with pytest.warns(errors.ProtectionExceededWarning, match=r"stashpoint-mem-k: .*step 7: ranks \[1\]"):
         got = recover_protected(nodes=nodes, root=root, coord=Coordinator(), process_group=None, state=state,
                                 newer_than=None, load_kwargs={})

@@ -198,3 +198,35 @@ def test_parity_rebuilds_whichever_node_is_lost_and_falls_back_beyond_its_protec
     assert fourth[0]["resumed"] == ("local", 4, True), fourth[0]
     assert _warned(fourth[0], "ProtectionExceededWarning", "step 5: ranks [0, 1]")
     assert os.listdir(os.path.join(nodes, "n3")) == []  # closed: the memory is freed
+
+
+def test_parity_over_sockets_rebuilds_at_the_same_and_a_smaller_world(tmp_path, nodes):
+    """3 nodes of 1 rank whose keepers talk TCP (each node's root served by its keeper on
+    loopback): lose node 1, resume on a replacement node; lose node 0, resume on two nodes."""
+    job = _job(
+        tmp_path,
+        nodes,
+        Parity(group=2),
+        node_dirs=["n0", "n1", "n2"],
+        per_node=1,
+        steps=3,
+        durable_every=100,
+        peer_transport="sockets",
+    )
+    procs, first = _run(job, 3)
+    assert all("protect" in r["phases"] for r in first.values()), first
+    for d in job["node_dirs"]:  # every keeper serves its node's memory root
+        keepers = node_loss_cases.keepers_of(os.path.join(nodes, d))
+        assert keepers and all(node_loss_cases.listening_ports(pid) for pid in keepers), d
+    _lose_nodes(procs, job, [1], replace=True)
+
+    job.update(steps=4)
+    procs, second = _run(job, 3)
+    for r in range(3):
+        assert second[r]["resumed"] == ("memory", 3, True), second[r]
+    _lose_nodes(procs, job, [0], replace=False)
+
+    job.update(node_dirs=["n1", "n2"], final=True)
+    _, third = _run(job, 2)
+    for r in range(2):
+        assert third[r]["resumed"] == ("memory", 4, True), third[r]["warnings"]  # rank 0 rebuilt, 3 -> 2

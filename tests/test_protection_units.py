@@ -13,9 +13,11 @@ import pytest
 
 from stashpoint import MemoryPolicy, Parity, Replicate
 from stashpoint.engine import memtier
+from stashpoint.engine.net_transport import TransportSpec
 from stashpoint.engine.parity import Pacer, xor_into
 from stashpoint.engine.protect import Protector, ProtectSetup, held_bytes, inventory, rebuild
-from stashpoint.engine.protect_store import FileTransport, check_blocks
+from stashpoint.engine.protect_store import check_blocks
+from stashpoint.engine.transport import FileTransport
 from stashpoint.errors import ChecksumMismatchError, InvalidOptionError, ProtectionError
 from stashpoint.planning.protection import Holding, Source, node_ids, place, rebuild_candidates
 
@@ -112,7 +114,7 @@ def _setup(tmp_path, policy, nodes: tuple[int, ...], rank: int, keep: int = 2) -
     roots = {n: str(tmp_path / f"node{n}") for n in set(nodes)}
     return ProtectSetup(
         placement=place(policy, nodes).ranks[rank],
-        roots=tuple(roots.items()),
+        transport=TransportSpec(kind="files", roots=tuple(roots.items())),
         keep=keep,
         rate=None,
         timeout_s=5.0,

@@ -289,6 +289,12 @@ class ProtectionError(StashpointError):
     """
 
 
+class PeerConnectionError(ProtectionError, ConnectionError):
+    """A peer node's keeper could not be reached over the network, closed the connection,
+    broke the protocol, refused this job's token, or did not answer in time; the message
+    names the node, its address and the file."""
+
+
 class UnprotectedWarning(UserWarning):
     """The job's memory snapshots cannot be protected as its policy asks (too few nodes for
     the copies or the parity group, or node memory roots the transport cannot reach)."""

@@ -67,6 +67,8 @@ def choose(option: str, value: object, vocabulary: object, allowed: tuple[str, .
         listed = ", ".join(repr(w) for w in ok)
         raise InvalidOptionError(f"{option} must be one of {listed}, not {value!r}")
     return value
+
+
 #: how a merge method combines its inputs (see ``stashpoint.merging.registry``)
 MergeKind = Literal["linear", "tensor", "search"]
 #: dtypes a merge may compute in or write
@@ -77,3 +79,6 @@ BaseListed = Literal["dropped", "refused"]
 ProtectionKind = Literal["replicate", "parity"]
 #: where a rank's part of a memory snapshot can be had after a node loss
 HoldingKind = Literal["slot", "replica", "parity"]
+#: how protection reaches other nodes' memory roots: by path (one machine, or a file system
+#: every node mounts), over TCP between keepers, or decided from the ranks' host names
+PeerTransport = Literal["auto", "files", "sockets"]

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from stashpoint.engine import memtier
 from stashpoint.engine.checksum import CRC_THREADS, block_crcs
 from stashpoint.engine.messages import (
+    NODE_SERVER_TAG,
     Allocated,
     AllocFailed,
     Committed,
@@ -49,9 +50,11 @@ from stashpoint.engine.messages import (
     Preempted,
     Release,
     Seal,
+    ServeNode,
     SlotAlloc,
     apply_env,
 )
+from stashpoint.engine.node_server import NodeServer
 from stashpoint.engine.persist import data_file_name
 from stashpoint.engine.protect import Protector, ProtectSetup
 from stashpoint.engine.publish import Publisher
@@ -93,6 +96,7 @@ class Keeper:
         self.preempt_timer: threading.Timer | None = None
         self.persisted_steps: set[int] = set()
         self.protector: Protector | None = None  # set by the trainer's ProtectSetup
+        self.node_server: NodeServer | None = None  # started by the trainer's ServeNode
         #: durable copies run on their own thread: a seal never waits behind a persist
         self.persists: queue.Queue = queue.Queue()
         self.persister = threading.Thread(target=self._persist_loop, name="stashpoint-persist", daemon=True)
@@ -119,6 +123,8 @@ class Keeper:
             self._arm(msg.deadline_unix)
         elif isinstance(msg, ProtectSetup):
             self.protector = None if msg.placement is None else Protector(msg)
+        elif isinstance(msg, ServeNode):
+            self._serve_node(writer, msg)
         elif isinstance(msg, Release):
             return True
         return False
@@ -142,6 +148,22 @@ class Keeper:
             writer.send(AllocFailed(tag=f"slot-{msg.slot}", error=ErrorReport.of(exc)))
             return
         writer.send(Allocated(tag=f"slot-{msg.slot}", path=path))
+
+    def _serve_node(self, writer, msg: ServeNode) -> None:
+        """Serve the node's memory root to the other nodes (one server, kept across trainers)."""
+        try:
+            if self.node_server is not None and (self.node_server.host, self.node_server.token) != (
+                msg.host,
+                msg.token,
+            ):
+                self.node_server.close()
+                self.node_server = None
+            if self.node_server is None:
+                self.node_server = NodeServer(self.config.root, msg.token, msg.host, self.config.timeout_s)
+        except Exception as exc:
+            writer.send(AllocFailed(tag=NODE_SERVER_TAG, error=ErrorReport.of(exc)))
+            return
+        writer.send(Allocated(tag=NODE_SERVER_TAG, path=self.node_server.address))
 
     def _arm(self, deadline_unix: float) -> None:
         if self.preempt_timer is not None:
@@ -315,6 +337,8 @@ class Keeper:
     def close(self) -> None:
         if self.preempt_timer is not None:
             self.preempt_timer.cancel()
+        if self.node_server is not None:
+            self.node_server.close()
         for buf in self.slots.values():
             buf.close()
         self.slots.clear()

@@ -180,11 +180,28 @@ class Release:
     """Training is over: free the memory tier and exit once the queued work is done."""
 
 
+#: the tag of :class:`ServeNode`'s answer
+NODE_SERVER_TAG = "node-server"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeNode:
+    """Serve this node's memory root to the job's other nodes on ``host``, to peers holding
+    ``token`` (:mod:`~stashpoint.engine.node_server`); answered with :class:`Allocated`
+    (tag :data:`NODE_SERVER_TAG`, ``path`` the address, ``host:port``) or
+    :class:`AllocFailed`.  Asked again with the same host and token, the same server answers."""
+
+    host: str
+    token: str
+
+
 # writer -> trainer
 
 
 @dataclass(frozen=True)
 class Allocated:
+    """What the writer made for ``tag``, and where: a buffer's path, or a server's address."""
+
     tag: str
     path: str
 
@@ -213,5 +230,7 @@ class Failed:
     error: ErrorReport
 
 
-ToWriter = Alloc | Free | Submit | Shutdown | SlotAlloc | Seal | PersistSnapshot | Preempted | Release
+ToWriter = (
+    Alloc | Free | Submit | Shutdown | SlotAlloc | Seal | PersistSnapshot | Preempted | Release | ServeNode
+)
 FromWriter = Allocated | AllocFailed | Persisted | Committed | Failed

@@ -25,15 +25,14 @@ from dataclasses import dataclass
 
 from stashpoint.engine import memtier
 from stashpoint.engine.checksum import parallel_block_crcs
+from stashpoint.engine.net_transport import TransportSpec, make_transport
 from stashpoint.engine.parity import Pacer, xor_into
 from stashpoint.engine.protect_store import (
     HELD_PREFIX,
     PARITY_PREFIX,
     REBUILT_DIR,
     RECORD_SUFFIX,
-    FileTransport,
     Member,
-    NodeTransport,
     ProtectionRecord,
     check_blocks,
     entry_name,
@@ -45,6 +44,7 @@ from stashpoint.engine.protect_store import (
     record_from_json,
     record_to_json,
 )
+from stashpoint.engine.transport import NodeTransport
 from stashpoint.errors import IndexCorruptError
 from stashpoint.planning.protection import Holding, RankProtection, Source
 from stashpoint.storage.files import open_regular
@@ -59,7 +59,7 @@ class ProtectSetup:
     ``placement`` None: this job's snapshots are not protected (too few nodes)."""
 
     placement: RankProtection | None
-    roots: tuple[tuple[int, str], ...]  # node -> its memory root
+    transport: TransportSpec  # how the other nodes' memory roots are reached
     keep: int
     rate: int | None
     timeout_s: float
@@ -80,7 +80,8 @@ class Protector:
 
     def __init__(self, setup: ProtectSetup, transport: NodeTransport | None = None) -> None:
         self.setup = setup
-        self.transport = transport or FileTransport(dict(setup.roots))
+        node = None if setup.placement is None else setup.placement.node
+        self.transport = transport or make_transport(setup.transport, node)
 
     def protect(self, m: memtier.Manifest, data: memoryview, sealed_at: float) -> Protected:
         t0 = time.perf_counter()
@@ -264,7 +265,7 @@ class Rebuilt:
 
 
 def _record_of(t: NodeTransport, h: Holding) -> ProtectionRecord:
-    where = t.local_path(h.node, h.path)
+    where = t.describe(h.node, h.path)
     base = h.path.rsplit(".", 1)[0]
     return record_from_json(t.read(h.node, f"{base}{RECORD_SUFFIX}"), f"{where} (record)")
 
@@ -274,7 +275,7 @@ def rebuild(t: NodeTransport, source: Source, rank: int) -> Rebuilt:
     slots), every block checked; ChecksumMismatchError names a damaged one."""
     h = source.holding
     record = _record_of(t, h)
-    where = t.local_path(h.node, h.path)
+    where = t.describe(h.node, h.path)
     check_blocks(t.checksums(h.node, h.path, record.crc_block), record.crc32c, where, record.crc_block)
     lost = next(m for m in record.members if m.rank == rank)
     if h.kind == "replica":
@@ -286,7 +287,7 @@ def rebuild(t: NodeTransport, source: Source, rank: int) -> Rebuilt:
         check_blocks(
             parallel_block_crcs(memoryview(data), record.crc_block),
             member.crc32c,
-            t.local_path(other.node, other.path),
+            t.describe(other.node, other.path),
             record.crc_block,
         )
         n = min(len(out), len(data))

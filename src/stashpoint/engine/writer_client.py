@@ -22,6 +22,7 @@ from multiprocessing.connection import Connection
 
 from stashpoint import errors
 from stashpoint.engine.messages import (
+    NODE_SERVER_TAG,
     Alloc,
     Allocated,
     AllocFailed,
@@ -31,6 +32,7 @@ from stashpoint.engine.messages import (
     Job,
     Outcome,
     Persisted,
+    ServeNode,
     Shutdown,
     SlotAlloc,
     Submit,
@@ -246,17 +248,22 @@ class BackgroundWriter:
 
     def allocate_slot(self, slot: int, size: int, timeout_s: float) -> str:
         """A keeper's snapshot slot of ``size`` bytes; returns its path."""
+        return self._ask(f"slot-{slot}", SlotAlloc(slot=slot, size=size), timeout_s, f"allocate slot {slot}")
+
+    def serve_node(self, host: str, token: str, timeout_s: float) -> str:
+        """Have the keeper serve its node's memory root on ``host``; returns its ``host:port``."""
+        return self._ask(NODE_SERVER_TAG, ServeNode(host=host, token=token), timeout_s, f"listen on {host!r}")
+
+    def _ask(self, tag: str, msg: ToWriter, timeout_s: float, what: str) -> str:
+        """Send ``msg`` and wait for the writer's :class:`Allocated` answer of ``tag``."""
         fut: Future = Future()
-        tag = f"slot-{slot}"
         with self._waiters_lock:
             self._allocations[tag] = fut
         try:
-            self.send(SlotAlloc(slot=slot, size=size))
+            self.send(msg)
             return fut.result(timeout=timeout_s)
         except FutureTimeout:
-            raise errors.WriterError(
-                f"the keeper did not allocate slot {slot} within {timeout_s:g}s"
-            ) from None
+            raise errors.WriterError(f"the keeper did not {what} within {timeout_s:g}s") from None
         finally:
             with self._waiters_lock:
                 self._allocations.pop(tag, None)

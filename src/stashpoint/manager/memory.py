@@ -29,11 +29,17 @@ from stashpoint.engine.messages import Release
 from stashpoint.engine.snapshot import MemorySnapshots, SnapshotHandle, connect_keeper
 from stashpoint.engine.telemetry import LoadResult
 from stashpoint.errors import IncompleteCheckpointError, InvalidOptionError, StashpointError
-from stashpoint.manager.node_loss import NodeMap, protection_bytes, recover_protected, start_protection
+from stashpoint.manager.node_loss import (
+    NodeMap,
+    PeerOptions,
+    protection_bytes,
+    recover_protected,
+    start_protection,
+)
 from stashpoint.manager.policy import check_positive
 from stashpoint.manager.resume import agree_on_load
 from stashpoint.planning.protection import Parity, Replicate
-from stashpoint.vocab import IfBusy, PreemptSignal, choose
+from stashpoint.vocab import IfBusy, PeerTransport, PreemptSignal, choose
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,7 +55,11 @@ class MemoryPolicy:
     ``shm_dir``: where it lives (default ``STASHPOINT_SHM_DIR`` or ``/dev/shm``).
     ``protection``: :class:`Replicate` or :class:`Parity` keeps each snapshot recoverable
     after the loss of a node (see docs/RESILIENCE.md); ``ranks_per_node`` says which
-    ranks share a node (default: torchrun's ``LOCAL_WORLD_SIZE``).
+    ranks share a node (default: torchrun's ``LOCAL_WORLD_SIZE``).  ``peer_transport``:
+    how protection reaches other nodes: "files" (their memory roots are paths here: one
+    machine, or a file system every node mounts), "sockets" (TCP between the nodes'
+    keepers, listening on ``listen_host``, default this host's name), or "auto" (files
+    when every rank runs on one host, sockets otherwise).
     """
 
     every_steps: int = 1
@@ -63,6 +73,8 @@ class MemoryPolicy:
     shm_dir: str | None = None
     protection: Replicate | Parity | None = None
     ranks_per_node: int | None = None
+    peer_transport: PeerTransport = "auto"
+    listen_host: str | None = None
 
     def __post_init__(self) -> None:
         check_positive("every_steps", self.every_steps, integer=True, or_none=False)
@@ -81,6 +93,9 @@ class MemoryPolicy:
                 f"protection must be Replicate(...), Parity(...) or None, not {self.protection!r}"
             )
         check_positive("ranks_per_node", self.ranks_per_node, integer=True, or_none=True)
+        choose("peer_transport", self.peer_transport, PeerTransport)
+        if self.listen_host is not None and (not isinstance(self.listen_host, str) or not self.listen_host):
+            raise InvalidOptionError(f"listen_host must be a host name or address, not {self.listen_host!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,8 +126,9 @@ class MemoryTier:
         self.nodes: NodeMap | None = None
         if policy.protection is not None:
             keeper = self.snapshots.client
+            peers = PeerOptions(transport=policy.peer_transport, listen_host=policy.listen_host)
             self.nodes = start_protection(
-                policy.protection, policy.ranks_per_node, coord, self.root, policy.slots, keeper
+                policy.protection, policy.ranks_per_node, coord, self.root, policy.slots, keeper, peers
             )
 
     def warmup(self, state: dict, device_buffer: bool) -> int:
@@ -147,8 +163,13 @@ class MemoryTier:
         """Load the newest agreed snapshot newer than ``newer_than`` (a collective); None if none loads."""
         if self.nodes is not None:  # protected snapshots, on one node or several
             got = recover_protected(
-                nodes=self.nodes, root=self.root, coord=self.coord, process_group=self.process_group,
-                state=state, newer_than=newer_than, load_kwargs=load_kwargs,
+                nodes=self.nodes,
+                root=self.root,
+                coord=self.coord,
+                process_group=self.process_group,
+                state=state,
+                newer_than=newer_than,
+                load_kwargs=load_kwargs,
             )
             if got is None:
                 return None

@@ -30,21 +30,30 @@ snapshots are gone, and the manager goes on to the durable tier.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+import secrets
+import socket
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from stashpoint._dist import Coordinator
 from stashpoint.engine import memtier
 from stashpoint.engine.load import load_state
 from stashpoint.engine.messages import Release
+from stashpoint.engine.net_transport import TransportSpec, make_transport
+from stashpoint.engine.node_view import close_node_view, open_node_view
 from stashpoint.engine.protect import ProtectSetup, Rebuilt, held_bytes, inventory, rebuild
-from stashpoint.engine.protect_store import REBUILT_DIR, FileTransport
+from stashpoint.engine.protect_store import REBUILT_DIR
 from stashpoint.engine.snapshot import connect_keeper
 from stashpoint.engine.telemetry import LoadResult
+from stashpoint.engine.transport import FileTransport, NodeTransport
 from stashpoint.errors import (
     IncompleteCheckpointError,
+    ProtectionError,
     ProtectionExceededWarning,
     StashpointError,
     UnprotectedWarning,
@@ -58,14 +67,15 @@ from stashpoint.planning.protection import (
     place,
     rebuild_candidates,
 )
+from stashpoint.vocab import PeerTransport
 
 
 @dataclass(frozen=True, kw_only=True)
 class NodeMap:
-    """Every rank's node and every node's memory root, as the ranks agreed at the start."""
+    """Every rank's node and how nodes reach each other's memory roots, as the ranks agreed."""
 
     nodes: tuple[int, ...]  # by rank
-    roots: tuple[tuple[int, str], ...]  # node -> memory root
+    transport: TransportSpec
     placement: Placement
 
     def first_rank(self, node: int) -> int:
@@ -73,6 +83,14 @@ class NodeMap:
 
     def ranks_of(self, node: int) -> tuple[int, ...]:
         return tuple(r for r, n in enumerate(self.nodes) if n == node)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerOptions:
+    """How protection traffic moves (``MemoryPolicy.peer_transport`` and ``listen_host``)."""
+
+    transport: PeerTransport = "auto"
+    listen_host: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,18 +112,34 @@ def ranks_per_node(configured: int | None, world_size: int) -> int:
 
 
 def start_protection(
-    protection: Protection, per_node: int | None, coord: Coordinator, root: str, keep: int, keeper
+    protection: Protection,
+    per_node: int | None,
+    coord: Coordinator,
+    root: str,
+    keep: int,
+    keeper,
+    peers: PeerOptions = PeerOptions(),
 ) -> NodeMap:
     """Agree on nodes and roots (a collective), place the protection, set up this rank's keeper."""
     nodes = node_ids(coord.world_size, ranks_per_node(per_node, coord.world_size))
-    gathered = coord.all_gather((nodes[coord.rank], root), "manager: node memory roots")
-    roots = dict(gathered)
+    host = socket.gethostname()
+    gathered = coord.all_gather(
+        (nodes[coord.rank], root, host, secrets.token_hex(16)), "manager: node memory roots"
+    )
+    roots = {n: r for n, r, _h, _t in gathered}
+    kind = peers.transport
+    if kind == "auto":
+        kind = "files" if len({h for _n, _r, h, _t in gathered}) == 1 else "sockets"
+    spec = TransportSpec(kind=kind, roots=tuple(sorted(roots.items())), timeout_s=coord.timeout_s)
     placement = place(protection, nodes)
-    shared = len(set(roots.values())) < len(roots) or len(set(gathered)) > len(roots)
+    if kind == "sockets":  # recovery reads other nodes' roots even when this world is unprotected
+        spec = _listen(spec, coord, keeper, peers.listen_host or host, token=gathered[0][3], nodes=nodes)
+    per_node_roots = {(n, r) for n, r, _h, _t in gathered}
+    shared = len(per_node_roots) > len(roots) or (kind == "files" and len(set(roots.values())) < len(roots))
     if placement.unprotected is None and shared:
         placement = Placement(
-            unprotected="the file-system transport needs one memory root per node, each reachable by "
-            f"every node (got {sorted(set(gathered))})"
+            unprotected="every node needs one memory root of its own, and the file-system transport "
+            f"one reachable by every node (got {sorted(per_node_roots)})"
         )
     if placement.unprotected is not None and coord.is_coordinator:
         warnings.warn(
@@ -117,13 +151,32 @@ def start_protection(
         keeper.send(
             ProtectSetup(
                 placement=None if placement.unprotected else placement.ranks[coord.rank],
-                roots=tuple(sorted(roots.items())),
+                transport=spec,
                 keep=keep,
                 rate=protection.rate,
                 timeout_s=coord.timeout_s,
             )
         )
-    return NodeMap(nodes=nodes, roots=tuple(sorted(roots.items())), placement=placement)
+    return NodeMap(nodes=nodes, transport=spec, placement=placement)
+
+
+def _listen(
+    spec: TransportSpec, coord: Coordinator, keeper, host: str, *, token: str, nodes: tuple[int, ...]
+) -> TransportSpec:
+    """Every rank's keeper serves its node's root on ``host``; every rank learns every address."""
+
+    def serve() -> str:
+        if keeper is None:
+            raise ProtectionError("protection over sockets needs the memory tier's keeper")
+        return keeper.serve_node(host, token, coord.timeout_s)
+
+    addresses = coord.run_everywhere("manager: keepers listen for peer nodes", serve).everyone
+    by_node: dict[int, list[str]] = {}
+    for rank, address in enumerate(addresses):
+        by_node.setdefault(nodes[rank], []).append(address)
+    return dataclasses.replace(
+        spec, addresses=tuple(sorted((n, tuple(a)) for n, a in by_node.items())), token=token
+    )
 
 
 def protection_bytes(root: str, nodes: NodeMap, rank: int) -> int:
@@ -150,7 +203,7 @@ def recover_protected(
     mine = inventory(root, node) if first else []
     holdings = [h for part in coord.all_gather(mine, "manager: protected memory snapshots") for h in part]
     candidates, beyond = rebuild_candidates(holdings, newer_than)
-    transport = FileTransport(dict(nodes.roots))
+    transport = make_transport(nodes.transport, node)
     got = None
     try:
         for cand in candidates:
@@ -184,7 +237,7 @@ def recover_protected(
 
 
 def _rebuild_lost(
-    cand: Candidate, nodes: NodeMap, coord: Coordinator, transport
+    cand: Candidate, nodes: NodeMap, coord: Coordinator, transport: NodeTransport
 ) -> dict[int, Rebuilt] | None:
     """Each lost rank's slot file, rebuilt by a rank on the node holding its source; a damaged
     source is reported and the next tried.  None when some rank has no good source left."""
@@ -220,10 +273,56 @@ def _rebuild_lost(
     return done
 
 
+def _snapshot_of(
+    cand: Candidate, rebuilt: dict[int, Rebuilt], transport: NodeTransport, root: str
+) -> tuple[memtier.Snapshot, dict[int, tuple[int, str]]]:
+    """``cand`` whole (every rank's manifest), and where each rank's slot file lies (node, path)."""
+    sources, manifests = {}, {}
+    for h in cand.present:
+        sources[h.rank] = (h.node, h.path)
+        raw = transport.read(h.node, h.path[: -len(".safetensors")] + ".json")
+        manifests[h.rank] = memtier.manifest_from_json(raw, transport.describe(h.node, h.path))
+    for rank, rb in rebuilt.items():
+        sources[rank] = (rb.node, rb.path)
+        manifests[rank] = memtier.manifest_from_json(
+            rb.manifest.encode(), transport.describe(rb.node, rb.path)
+        )
+    if sorted(manifests) != list(range(cand.world_size)) or manifests[0].plan is None:
+        raise IncompleteCheckpointError(f"{root}: the snapshot of step {cand.step} is not whole")
+    snap = memtier.Snapshot(
+        step=cand.step,
+        save_id=cand.save_id,
+        manifests=tuple(manifests[r] for r in range(cand.world_size)),
+    )
+    return snap, sources
+
+
+@contextlib.contextmanager
+def _opened(
+    snap: memtier.Snapshot, sources: dict, transport: NodeTransport, root: str, tag: str
+) -> Iterator[str]:
+    """A checkpoint to load ``snap`` from: hard links where every root is a local path, else a
+    view reading each slot file through the transport."""
+    if isinstance(transport, FileTransport):
+        view = memtier.open_view(
+            root, snap, tag, {r: transport.local_path(n, p) for r, (n, p) in sources.items()}
+        )
+        try:
+            yield view
+        finally:
+            memtier.close_view(view)
+        return
+    url = open_node_view(transport, snap, sources)
+    try:
+        yield url
+    finally:
+        close_node_view(url)
+
+
 def _load(
     cand: Candidate,
     rebuilt: dict[int, Rebuilt],
-    transport,
+    transport: NodeTransport,
     root: str,
     coord: Coordinator,
     process_group,
@@ -231,32 +330,15 @@ def _load(
     load_kwargs: dict,
 ) -> LoadResult | None:
     """Load ``cand`` from its slots wherever they are (a collective); None if it failed everywhere."""
-    result, failure, view = None, None, None
+    result, failure = None, None
     try:
-        sources, manifests = {}, {}
-        for h in cand.present:
-            sources[h.rank] = transport.local_path(h.node, h.path)
-            raw = transport.read(h.node, h.path[: -len(".safetensors")] + ".json")
-            manifests[h.rank] = memtier.manifest_from_json(raw, sources[h.rank])
-        for rank, rb in rebuilt.items():
-            sources[rank] = transport.local_path(rb.node, rb.path)
-            manifests[rank] = memtier.manifest_from_json(rb.manifest.encode(), sources[rank])
-        if sorted(manifests) != list(range(cand.world_size)) or manifests[0].plan is None:
-            raise IncompleteCheckpointError(f"{root}: the snapshot of step {cand.step} is not whole")
-        snap = memtier.Snapshot(
-            step=cand.step,
-            save_id=cand.save_id,
-            manifests=tuple(manifests[r] for r in range(cand.world_size)),
-        )
-        view = memtier.open_view(root, snap, f"r{coord.rank}-{os.getpid()}", sources)
-        result = load_state(
-            state, view, process_group=process_group, timeout_s=coord.timeout_s, **load_kwargs
-        )
+        snap, sources = _snapshot_of(cand, rebuilt, transport, root)
+        with _opened(snap, sources, transport, root, f"r{coord.rank}-{os.getpid()}") as where:
+            result = load_state(
+                state, where, process_group=process_group, timeout_s=coord.timeout_s, **load_kwargs
+            )
     except Exception as exc:  # every rank reports how its load ended before anyone raises
         failure = exc
-    finally:
-        if view is not None:
-            memtier.close_view(view)
     outcome = agree_on_load(coord, failure)
     if outcome.damage is not None:
         if coord.is_coordinator:

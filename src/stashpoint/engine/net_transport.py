@@ -1,0 +1,220 @@
+"""Protection traffic over TCP: :class:`SocketTransport`, and the choice of a transport.
+
+A :class:`TransportSpec` is what every rank agreed on at the start
+(:func:`~stashpoint.manager.node_loss.start_protection`): the transport kind, each node's
+memory root, the addresses its keepers listen on (:mod:`~stashpoint.engine.node_server`)
+and the job's token.  :func:`make_transport` turns it into the transport one process
+uses: a node whose root this process can reach (its own) is reached through the file
+system, every other node through the first of its keepers that answers.
+
+Each request opens its own connection (a handshake costs a millisecond; a snapshot
+moves gigabytes), so an idle connection never goes stale between snapshots and a failed
+request never leaves a half-done stream behind for the next one.  A stripe's lock holds
+its connection open until released.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from stashpoint.engine import wire
+from stashpoint.engine.parity import Pacer
+from stashpoint.engine.transport import FileTransport, NodeTransport
+from stashpoint.errors import PeerConnectionError, ProtectionError
+from stashpoint.vocab import PeerTransport
+
+#: the longest a connection attempt to one address may take
+CONNECT_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransportSpec:
+    """How this job's nodes reach each other's memory roots (the same on every rank)."""
+
+    kind: PeerTransport  # "files" or "sockets" once agreed
+    roots: tuple[tuple[int, str], ...]  # node -> memory root
+    addresses: tuple[tuple[int, tuple[str, ...]], ...] = ()  # node -> its keepers' "host:port"
+    token: str = ""
+    timeout_s: float = 600.0
+
+
+def make_transport(spec: TransportSpec, node: int | None) -> NodeTransport:
+    """The transport for a process on ``node`` (None: a process on no node of the job)."""
+    if spec.kind == "files":
+        return FileTransport(dict(spec.roots))
+    local = {n: r for n, r in spec.roots if n == node}
+    return SocketTransport(dict(spec.addresses), spec.token, spec.timeout_s, local=local)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6-host]:port`` -> (host, port)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ProtectionError(f"{address!r} is not a host:port address")
+    return host.strip("[]"), int(port)
+
+
+def _copy_into(view: memoryview) -> Callable[[int, memoryview], None]:
+    def take(offset: int, piece: memoryview) -> None:
+        view[offset : offset + len(piece)] = piece
+
+    return take
+
+
+class SocketTransport(NodeTransport):
+    """Other nodes' memory roots through their keepers; ``local`` nodes through the file system."""
+
+    def __init__(
+        self,
+        addresses: dict[int, tuple[str, ...]],
+        token: str,
+        timeout_s: float,
+        *,
+        local: dict[int, str] | None = None,
+    ) -> None:
+        self.addresses, self.token, self.timeout_s = dict(addresses), token, timeout_s
+        self.files = FileTransport(local or {})
+
+    def _local(self, node: int) -> bool:
+        return node in self.files.roots
+
+    def describe(self, node: int, relpath: str) -> str:
+        if self._local(node):
+            return self.files.describe(node, relpath)
+        first = (self.addresses.get(node) or ("?",))[0]
+        return f"node {node} ({first}):{relpath}"
+
+    def _open(self, node: int, address: str) -> socket.socket:
+        where = f"node {node} ({address})"
+        try:
+            sock = socket.create_connection(
+                split_address(address), timeout=min(CONNECT_TIMEOUT_S, self.timeout_s)
+            )
+        except OSError as exc:
+            raise PeerConnectionError(f"{where}: cannot connect: {exc.strerror or exc}") from None
+        try:
+            sock.settimeout(self.timeout_s)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            wire.answer_challenge(sock, self.token, where)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    @contextlib.contextmanager
+    def _connection(self, node: int) -> Iterator[tuple[socket.socket, str]]:
+        """A connection to the first keeper of ``node`` that answers and proves this job's token."""
+        tried = []
+        for address in self.addresses.get(node, ()):
+            try:
+                sock = self._open(node, address)
+            except PeerConnectionError as exc:
+                tried.append(str(exc))
+                continue
+            with sock:
+                yield sock, f"node {node} ({address})"
+            return
+        raise PeerConnectionError(
+            f"node {node}: no keeper answers ({'; '.join(tried) or 'no address known'})"
+        )
+
+    def _call(
+        self,
+        node: int,
+        req: dict,
+        payload: memoryview | None = None,
+        pacer: Pacer | None = None,
+        receive: Callable[[socket.socket, str, dict], None] | None = None,
+    ) -> dict:
+        """One request: its answer, then its bytes (sent, or handed to ``receive``)."""
+        with self._connection(node) as (sock, where):
+            where = f"{where}:{req.get('path')}"
+            wire.send_frame(sock, req, where)
+            answer = wire.raise_if_failed(wire.recv_frame(sock, where), where)
+            if payload is not None:
+                wire.send_payload(sock, payload, where, None if pacer is None else pacer.took)
+                answer = wire.raise_if_failed(wire.recv_frame(sock, where), where)
+            if receive is not None:
+                receive(sock, where, answer)
+            return answer
+
+    # ------------------------------------------------------------------ the interface
+
+    def write(self, node: int, relpath: str, data: memoryview, pacer: Pacer | None = None) -> None:
+        if self._local(node):
+            return self.files.write(node, relpath, data, pacer)
+        self._call(
+            node, {"op": "write", "path": relpath, "size": len(data)}, memoryview(data).cast("B"), pacer
+        )
+
+    def write_text(self, node: int, relpath: str, text: str) -> None:
+        if self._local(node):
+            return self.files.write_text(node, relpath, text)
+        self._call(node, {"op": "write_text", "path": relpath, "text": text})
+
+    def xor_into(self, node: int, relpath: str, data: memoryview, pacer: Pacer | None = None) -> None:
+        if self._local(node):
+            return self.files.xor_into(node, relpath, data, pacer)
+        self._call(node, {"op": "xor", "path": relpath, "size": len(data)}, memoryview(data).cast("B"), pacer)
+
+    def read_into(self, node: int, relpath: str, offset: int, out: memoryview) -> int:
+        if self._local(node):
+            return self.files.read_into(node, relpath, offset, out)
+        view = memoryview(out).cast("B")
+
+        def receive(sock: socket.socket, where: str, answer: dict) -> None:
+            wire.recv_pieces(sock, int(answer["size"]), where, _copy_into(view))
+
+        req = {"op": "read", "path": relpath, "offset": offset, "length": len(view)}
+        return int(self._call(node, req, receive=receive)["size"])
+
+    def read(self, node: int, relpath: str) -> bytes:
+        if self._local(node):
+            return self.files.read(node, relpath)
+        out = bytearray()
+
+        def receive(sock: socket.socket, where: str, answer: dict) -> None:
+            out.extend(bytes(int(answer["size"])))
+            view = memoryview(out)
+            wire.recv_pieces(sock, len(out), where, _copy_into(view))
+
+        self._call(node, {"op": "read", "path": relpath, "offset": 0, "length": -1}, receive=receive)
+        return bytes(out)
+
+    def size(self, node: int, relpath: str) -> int:
+        if self._local(node):
+            return self.files.size(node, relpath)
+        return int(self._call(node, {"op": "size", "path": relpath})["size"])
+
+    def checksums(self, node: int, relpath: str, block: int) -> list[int]:
+        if self._local(node):
+            return self.files.checksums(node, relpath, block)
+        return [
+            int(c) for c in self._call(node, {"op": "checksums", "path": relpath, "block": block})["crcs"]
+        ]
+
+    def listdir(self, node: int, reldir: str) -> list[str]:
+        if self._local(node):
+            return self.files.listdir(node, reldir)
+        return [str(n) for n in self._call(node, {"op": "list", "path": reldir})["names"]]
+
+    def remove(self, node: int, relpath: str) -> None:
+        if self._local(node):
+            return self.files.remove(node, relpath)
+        self._call(node, {"op": "remove", "path": relpath})
+
+    @contextlib.contextmanager
+    def lock(self, node: int, reldir: str, timeout_s: float) -> Iterator[None]:
+        if self._local(node):
+            with self.files.lock(node, reldir, timeout_s):
+                yield
+            return
+        with self._connection(node) as (sock, where):
+            sock.settimeout(timeout_s + self.timeout_s)
+            wire.send_frame(sock, {"op": "lock", "path": reldir, "timeout_s": timeout_s}, where)
+            wire.raise_if_failed(wire.recv_frame(sock, where), where)
+            sock.settimeout(self.timeout_s)
+            yield  # the keeper holds the lock while this connection is open
