@@ -49,7 +49,7 @@ from torch.distributed.fsdp import fully_shard
 
 import stashpoint
 from stashpoint._dist import Coordinator
-from stashpoint._state import flatten_state
+from stashpoint._state.flatten import flatten_state
 from stashpoint.engine.plan_cache import DEFAULT_CAPACITY, default_plan_cache
 from stashpoint.engine.prepare import prepare_save
 from stashpoint.storage import resolve

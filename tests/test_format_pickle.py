@@ -15,7 +15,7 @@ import torch
 
 import stashpoint as sp
 from stashpoint import errors
-from stashpoint._state import encode_object
+from stashpoint._state.values import encode_object
 from stashpoint.convert.dcp import export_dcp
 from stashpoint.wrappers import PerRank
 

@@ -13,7 +13,7 @@ import pytest
 
 import pp_cases
 import stashpoint
-from stashpoint._state import common_param_groups
+from stashpoint._state.values import common_param_groups
 from stashpoint.errors import WorldSizeMismatchError
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stashpoint._state import encode_object
+from stashpoint._state.values import encode_object
 from stashpoint.convert.experts import ExpertSplit, JoinedExperts, plan_joins, stack_experts
 from stashpoint.engine.publish import StreamedCheckpoint
 from stashpoint.engine.reader import CheckpointReader

@@ -30,7 +30,7 @@ import torch
 
 from stashpoint import errors, vocab
 from stashpoint._dist import Coordinator
-from stashpoint._state import flatten_state
+from stashpoint._state.flatten import flatten_state
 from stashpoint.engine.copies import copy_in, engine_for, pieces_of
 from stashpoint.engine.messages import Job, Outcome
 from stashpoint.engine.persist import save_grids

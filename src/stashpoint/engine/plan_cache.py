@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from stashpoint._dist import Coordinator, Proposal
-from stashpoint._state import encode_object
+from stashpoint._state.values import encode_object
 from stashpoint.engine.checksum import crc32c
 from stashpoint.engine.inventory import (
     FullPlan,

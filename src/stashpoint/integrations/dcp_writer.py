@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from stashpoint._state import encode_object
+from stashpoint._state.values import encode_object
 from stashpoint.engine.publish import Publisher, new_token, save_metadata
 from stashpoint.engine.records import Chunk, FileItem, Inline, Written
 from stashpoint.engine.save import check_save_args

@@ -11,6 +11,9 @@ process saving into, pruning or reading the same root:
   (``.step-N.deleting-<token>``); on object stores its index (the commit marker) goes
   first.  A crash in the middle leaves only a hidden tombstone, never a half-deleted
   ``step-N``; :func:`clean_leftovers` removes tombstones at the next start.
+
+:func:`reclaim_staging` cleans what killed processes left outside any root: shared-memory
+staging files and memory tiers whose keepers died.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 
+from stashpoint.engine.memtier import reclaim_memory_roots
 from stashpoint.engine.reader import CheckpointReader
+from stashpoint.engine.shm import reclaim_orphans, shm_dir
 from stashpoint.errors import StashpointError, StorageError
 from stashpoint.format.index import INDEX_FILE
 from stashpoint.storage import Storage
@@ -178,3 +183,16 @@ def abort_uploads_under(storage: Storage, path: str) -> None:
         storage.abort_incomplete_uploads(path.rstrip("/") + "/")
     except StorageError as exc:  # housekeeping: never fail a save or a start for it
         warnings.warn(f"could not abort leftover uploads under {storage.describe(path)}: {exc}", stacklevel=2)
+
+
+def reclaim_staging() -> None:
+    """Remove shared-memory staging left by killed writer processes, and say how much."""
+    for root in reclaim_memory_roots():
+        warnings.warn(f"removed the memory tier {root}: its keeper processes were killed", stacklevel=3)
+    freed = reclaim_orphans()
+    if freed:
+        warnings.warn(
+            f"removed {len(freed)} staging file(s), {sum(r.bytes for r in freed)} bytes, left in "
+            f"{shm_dir()} by writer processes that were killed",
+            stacklevel=3,
+        )

@@ -7,6 +7,11 @@ checkpoints because they are discovered through storage.
 
 With an upload policy, the root is the fast tier and every committed checkpoint is
 also uploaded to a remote tier in the background (see :mod:`.tiering`).
+
+This module is the public class: when to save and snapshot, and how to resume.
+Listing the tiers, queueing uploads and applying retention live in :mod:`.tiers`;
+one resume attempt (load, or skip a damaged checkpoint) in :mod:`.resume`; cleaning
+what crashed runs left in :mod:`.housekeeping`.
 """
 
 from __future__ import annotations
@@ -14,32 +19,22 @@ from __future__ import annotations
 import os
 import threading
 import time
-import warnings
 
 import torch.distributed as dist
 
 from stashpoint._dist import Coordinator
 from stashpoint.engine.async_save import BackgroundWriter, SaveHandle, async_save_state, warmup
-from stashpoint.engine.load import load_state
-from stashpoint.engine.memtier import reclaim_memory_roots
 from stashpoint.engine.save import save_state
-from stashpoint.engine.shm import reclaim_orphans, shm_dir
 from stashpoint.engine.snapshot import SnapshotHandle
 from stashpoint.engine.telemetry import LoadResult, SaveResult, append_record
-from stashpoint.errors import InvalidOptionError, StorageError
+from stashpoint.errors import InvalidOptionError
 from stashpoint.manager.config import ManagerConfig, manager_config
-from stashpoint.manager.housekeeping import (
-    CheckpointInfo,
-    abort_leaked_uploads,
-    checkpoint_name,
-    clean_leftovers,
-    delete_checkpoint,
-    scan_checkpoints,
-)
+from stashpoint.manager.housekeeping import CheckpointInfo, checkpoint_name, reclaim_staging
 from stashpoint.manager.memory import MemoryPolicy, MemoryTier, Preemption, Recovered
-from stashpoint.manager.resume import agree_on_load
-from stashpoint.manager.tiering import Uploader, UploadFailure
-from stashpoint.storage import LocalStorage, Storage, resolve
+from stashpoint.manager.resume import load_or_skip
+from stashpoint.manager.tiering import UploadFailure
+from stashpoint.manager.tiers import Tiers
+from stashpoint.storage import LocalStorage, resolve
 
 
 class CheckpointManager:
@@ -79,27 +74,21 @@ class CheckpointManager:
         local_root = isinstance(self.storage, LocalStorage)
         default_telemetry = self.storage.join(self._root, "telemetry.jsonl") if local_root else None
         self.telemetry_path = self.config.telemetry_path or default_telemetry
-        self._uploader: Uploader | None = None
-        self._remote: tuple[Storage, str] | None = None
-        if self.upload is not None:
-            self._remote = resolve(self.upload.remote)
-        #: names of checkpoints this manager is writing: not committed yet, and not broken
-        self._saving: set[str] = set()
+        self._tiers = Tiers(self.storage, self._root, self.config, coordinator=self._coord.is_coordinator)
         self._handles: list[tuple[SaveHandle, threading.Event]] = []
         self._last_step: int | None = None
         self._last_time: float = time.monotonic()  # the seconds clock starts with the manager
         self._lock = threading.Lock()
-        self._janitor: threading.Thread | None = None
         self._memory: MemoryTier | None = None
         self._preemption: Preemption | None = None
         self.recovered: Recovered | None = None
         if self.config.memory is not None:
             self._start_memory_tier(self.config.memory)
-        _reclaim_staging()
+        reclaim_staging()
         if self.mode != "sync" and self._memory is None:
             BackgroundWriter.get()  # start the writer process now, not at the first save
         if self._coord.is_coordinator:
-            self._start_local_tier()
+            self._tiers.start()
 
     @property
     def memory_root(self) -> str | None:
@@ -114,19 +103,6 @@ class CheckpointManager:
             grace = policy.grace_s
             self._preemption = Preemption(policy.signal, notify=lambda: snaps.notify_preempted(grace))
 
-    def _start_local_tier(self) -> None:
-        self.storage.make_prefix(self._root)
-        clean_leftovers(self.storage, self._root, self.config.stale_s)
-        abort_leaked_uploads(self.storage, self._root)
-        if self.upload is not None:
-            self._uploader = Uploader(
-                self.storage, self._root, self.upload, checkpoint_name, self._after_upload
-            )
-            try:
-                self._start_remote_tier()
-            except StorageError as exc:  # training goes on; uploads will report their own failures
-                warnings.warn(f"remote tier {self.upload.remote}: {exc}", stacklevel=3)
-
     # ------------------------------------------------------------------ discovery
 
     def checkpoints(self) -> list[CheckpointInfo]:
@@ -135,8 +111,8 @@ class CheckpointManager:
         With a remote tier, both tiers are listed; a step held by both is reported once,
         from the local tier (faster to load).
         """
-        found = {c.step: c for c in self._remote_checkpoints()}
-        found.update({c.step: c for c in self._local_checkpoints()})
+        found = {c.step: c for c in self._tiers.remote_checkpoints()}
+        found.update({c.step: c for c in self._tiers.local_checkpoints()})
         return [found[s] for s in sorted(found)]
 
     def latest(self) -> CheckpointInfo | None:
@@ -147,26 +123,7 @@ class CheckpointManager:
     @property
     def upload_failures(self) -> list[UploadFailure]:
         """Every failed upload so far (also warned about, and raised once by :meth:`wait`)."""
-        return list(self._uploader.failures) if self._uploader is not None else []
-
-    def _local_checkpoints(self) -> list[CheckpointInfo]:
-        with self._lock:
-            quiet = frozenset(self._saving)
-        return scan_checkpoints(self.storage, self._root, tier="local", quiet=quiet)
-
-    def _remote_checkpoints(self) -> list[CheckpointInfo]:
-        if self._remote is None:
-            return []
-        uploading = self._uploader.pending() if self._uploader is not None else set()
-        remote, remote_root = self._remote
-        quiet = frozenset(checkpoint_name(s) for s in uploading)
-        try:
-            return scan_checkpoints(remote, remote_root, tier="remote", quiet=quiet)
-        except StorageError as exc:
-            # an unreachable remote tier must not stop a resume from the local one; retention
-            # then sees no remote copies, so it deletes nothing remote and keeps more locally
-            warnings.warn(f"remote tier {self.upload.remote} not listed: {exc}", stacklevel=3)
-            return []
+        return self._tiers.upload_failures()
 
     # ------------------------------------------------------------------ saving
 
@@ -225,8 +182,7 @@ class CheckpointManager:
             timeout_s=self.timeout_s,
         )
         self._last_step, self._last_time = step, time.monotonic()
-        with self._lock:
-            self._saving.add(name)
+        self._tiers.saving(name)
         snap = self._memory.last if self._memory is not None else None
         if snap is not None and snap.step == step:
             futures = self._memory.snapshots.persist(snap, path)
@@ -235,9 +191,9 @@ class CheckpointManager:
             try:
                 result = save_state(state, path, **common)
             finally:
-                self._done_saving(name)
+                self._tiers.done_saving(name)
             self._record("save", step, result, stall_s=result.seconds)
-            self._after_commit(step)
+            self._tiers.after_commit(step)
             return result
         try:
             handle = async_save_state(
@@ -249,10 +205,10 @@ class CheckpointManager:
                 **common,
             )
         except BaseException:
-            self._done_saving(name)
+            self._tiers.done_saving(name)
             raise
         if handle.skipped:
-            self._done_saving(name)
+            self._tiers.done_saving(name)
             return handle
         return self._track(handle, name, step)
 
@@ -264,10 +220,10 @@ class CheckpointManager:
 
         def committed(done: SaveHandle) -> None:
             try:
-                self._done_saving(name)
+                self._tiers.done_saving(name)
                 if done.exception() is None:
                     self._record("save", step, done.wait(), stall_s=done.stall_s, mode=done.mode)
-                    self._after_commit(step)
+                    self._tiers.after_commit(step)
             finally:
                 settled.set()
 
@@ -299,10 +255,6 @@ class CheckpointManager:
                 flush=True,
             )
         return True
-
-    def _done_saving(self, name: str) -> None:
-        with self._lock:
-            self._saving.discard(name)
 
     def warmup(self, state: dict) -> None:
         """Allocate and page-lock staging (or every memory slot) for ``state`` now, so the
@@ -344,7 +296,14 @@ class CheckpointManager:
                 return None
             for info in candidates:
                 tried.add(info.path)
-                result = self._load_one(state, info, load_kwargs)
+                result = load_or_skip(
+                    state,
+                    info.path,
+                    self._coord,
+                    load_kwargs,
+                    process_group=self.process_group,
+                    timeout_s=self.timeout_s,
+                )
                 if result is not None:
                     self._record("load", info.step, result)
                     self._last_step, self._last_time = info.step, time.monotonic()
@@ -366,25 +325,6 @@ class CheckpointManager:
         """Checkpoints not tried yet, newest first."""
         return [c for c in reversed(self.checkpoints()) if c.path not in tried]
 
-    def _load_one(self, state: dict, info: CheckpointInfo, load_kwargs: dict) -> LoadResult | None:
-        """Load ``info``; None (with a warning) if the ranks agree it is damaged or gone."""
-        result, failure = None, None
-        try:
-            result = load_state(
-                state, info.path, process_group=self.process_group, timeout_s=self.timeout_s, **load_kwargs
-            )
-        except Exception as exc:  # every rank reports how its load ended before anyone raises
-            failure = exc
-        outcome = agree_on_load(self._coord, failure)
-        if outcome.damage is None:
-            return result
-        if self._coord.is_coordinator:
-            warnings.warn(
-                f"not resuming from {info.path}: {outcome.damage}; trying the previous checkpoint",
-                stacklevel=3,
-            )
-        return None
-
     # ------------------------------------------------------------------ waiting
 
     def wait(self) -> None:
@@ -401,16 +341,7 @@ class CheckpointManager:
                 h.wait(self.timeout_s)
             finally:
                 settled.wait(self.timeout_s)
-        try:
-            if self._uploader is not None:
-                self._uploader.wait()
-        finally:
-            self._join_janitor()
-
-    def _join_janitor(self) -> None:
-        janitor = self._janitor
-        if janitor is not None:
-            janitor.join(self.timeout_s)
+        self._tiers.wait()
 
     def close(self, *, release_memory: bool = True) -> None:
         """:meth:`wait`, then stop the upload thread and free the memory tier.
@@ -421,8 +352,7 @@ class CheckpointManager:
         try:
             self.wait()
         finally:
-            if self._uploader is not None:
-                self._uploader.close()
+            self._tiers.close()
             if self._memory is not None:
                 self._memory.close(release=release_memory)
             if self._preemption is not None:
@@ -434,75 +364,7 @@ class CheckpointManager:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ------------------------------------------------------------------ housekeeping
-
-    def _after_commit(self, step: int) -> None:
-        """A save of ``step`` committed: queue its upload, then apply retention."""
-        if self._uploader is not None:
-            self._uploader.submit(step)
-        self._retain_in_background()
-
-    def _after_upload(self, step: int) -> None:
-        self._retain_in_background()
-
-    def _start_remote_tier(self) -> None:
-        remote, remote_root = self._remote
-        remote.make_prefix(remote_root)
-        clean_leftovers(remote, remote_root, self.config.stale_s)  # uploads a crash interrupted
-        abort_leaked_uploads(remote, remote_root)
-        if self.upload.upload_existing:
-            self._upload_missing()
-
-    def _upload_missing(self) -> None:
-        """Upload local checkpoints the remote tier lacks and retention still wants (oldest first)."""
-        local, remote = self._local_checkpoints(), self._remote_checkpoints()
-        wanted = self.retention.keep([(c.step, c.metrics) for c in local + remote])
-        uploaded = {c.step for c in remote}
-        for c in local:
-            if c.step not in uploaded and c.step in wanted:
-                self._uploader.submit(c.step)
-
-    def _retain_in_background(self) -> None:
-        if not self._coord.is_coordinator:
-            return
-        with self._lock:
-            previous = self._janitor
-
-            def run() -> None:
-                if previous is not None:
-                    previous.join()
-                self._apply_retention()
-
-            self._janitor = threading.Thread(target=run, daemon=True, name="stashpoint-retention")
-            self._janitor.start()
-
-    def _apply_retention(self) -> None:
-        """Delete what the policy does not keep, by the names the checkpoints were listed under."""
-        if self._remote is None:
-            found = self._local_checkpoints()
-            keep = self.retention.keep([(c.step, c.metrics) for c in found])
-            for c in found:
-                if c.step not in keep:
-                    delete_checkpoint(self.storage, self._root, c.name)
-            return
-        local, remote = self._local_checkpoints(), self._remote_checkpoints()
-        pending = self._uploader.pending() if self._uploader is not None else set()
-        # remote tier: the retention policy, over what the remote tier holds
-        remote_keep = self.retention.keep([(c.step, c.metrics) for c in remote])
-        remote_storage, remote_root = self._remote
-        for c in remote:
-            if c.step not in remote_keep and c.step not in pending:
-                delete_checkpoint(remote_storage, remote_root, c.name)
-        # local tier: the newest ``keep_local``, plus any copy that is the only one the
-        # policy still wants (upload pending or failed)
-        steps = sorted(c.step for c in local)
-        keep = set(steps if self.upload.keep_local is None else steps[len(steps) - self.upload.keep_local :])
-        wanted = self.retention.keep([(c.step, c.metrics) for c in local + remote])
-        uploaded = {c.step for c in remote if c.step in remote_keep}
-        for c in local:
-            if c.step in keep or c.step in pending or (c.step in wanted and c.step not in uploaded):
-                continue
-            delete_checkpoint(self.storage, self._root, c.name)
+    # ------------------------------------------------------------------ telemetry
 
     def _record(self, kind: str, step: int, result: SaveResult | LoadResult | None, **extra: object) -> None:
         if not self._coord.is_coordinator or result is None or self.telemetry_path is None:
@@ -511,16 +373,3 @@ class CheckpointManager:
 
 
 __all__ = ["CheckpointInfo", "CheckpointManager", "ManagerConfig", "checkpoint_name"]
-
-
-def _reclaim_staging() -> None:
-    """Remove shared-memory staging left by killed writer processes, and say how much."""
-    for root in reclaim_memory_roots():
-        warnings.warn(f"removed the memory tier {root}: its keeper processes were killed", stacklevel=3)
-    freed = reclaim_orphans()
-    if freed:
-        warnings.warn(
-            f"removed {len(freed)} staging file(s), {sum(r.bytes for r in freed)} bytes, left in "
-            f"{shm_dir()} by writer processes that were killed",
-            stacklevel=3,
-        )

@@ -5,14 +5,20 @@ nothing, so the manager may move on to the previous checkpoint.  A load that fai
 for any other reason (the target does not match, an option is wrong, a rank died)
 must reach the caller.  Only some ranks see the cause (each reads its own byte
 ranges; the others raise :class:`RemoteRankError`), so the ranks agree first.
+:func:`load_or_skip` is one such attempt, as the manager's resume makes it.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
+import torch.distributed as dist
+
 from stashpoint._dist import Coordinator
+from stashpoint.engine.load import load_state
+from stashpoint.engine.telemetry import LoadResult
 from stashpoint.errors import (
     CheckpointNotFoundError,
     ChecksumMismatchError,
@@ -96,3 +102,31 @@ def agree_on_load(coord: Coordinator, failure: BaseException | None) -> LoadOutc
             raise failure from None
         raise
     return decide(outcomes, failure)
+
+
+def load_or_skip(
+    state: dict,
+    path: str,
+    coord: Coordinator,
+    load_kwargs: dict,
+    *,
+    process_group: dist.ProcessGroup | None,
+    timeout_s: float,
+) -> LoadResult | None:
+    """Load the checkpoint at ``path`` into ``state`` (a collective); None (with a warning
+    from the coordinator) if the ranks agree it is damaged or gone, so the caller moves on
+    to the previous one.  Any other failure is raised."""
+    result, failure = None, None
+    try:
+        result = load_state(state, path, process_group=process_group, timeout_s=timeout_s, **load_kwargs)
+    except Exception as exc:  # every rank reports how its load ended before anyone raises
+        failure = exc
+    outcome = agree_on_load(coord, failure)
+    if outcome.damage is None:
+        return result
+    if coord.is_coordinator:
+        warnings.warn(
+            f"not resuming from {path}: {outcome.damage}; trying the previous checkpoint",
+            stacklevel=3,
+        )
+    return None

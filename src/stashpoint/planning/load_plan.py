@@ -54,7 +54,7 @@ class TargetObject:
     assignable: bool = True
     #: an optimizer's param groups: saved per rank by pipeline stages or expert shards whose
     #: groups differ only in their parameter names, they load at any world size once the
-    #: loader has checked that the rest agrees (see _state.common_param_groups)
+    #: loader has checked that the rest agrees (see _state.values.common_param_groups)
     param_groups: bool = False
 
 

@@ -38,6 +38,7 @@ MiB = 1 << 20
 MIN_PART_SIZE = 5 * MiB
 MAX_PARTS = 10_000
 
+
 @dataclass(frozen=True)
 class S3Options:
     endpoint: str | None = None
