@@ -34,7 +34,7 @@ from stashpoint import CheckpointManager, Parity, PerRank, Replicate
 from stashpoint.demo.model import GPTConfig, TinyGPT
 from stashpoint.engine import memtier
 from stashpoint.engine.load import load_state
-from stashpoint.engine.protect import held_bytes
+from stashpoint.engine.rebuild import held_bytes
 from stashpoint.engine.snapshot import SnapshotHandle
 from stashpoint.manager.memory import MemoryPolicy
 from stashpoint.manager.policy import RetentionPolicy, SavePolicy

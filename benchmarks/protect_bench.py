@@ -32,7 +32,8 @@ sys.path.insert(0, "src")
 from stashpoint.engine import memtier
 from stashpoint.engine.net_transport import TransportSpec
 from stashpoint.engine.parity import xor_into
-from stashpoint.engine.protect import Protector, ProtectSetup, held_bytes, inventory, rebuild
+from stashpoint.engine.protect import Protector, ProtectSetup
+from stashpoint.engine.rebuild import held_bytes, inventory, rebuild
 from stashpoint.engine.transport import FileTransport
 from stashpoint.planning.protection import Parity, Replicate, node_ids, place, rebuild_candidates
 

@@ -21,7 +21,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from stashpoint import CheckpointManager
-from stashpoint.engine.protect import held_bytes
+from stashpoint.engine.rebuild import held_bytes
 from stashpoint.engine.snapshot import SnapshotHandle
 from stashpoint.manager.memory import MemoryPolicy
 from stashpoint.manager.policy import SavePolicy

@@ -22,7 +22,8 @@ from stashpoint.engine.net_transport import SocketTransport, TransportSpec, make
 from stashpoint.engine.node_server import NodeServer
 from stashpoint.engine.node_view import NodeViewStorage
 from stashpoint.engine.parity import PIECE_BYTES
-from stashpoint.engine.protect import Protector, ProtectSetup, inventory, rebuild
+from stashpoint.engine.protect import Protector, ProtectSetup
+from stashpoint.engine.rebuild import inventory, rebuild
 from stashpoint.engine.transport import FileTransport
 from stashpoint.errors import ChecksumMismatchError, PeerConnectionError, ProtectionError, UnsafePathError
 from stashpoint.planning.protection import node_ids, place, rebuild_candidates
@@ -227,9 +228,13 @@ def test_protect_and_rebuild_over_sockets(served, policy) -> None:
         (cand,), beyond = rebuild_candidates(alive)
         assert not beyond
         source = cand.lost[0][1][0]
-        here = make_transport(spec, node=(source.holding.node + 1) % 3)  # the holder is another node
+        here = make_transport(spec, node=source.holding.node)  # the other members are remote
         got = rebuild(here, source, lost)
-        assert here.read(got.node, got.path)[: len(blobs[lost])] == blobs[lost]
-        view = NodeViewStorage(here, {"data": (got.node, got.path)}, "{}")  # what a load reads
+        elsewhere = make_transport(spec, node=(source.holding.node + 1) % 3)
+        assert elsewhere.read(got.node, got.path)[: len(blobs[lost])] == blobs[lost]
+        view = NodeViewStorage(elsewhere, {"data": (got.node, got.path)}, "{}")  # what a load reads
         assert view.read_range("/snapshot/data", 5, 105) == blobs[lost][5:105]
+        if policy.kind == "parity":
+            with pytest.raises(ProtectionError, match="reached over the network"):
+                rebuild(elsewhere, source, lost)  # a parity is rebuilt on its own node
         here.remove(got.node, "rebuilt")

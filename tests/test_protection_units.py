@@ -7,16 +7,20 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 from stashpoint import MemoryPolicy, Parity, Replicate
 from stashpoint.engine import memtier
 from stashpoint.engine.net_transport import TransportSpec
-from stashpoint.engine.parity import Pacer, xor_into
-from stashpoint.engine.protect import Protector, ProtectSetup, held_bytes, inventory, rebuild
+from stashpoint.engine.parity import PIECE_BYTES, Pacer, xor_into
+from stashpoint.engine.protect import Protector, ProtectSetup
 from stashpoint.engine.protect_store import check_blocks
+from stashpoint.engine.rebuild import held_bytes, inventory, rebuild
 from stashpoint.engine.transport import FileTransport
 from stashpoint.errors import ChecksumMismatchError, InvalidOptionError, ProtectionError
 from stashpoint.planning.protection import Holding, Source, node_ids, place, rebuild_candidates
@@ -296,3 +300,43 @@ def test_transport_writes_never_follow_a_planted_link(tmp_path):
     with pytest.raises(ProtectionError, match="held/p: cannot be written"):
         t.xor_into(0, "held/p", memoryview(b"data"))
     assert outside.read_bytes() == b"keep"
+
+
+def test_members_xor_into_one_parity_at_once(tmp_path) -> None:
+    """Three members of a stripe contribute at the same moment, on the pool's threads, with
+    slots of other lengths (over several pieces): the parity is the XOR of all three, the
+    record complete, and each member rebuilds from it."""
+    nodes = (0, 1, 2, 3)
+    rng = np.random.default_rng(5)
+    sizes = [PIECE_BYTES * 9 + 123, PIECE_BYTES * 8, PIECE_BYTES * 3 + 7]  # over PARALLEL_MIN_BYTES
+    data = {r: rng.integers(0, 256, n, dtype=np.uint8).tobytes() for r, n in enumerate(sizes)}
+    data[3] = b"z" * 100
+    for rank, blob in data.items():
+        root = str(tmp_path / f"node{nodes[rank]}")
+        os.makedirs(memtier.rank_dir(root, rank), exist_ok=True)
+        with open(memtier.slot_data(root, rank, 0), "wb") as f:
+            f.write(blob)
+        memtier.write_manifest(root, _manifest(rank, 1, len(blob), 4))
+    setups = {r: _setup(tmp_path, Parity(group=3), nodes, r) for r in range(3)}
+    barrier = threading.Barrier(3)
+
+    def contribute(rank: int) -> None:
+        barrier.wait()
+        m = _manifest(rank, 1, len(data[rank]), 4)
+        Protector(setups[rank]).protect(m, memoryview(data[rank]), time.time())
+
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(contribute, range(3)))
+    want = np.zeros(max(sizes), dtype=np.uint8)
+    for r in range(3):
+        want[: sizes[r]] ^= np.frombuffer(data[r], dtype=np.uint8)
+    held = _holdings(tmp_path, nodes)
+    (parity,) = [h for h in held if h.kind == "parity" and h.node == 3]
+    with open(os.path.join(tmp_path, "node3", parity.path), "rb") as f:
+        assert f.read() == want.tobytes()
+    transport = FileTransport({n: str(tmp_path / f"node{n}") for n in nodes})
+    for lost in range(3):
+        alive = [h for h in held if not (h.kind == "slot" and h.rank == lost)]
+        got = rebuild(transport, rebuild_candidates(alive)[0][0].lost[0][1][0], lost)
+        with open(transport.local_path(got.node, got.path), "rb") as f:
+            assert f.read() == data[lost]

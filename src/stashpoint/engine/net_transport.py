@@ -87,6 +87,11 @@ class SocketTransport(NodeTransport):
         first = (self.addresses.get(node) or ("?",))[0]
         return f"node {node} ({first}):{relpath}"
 
+    def local_file(self, node: int, relpath: str) -> str:
+        if not self._local(node):
+            raise ProtectionError(f"{self.describe(node, relpath)}: node {node} is reached over the network")
+        return self.files.writable_path(node, relpath)
+
     def _open(self, node: int, address: str) -> socket.socket:
         where = f"node {node} ({address})"
         try:

@@ -1,20 +1,17 @@
-"""Protecting sealed memory snapshots on peer nodes, listing what a node holds, rebuilding.
+"""Protecting sealed memory snapshots on peer nodes.
 
 The keeper of a rank (:mod:`~stashpoint.engine.keeper`) is told its
 :class:`~stashpoint.planning.protection.RankProtection` by its trainer
 (:class:`ProtectSetup`).  After it seals a slot it calls :meth:`Protector.protect`
 on its own worker thread (never the training thread, never the job's NCCL
 communicator): a replica is written to each target node, or the slot file is XOR-ed
-into its stripe's parity on the holder node under the stripe's lock, and a sealed
-protection record makes it count (:mod:`~stashpoint.engine.protect_store`).  The
+into its stripe's parity on the holder node (alongside the other members, piece by
+piece), and a sealed protection record makes it count (:mod:`~stashpoint.engine.protect_store`).  The
 slot stays busy until then, so the trainer never overwrites a snapshot whose
 protection is still being written.  Each target keeps the newest ``keep`` protected
 snapshots of a rank or stripe and drops older ones.
 
-At recovery, :func:`inventory` lists what one node holds (its ranks' slots, the
-replicas and parities it keeps for others) and :func:`rebuild` makes a lost rank's
-slot file from a replica or from a parity, verified block by block against the
-checksums recorded when it was protected.
+What is done with the protection after a node loss is in :mod:`~stashpoint.engine.rebuild`.
 """
 
 from __future__ import annotations
@@ -26,29 +23,21 @@ from dataclasses import dataclass
 from stashpoint.engine import memtier
 from stashpoint.engine.checksum import parallel_block_crcs
 from stashpoint.engine.net_transport import TransportSpec, make_transport
-from stashpoint.engine.parity import Pacer, xor_into
+from stashpoint.engine.parity import Pacer
 from stashpoint.engine.protect_store import (
-    HELD_PREFIX,
-    PARITY_PREFIX,
-    REBUILT_DIR,
     RECORD_SUFFIX,
     Member,
     ProtectionRecord,
-    check_blocks,
     entry_name,
     entry_step,
     held_dir,
     member_from_json,
     member_to_json,
     parity_dir,
-    record_from_json,
     record_to_json,
 )
 from stashpoint.engine.transport import NodeTransport
-from stashpoint.errors import IndexCorruptError
-from stashpoint.planning.protection import Holding, RankProtection, Source
-from stashpoint.storage.files import open_regular
-from stashpoint.vocab import HoldingKind
+from stashpoint.planning.protection import RankProtection
 
 MEMBER_SUFFIX = ".member.json"
 
@@ -122,16 +111,25 @@ class Protector:
         return record.lag_s
 
     def _contribute(self, node: int, m: memtier.Manifest, member: Member, data, pacer: Pacer) -> float | None:
+        """XOR the slot into its stripe's parity, then record the contribution.
+
+        The stripe's lock is held only to look and to record: the XOR itself runs while
+        the other members XOR theirs (each piece under its own lock, see
+        :class:`~stashpoint.engine.transport.XorFile`).  Whoever records the last
+        contribution completes the parity.
+        """
         t, p = self.transport, self.setup.placement
         d, entry = parity_dir(p.stripe), entry_name(m.step, m.save_id)
+        mine = f"{d}/{entry}.rank-{m.rank:05d}{MEMBER_SUFFIX}"
         with t.lock(node, d, self.setup.timeout_s):
             _drop_stale(t, node, d, m)
-            mine = f"{d}/{entry}.rank-{m.rank:05d}{MEMBER_SUFFIX}"
-            names = t.listdir(node, d)
-            if os.path.basename(mine) not in names:
-                t.xor_into(node, f"{d}/{entry}.parity", data, pacer)
+            done = os.path.basename(mine) in t.listdir(node, d)
+        if not done:
+            t.xor_into(node, f"{d}/{entry}.parity", data, pacer)
+        with t.lock(node, d, self.setup.timeout_s):
+            if not done:
                 t.write_text(node, mine, member_to_json(member))
-                names = t.listdir(node, d)
+            names = t.listdir(node, d)
             lag = None
             wanted = {f"{entry}.rank-{r:05d}{MEMBER_SUFFIX}" for r in p.members}
             if wanted <= set(names) and f"{entry}{RECORD_SUFFIX}" not in names:
@@ -189,125 +187,3 @@ def _prune(t: NodeTransport, node: int, d: str, keep: int) -> None:
         if drop:
             for f in files:
                 t.remove(node, f"{d}/{f}")
-
-
-# --------------------------------------------------------------------------- recovery
-
-
-def _records(root: str, d: str) -> list[tuple[str, ProtectionRecord]]:
-    out = []
-    for name in sorted(os.listdir(os.path.join(root, d))):
-        if not name.endswith(RECORD_SUFFIX):
-            continue
-        path = os.path.join(root, d, name)
-        try:
-            with os.fdopen(open_regular(path), "rb") as f:  # never a FIFO in place of a record
-                out.append((name[: -len(RECORD_SUFFIX)], record_from_json(f.read(), path)))
-        except (OSError, IndexCorruptError):
-            continue  # a damaged record protects nothing
-    return out
-
-
-def _held(kind: HoldingKind, node: int, r: ProtectionRecord, path: str) -> Holding:
-    """A replica (of its one member) or a parity (over its members) as a holding."""
-    return Holding(
-        kind=kind,
-        node=node,
-        step=r.step,
-        save_id=r.save_id,
-        world_size=r.world_size,
-        rank=r.members[0].rank if kind == "replica" else -1,
-        path=path,
-        members=() if kind == "replica" else tuple(m.rank for m in r.members),
-    )
-
-
-def inventory(root: str, node: int) -> list[Holding]:
-    """What the node whose memory root is ``root`` holds: slots, replicas, parities."""
-    out: list[Holding] = []
-    try:
-        names = sorted(os.listdir(root))
-    except OSError:
-        return out
-    for name in names:
-        if name.startswith("rank-") and name[5:].isdigit():
-            rank = int(name[5:])
-            for m in memtier.read_manifests(root, rank):
-                path = os.path.relpath(memtier.slot_data(root, rank, m.slot), root)
-                out.append(
-                    Holding(
-                        kind="slot",
-                        node=node,
-                        step=m.step,
-                        save_id=m.save_id,
-                        world_size=m.world_size,
-                        rank=rank,
-                        path=path,
-                    )
-                )
-        elif name.startswith(HELD_PREFIX):
-            out += [
-                _held("replica", node, r, f"{name}/{entry}.safetensors") for entry, r in _records(root, name)
-            ]
-        elif name.startswith(PARITY_PREFIX):
-            out += [_held("parity", node, r, f"{name}/{entry}.parity") for entry, r in _records(root, name)]
-    return out
-
-
-@dataclass(frozen=True, kw_only=True)
-class Rebuilt:
-    """A lost rank's slot file, verified: on ``node`` at ``path``, with its slot manifest."""
-
-    rank: int
-    node: int
-    path: str
-    manifest: str
-
-
-def _record_of(t: NodeTransport, h: Holding) -> ProtectionRecord:
-    where = t.describe(h.node, h.path)
-    base = h.path.rsplit(".", 1)[0]
-    return record_from_json(t.read(h.node, f"{base}{RECORD_SUFFIX}"), f"{where} (record)")
-
-
-def rebuild(t: NodeTransport, source: Source, rank: int) -> Rebuilt:
-    """``rank``'s slot file from ``source`` (a replica, or a parity and the other members'
-    slots), every block checked; ChecksumMismatchError names a damaged one."""
-    h = source.holding
-    record = _record_of(t, h)
-    where = t.describe(h.node, h.path)
-    check_blocks(t.checksums(h.node, h.path, record.crc_block), record.crc32c, where, record.crc_block)
-    lost = next(m for m in record.members if m.rank == rank)
-    if h.kind == "replica":
-        return Rebuilt(rank=rank, node=h.node, path=h.path, manifest=lost.manifest)
-    out = bytearray(t.read(h.node, h.path)[: lost.file_size])
-    for other in source.others:
-        member = next(m for m in record.members if m.rank == other.rank)
-        data = t.read(other.node, other.path)[: member.file_size]
-        check_blocks(
-            parallel_block_crcs(memoryview(data), record.crc_block),
-            member.crc32c,
-            t.describe(other.node, other.path),
-            record.crc_block,
-        )
-        n = min(len(out), len(data))
-        xor_into(memoryview(out)[:n], memoryview(data)[:n])
-    check_blocks(
-        parallel_block_crcs(memoryview(out), record.crc_block),
-        lost.crc32c,
-        f"{where} (rank {rank} rebuilt from parity)",
-        record.crc_block,
-    )
-    path = f"{REBUILT_DIR}/{entry_name(record.step, record.save_id)}-rank-{rank:05d}.safetensors"
-    t.write(h.node, path, memoryview(out))
-    return Rebuilt(rank=rank, node=h.node, path=path, manifest=lost.manifest)
-
-
-def held_bytes(root: str) -> int:
-    """Bytes of protection this node keeps for others (replicas and parities)."""
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        rel = os.path.relpath(dirpath, root)
-        if rel.startswith((HELD_PREFIX, PARITY_PREFIX)):
-            total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
-    return total

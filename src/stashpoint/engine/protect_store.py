@@ -173,11 +173,18 @@ def record_from_json(raw: bytes, where: str) -> ProtectionRecord:
         ) from None
 
 
-def check_blocks(got: list[int] | tuple[int, ...], want: tuple[int, ...], where: str, block: int) -> None:
-    """ChecksumMismatchError naming the first damaged block, if any."""
-    if tuple(got) == tuple(want):
+def check_blocks(
+    got: list[int] | tuple[int, ...], want: tuple[int, ...], where: str, block: int, first: int | None = None
+) -> None:
+    """ChecksumMismatchError naming the first damaged block, if any.  ``got`` are the
+    checksums of every block of a file, or (``first`` given) of the blocks from ``first`` on."""
+    expected = tuple(want) if first is None else tuple(want[first : first + len(got)])
+    first = first or 0
+    if tuple(got) == expected:
         return
-    bad = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    bad = first + next(
+        (i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected))
+    )
     raise ChecksumMismatchError(
         f"{where}: block {bad} (bytes {bad * block}..{(bad + 1) * block}) does not match its "
         "protection checksum (damaged in memory)"

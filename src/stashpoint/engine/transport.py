@@ -22,8 +22,9 @@ import contextlib
 import fcntl
 import os
 import shutil
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from stashpoint.engine.checksum import CRC_THREADS, PARALLEL_MIN_BYTES, block_crcs, spans, worker_pool
 from stashpoint.engine.parity import PIECE_BYTES, Pacer, xor_into
@@ -85,21 +86,59 @@ class PartFile:
             os.unlink(self.tmp)
 
 
+#: in-process half of a piece's lock (POSIX record locks do not exclude threads of one process)
+_PIECE_LOCKS = tuple(threading.Lock() for _ in range(64))
+
+
 class XorFile:
-    """XOR pieces into a file (created, or grown with zeros, to at least ``size`` bytes)."""
+    """XOR pieces into a file (created, or grown with zeros, to at least ``size`` bytes).
+
+    Members of a parity stripe XOR into one file at once: each piece is XOR-ed under a
+    lock of its byte range, held against other processes (``lockf``) and other threads
+    of this one.  Every writer cuts its data on the same grid (multiples of
+    :data:`~stashpoint.engine.parity.PIECE_BYTES` from 0), so equal pieces share a lock.
+    The file grows by ``posix_fallocate``, which never shrinks it, so a member with a
+    shorter slot cannot cut off a longer one's bytes.
+    """
 
     def __init__(self, path: str, size: int) -> None:
         self.fd = open_own(path, os.O_RDWR)
-        if os.fstat(self.fd).st_size < size:
-            os.ftruncate(self.fd, size)
+        try:
+            if size > 0:
+                os.posix_fallocate(self.fd, 0, size)
+        except OSError:  # a file system without fallocate: grow (never shrink) by truncation
+            if os.fstat(self.fd).st_size < size:
+                os.ftruncate(self.fd, size)
+        self.ino = os.fstat(self.fd).st_ino
 
     def xor_at(self, offset: int, piece: memoryview, pacer: Pacer | None = None) -> None:
-        cur = bytearray(os.pread(self.fd, len(piece), offset))
-        xor_into(memoryview(cur), piece, pacer)
-        os.pwrite(self.fd, cur, offset)
+        with _PIECE_LOCKS[hash((self.ino, offset)) % len(_PIECE_LOCKS)]:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX, len(piece), offset)
+            try:
+                cur = bytearray(os.pread(self.fd, len(piece), offset))
+                xor_into(memoryview(cur), piece, pacer)
+                os.pwrite(self.fd, cur, offset)
+            finally:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN, len(piece), offset)
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def in_pieces(size: int, fn: Callable[[int, int], None], parallel: bool) -> None:
+    """``fn(start, end)`` for every piece of ``size`` bytes on the grid of
+    :data:`~stashpoint.engine.parity.PIECE_BYTES`: on the pool's threads when ``parallel``
+    and the size is worth it, else in order on this thread."""
+    if not parallel or size < PARALLEL_MIN_BYTES or CRC_THREADS <= 1:
+        for a in range(0, size, PIECE_BYTES):
+            fn(a, min(size, a + PIECE_BYTES))
+        return
+
+    def span(s: tuple[int, int]) -> None:
+        for a in range(s[0], s[1], PIECE_BYTES):
+            fn(a, min(s[1], a + PIECE_BYTES))
+
+    list(worker_pool().map(span, spans(size, PIECE_BYTES, CRC_THREADS)))
 
 
 def read_at(fd: int, offset: int, out: memoryview) -> int:
@@ -156,6 +195,11 @@ class NodeTransport:
         """Where the file is, for a person (a path, or a node's address and the path)."""
         raise NotImplementedError
 
+    def local_file(self, node: int, relpath: str) -> str:
+        """A writable path on this machine for a file of ``node`` (its directory created);
+        ProtectionError when this process reaches that node only over the network."""
+        raise NotImplementedError
+
     def close(self) -> None:
         """Let go of connections (a no-op where there are none)."""
 
@@ -174,6 +218,9 @@ class FileTransport(NodeTransport):
 
     describe = local_path
 
+    def local_file(self, node: int, relpath: str) -> str:
+        return self.writable_path(node, relpath)
+
     def writable_path(self, node: int, relpath: str) -> str:
         """The file's path, its directory created; never recreates the root of a node that is gone."""
         path = self.local_path(node, relpath)
@@ -186,13 +233,16 @@ class FileTransport(NodeTransport):
         return path
 
     def write(self, node: int, relpath: str, data: memoryview, pacer: Pacer | None = None) -> None:
+        view = memoryview(data).cast("B")
         part = PartFile(self.writable_path(node, relpath))
+
+        def piece(a: int, b: int) -> None:
+            part.write_at(a, view[a:b])
+            if pacer is not None:
+                pacer.took(b - a)
+
         try:
-            for a in range(0, len(data), PIECE_BYTES):
-                piece = data[a : a + PIECE_BYTES]
-                part.write_at(a, piece)
-                if pacer is not None:
-                    pacer.took(len(piece))
+            in_pieces(len(view), piece, parallel=pacer is None)
             part.commit()
         finally:
             part.abort()
@@ -219,10 +269,10 @@ class FileTransport(NodeTransport):
             os.close(fd)
 
     def xor_into(self, node: int, relpath: str, data: memoryview, pacer: Pacer | None = None) -> None:
-        f = XorFile(self.writable_path(node, relpath), len(data))
+        view = memoryview(data).cast("B")
+        f = XorFile(self.writable_path(node, relpath), len(view))
         try:
-            for a in range(0, len(data), PIECE_BYTES):
-                f.xor_at(a, data[a : a + PIECE_BYTES], pacer)
+            in_pieces(len(view), lambda a, b: f.xor_at(a, view[a:b], pacer), parallel=pacer is None)
         finally:
             f.close()
 

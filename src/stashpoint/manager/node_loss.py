@@ -46,8 +46,9 @@ from stashpoint.engine.load import load_state
 from stashpoint.engine.messages import Release
 from stashpoint.engine.net_transport import TransportSpec, make_transport
 from stashpoint.engine.node_view import close_node_view, open_node_view
-from stashpoint.engine.protect import ProtectSetup, Rebuilt, held_bytes, inventory, rebuild
+from stashpoint.engine.protect import ProtectSetup
 from stashpoint.engine.protect_store import REBUILT_DIR
+from stashpoint.engine.rebuild import Rebuilt, held_bytes, inventory, rebuild
 from stashpoint.engine.snapshot import connect_keeper
 from stashpoint.engine.telemetry import LoadResult
 from stashpoint.engine.transport import FileTransport, NodeTransport
