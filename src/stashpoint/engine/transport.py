@@ -97,19 +97,20 @@ class XorFile:
     lock of its byte range, held against other processes (``lockf``) and other threads
     of this one.  Every writer cuts its data on the same grid (multiples of
     :data:`~stashpoint.engine.parity.PIECE_BYTES` from 0), so equal pieces share a lock.
-    The file grows by ``posix_fallocate``, which never shrinks it, so a member with a
+    The file grows under a lock of the whole file, never shrinks, so a member with a
     shorter slot cannot cut off a longer one's bytes.
     """
 
     def __init__(self, path: str, size: int) -> None:
         self.fd = open_own(path, os.O_RDWR)
-        try:
-            if size > 0:
-                os.posix_fallocate(self.fd, 0, size)
-        except OSError:  # a file system without fallocate: grow (never shrink) by truncation
-            if os.fstat(self.fd).st_size < size:
-                os.ftruncate(self.fd, size)
         self.ino = os.fstat(self.fd).st_ino
+        with _PIECE_LOCKS[hash((self.ino, -1)) % len(_PIECE_LOCKS)]:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX)  # the whole file: no piece is being XOR-ed
+            try:
+                if os.fstat(self.fd).st_size < size:
+                    os.ftruncate(self.fd, size)  # sparse: the zeros cost nothing until written
+            finally:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN)
 
     def xor_at(self, offset: int, piece: memoryview, pacer: Pacer | None = None) -> None:
         with _PIECE_LOCKS[hash((self.ino, offset)) % len(_PIECE_LOCKS)]:
