@@ -12,9 +12,10 @@ and optimizer.  Measured in one run (``gpu_protect_worker.py`` is the trainer pr
    rank, and the link-limited interval ceil(state bytes x N / shared D2H / step time);
 2. throughput (tokens/s summed over the ranks, every run the same steps, timed between
    barriers): no checkpointing; memory snapshots at the link-limited interval without
-   protection, with ``Parity(group=2)``, with ``Replicate(copies=1)``; parity every 10
-   steps.  Per run: snapshots taken and skipped (slots still busy sealing/protecting),
-   stall p50, the keepers' protection time and lag (``protect``/``protect_lag`` of each
+   protection, with ``Parity(group=2)`` (through the file system, and over TCP between
+   the keepers), with ``Replicate(copies=1)``; parity every 10 steps.  Per run: snapshots
+   taken and skipped (slots still busy sealing/protecting), stall p50, the keepers'
+   protection time and lag (``protect``/``protect_lag`` of each
    snapshot's outcome), and each node's shared memory (its slots and what it holds for
    the others) against slots x shard bytes;
 3. node loss: snapshots with parity every ``--loss-every`` steps, the last one also
@@ -322,6 +323,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=240, help="seconds for parts 1-2 (runs skipped)")
     ap.add_argument("--wall-s", type=float, default=540, help="every trainer is killed after this")
     ap.add_argument("--parts", default="bench,node_loss")
+    ap.add_argument("--transport", default="files", choices=("files", "sockets"), help="node-loss part")
     ap.add_argument("--dir", default="/tmp/sp-protect-gpu", help="durable checkpoints (a real disk)")
     ap.add_argument("--shm", default="/dev/shm/sp-protect-gpu", help="the simulated nodes' memory roots")
     args = ap.parse_args()

@@ -127,6 +127,8 @@ def manager(args, rank: int, directory: str, key: str, every: int, protection, *
         shm_dir=node_dir(args, rank),
         protection=protection,
         ranks_per_node=1,
+        peer_transport=kw.pop("transport", args.transport),
+        listen_host="127.0.0.1",
     )
     return CheckpointManager(
         directory,
@@ -210,11 +212,13 @@ def release(mgr: CheckpointManager, root: str, rank: int) -> None:
     dist.barrier()
 
 
-def timed_run(args, tr: Trainer, rank: int, name: str, every: int | None, protection) -> dict:
+def timed_run(args, tr: Trainer, rank: int, name: str, every: int | None, protection, transport: str) -> dict:
     """``args.steps`` steps, barrier-timed; snapshots every ``every`` steps (None: no checkpointing)."""
     mgr = None
     if every is not None:
-        mgr = manager(args, rank, os.path.join(args.dir, name), f"bench-{name}", every, protection)
+        mgr = manager(
+            args, rank, os.path.join(args.dir, name), f"bench-{name}", every, protection, transport=transport
+        )
         mgr.warmup(tr.state())  # slots allocated and pinned outside the timed region
     tr.sync()
     dist.barrier()
@@ -231,7 +235,13 @@ def timed_run(args, tr: Trainer, rank: int, name: str, every: int | None, protec
     tr.sync()
     dist.barrier()
     seconds = time.perf_counter() - t
-    out = {"name": name, "every": every, "protection": repr(protection), "seconds": seconds}
+    out = {
+        "name": name,
+        "every": every,
+        "protection": repr(protection),
+        "transport": transport,
+        "seconds": seconds,
+    }
     out.update(steps=args.steps, tokens=args.steps * args.batch * args.seq)
     if mgr is None:
         return out
@@ -272,14 +282,15 @@ def bench(args, rank: int, world: int) -> None:
     every = lim["link_limited_every"]
     parity = Parity(group=args.group)
     plans = [
-        ("none", None, None),
-        (f"memory_every_{every}", every, None),
-        (f"parity{args.group}_every_{every}", every, parity),
-        (f"replicate1_every_{every}", every, Replicate(copies=1)),
-        (f"parity{args.group}_every_10", 10, parity),
+        ("none", None, None, "files"),
+        (f"memory_every_{every}", every, None, "files"),
+        (f"parity{args.group}_every_{every}", every, parity, "files"),
+        (f"parity{args.group}_sockets_every_{every}", every, parity, "sockets"),
+        (f"replicate1_every_{every}", every, Replicate(copies=1), "files"),
+        (f"parity{args.group}_every_10", 10, parity, "files"),
     ]
     deadline = args.t0 + args.budget_s
-    for name, k, protection in plans:
+    for name, k, protection, transport in plans:
         needed = shm_needed(world, lim["state_bytes_per_rank"], protection)
         room = host_room(args.shm)
         least = {Parity: args.group + 1, Replicate: 2}.get(type(protection), 1)
@@ -295,7 +306,7 @@ def bench(args, rank: int, world: int) -> None:
             if rank == 0:
                 emit("skipped", name=name, why=why)
             continue
-        emit("run", rank=rank, **timed_run(args, tr, rank, name, k, protection))
+        emit("run", rank=rank, **timed_run(args, tr, rank, name, k, protection, transport))
     dist.barrier()
 
 

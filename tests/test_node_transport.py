@@ -238,3 +238,23 @@ def test_protect_and_rebuild_over_sockets(served, policy) -> None:
             with pytest.raises(ProtectionError, match="reached over the network"):
                 rebuild(elsewhere, source, lost)  # a parity is rebuilt on its own node
         here.remove(got.node, "rebuilt")
+
+
+def test_reads_reuse_a_connection_and_survive_its_close(tmp_path) -> None:
+    """Reads share one connection; when the keeper has closed it (idle past its timeout),
+    the read goes again over a new one."""
+    server = NodeServer(str(tmp_path), TOKEN, "127.0.0.1", timeout_s=0.3)
+    try:
+        t = SocketTransport({1: (server.address,)}, TOKEN, timeout_s=5)
+        t.write_text(1, "held-rank-00000/x.protect.json", "{}")  # a write: a connection of its own
+        assert t.listdir(1, "held-rank-00000") == ["x.protect.json"]
+        assert t.size(1, "held-rank-00000/x.protect.json") == 2
+        assert server.accepted == 2
+        time.sleep(0.6)  # the keeper closes the idle connection
+        assert t.size(1, "held-rank-00000/x.protect.json") == 2
+        assert server.accepted == 3
+        with pytest.raises(ProtectionError, match="no such file"):
+            t.size(1, "held-rank-00000/missing")
+        t.close()
+    finally:
+        server.close()

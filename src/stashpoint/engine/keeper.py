@@ -122,6 +122,8 @@ class Keeper:
         elif isinstance(msg, Preempted):
             self._arm(msg.deadline_unix)
         elif isinstance(msg, ProtectSetup):
+            if self.protector is not None:
+                self.protector.transport.close()
             self.protector = None if msg.placement is None else Protector(msg)
         elif isinstance(msg, ServeNode):
             self._serve_node(writer, msg)

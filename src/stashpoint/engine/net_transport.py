@@ -7,16 +7,19 @@ and the job's token.  :func:`make_transport` turns it into the transport one pro
 uses: a node whose root this process can reach (its own) is reached through the file
 system, every other node through the first of its keepers that answers.
 
-Each request opens its own connection (a handshake costs a millisecond; a snapshot
-moves gigabytes), so an idle connection never goes stale between snapshots and a failed
-request never leaves a half-done stream behind for the next one.  A stripe's lock holds
-its connection open until released.
+A request that changes something (a write, an XOR, a removal) opens its own connection,
+so a failed one never leaves a half-done stream behind and is never sent twice.  Reads,
+listings and checksums reuse idle connections (a resharded load makes many small
+reads), and go once more over a new connection when a kept one was closed meanwhile.  A
+stripe's lock holds its connection open until released.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -28,6 +31,10 @@ from stashpoint.vocab import PeerTransport
 
 #: the longest a connection attempt to one address may take
 CONNECT_TIMEOUT_S = 10.0
+#: a kept connection idle longer than this is closed rather than used again
+KEEP_IDLE_S = 20.0
+#: requests that change nothing: they may go over a kept connection (and be sent again)
+_IDEMPOTENT = frozenset({"read", "size", "checksums", "list"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +84,8 @@ class SocketTransport(NodeTransport):
     ) -> None:
         self.addresses, self.token, self.timeout_s = dict(addresses), token, timeout_s
         self.files = FileTransport(local or {})
+        self._idle: dict[int, list[tuple[float, socket.socket, str]]] = {}
+        self._idle_lock = threading.Lock()
 
     def _local(self, node: int) -> bool:
         return node in self.files.roots
@@ -109,22 +118,40 @@ class SocketTransport(NodeTransport):
             raise
         return sock
 
-    @contextlib.contextmanager
-    def _connection(self, node: int) -> Iterator[tuple[socket.socket, str]]:
-        """A connection to the first keeper of ``node`` that answers and proves this job's token."""
+    def _dial(self, node: int) -> tuple[socket.socket, str]:
+        """A new connection to the first keeper of ``node`` that answers and proves this job's token."""
         tried = []
         for address in self.addresses.get(node, ()):
             try:
-                sock = self._open(node, address)
+                return self._open(node, address), f"node {node} ({address})"
             except PeerConnectionError as exc:
                 tried.append(str(exc))
-                continue
-            with sock:
-                yield sock, f"node {node} ({address})"
-            return
         raise PeerConnectionError(
             f"node {node}: no keeper answers ({'; '.join(tried) or 'no address known'})"
         )
+
+    def _kept(self, node: int) -> tuple[socket.socket, str] | None:
+        """An idle connection to ``node`` kept from an earlier request, if a fresh one is left."""
+        now = time.monotonic()
+        with self._idle_lock:
+            idle = self._idle.get(node, [])
+            while idle:
+                since, sock, where = idle.pop()
+                if now - since < KEEP_IDLE_S:
+                    return sock, where
+                sock.close()
+        return None
+
+    def _exchange(self, sock: socket.socket, where: str, req: dict, payload, pacer, receive) -> dict:
+        where = f"{where}:{req.get('path')}"
+        wire.send_frame(sock, req, where)
+        answer = wire.raise_if_failed(wire.recv_frame(sock, where), where)
+        if payload is not None:
+            wire.send_payload(sock, payload, where, None if pacer is None else pacer.took)
+            answer = wire.raise_if_failed(wire.recv_frame(sock, where), where)
+        if receive is not None:
+            receive(sock, where, answer)
+        return answer
 
     def _call(
         self,
@@ -134,17 +161,48 @@ class SocketTransport(NodeTransport):
         pacer: Pacer | None = None,
         receive: Callable[[socket.socket, str, dict], None] | None = None,
     ) -> dict:
-        """One request: its answer, then its bytes (sent, or handed to ``receive``)."""
-        with self._connection(node) as (sock, where):
-            where = f"{where}:{req.get('path')}"
-            wire.send_frame(sock, req, where)
-            answer = wire.raise_if_failed(wire.recv_frame(sock, where), where)
-            if payload is not None:
-                wire.send_payload(sock, payload, where, None if pacer is None else pacer.took)
-                answer = wire.raise_if_failed(wire.recv_frame(sock, where), where)
-            if receive is not None:
-                receive(sock, where, answer)
-            return answer
+        """One request: its answer, then its bytes (sent, or handed to ``receive``).
+
+        A request that changes nothing goes over a kept connection when there is one, and
+        again over a new one if the kept one turns out closed; the connection is kept for
+        the next such request once this one succeeded.  Any other request, and any failed
+        one, has a connection of its own, closed after it.
+        """
+        reuse = req["op"] in _IDEMPOTENT
+        kept = self._kept(node) if reuse else None
+        if kept is not None:
+            try:
+                answer = self._exchange(*kept, req, payload, pacer, receive)
+            except PeerConnectionError:
+                kept[0].close()  # closed by the keeper meanwhile: once more on a new connection
+            except BaseException:
+                kept[0].close()
+                raise
+            else:
+                self._keep(node, *kept)
+                return answer
+        sock, where = self._dial(node)
+        try:
+            answer = self._exchange(sock, where, req, payload, pacer, receive)
+        except BaseException:
+            sock.close()
+            raise
+        if reuse:
+            self._keep(node, sock, where)
+        else:
+            sock.close()
+        return answer
+
+    def _keep(self, node: int, sock: socket.socket, where: str) -> None:
+        with self._idle_lock:
+            self._idle.setdefault(node, []).append((time.monotonic(), sock, where))
+
+    def close(self) -> None:
+        with self._idle_lock:
+            for idle in self._idle.values():
+                for _since, sock, _where in idle:
+                    sock.close()
+            self._idle.clear()
 
     # ------------------------------------------------------------------ the interface
 
@@ -217,7 +275,8 @@ class SocketTransport(NodeTransport):
             with self.files.lock(node, reldir, timeout_s):
                 yield
             return
-        with self._connection(node) as (sock, where):
+        sock, where = self._dial(node)
+        with sock:
             sock.settimeout(timeout_s + self.timeout_s)
             wire.send_frame(sock, {"op": "lock", "path": reldir, "timeout_s": timeout_s}, where)
             wire.raise_if_failed(wire.recv_frame(sock, where), where)

@@ -56,6 +56,8 @@ class NodeServer:
         port = self.sock.getsockname()[1]
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._closed = threading.Event()
+        #: connections accepted so far (a count for telemetry and tests)
+        self.accepted = 0
         self._thread = threading.Thread(target=self._accept_loop, name="stashpoint-node-server", daemon=True)
         self._thread.start()
 
@@ -74,6 +76,7 @@ class NodeServer:
                 continue
             except OSError:
                 return
+            self.accepted += 1
             threading.Thread(
                 target=self._serve, args=(conn, f"{self.address} <- {peer[0]}"), daemon=True
             ).start()
@@ -83,6 +86,7 @@ class NodeServer:
     def _serve(self, conn: socket.socket, where: str) -> None:
         with conn, contextlib.ExitStack() as held:
             conn.settimeout(self.timeout_s)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # answers are small frames
             try:
                 if not wire.challenge(conn, self.token, where):
                     return

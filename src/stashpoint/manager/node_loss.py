@@ -224,6 +224,7 @@ def recover_protected(
     finally:
         if first:
             transport.remove(node, REBUILT_DIR)
+        transport.close()
     if first:
         _retire_foreign_keepers(root, nodes.ranks_of(node))
     if got is None and beyond and coord.is_coordinator:
