@@ -17,8 +17,14 @@ import time
 import pytest
 
 from stashpoint import Parity, Replicate
-from stashpoint.engine import memtier, wire
-from stashpoint.engine.net_transport import SocketTransport, TransportSpec, make_transport
+from stashpoint.engine import memtier, node_server, wire
+from stashpoint.engine.net_transport import (
+    SocketTransport,
+    TransportSpec,
+    default_listen_host,
+    make_transport,
+    split_address,
+)
 from stashpoint.engine.node_server import NodeServer
 from stashpoint.engine.node_view import NodeViewStorage
 from stashpoint.engine.parity import PIECE_BYTES
@@ -256,5 +262,25 @@ def test_reads_reuse_a_connection_and_survive_its_close(tmp_path) -> None:
         with pytest.raises(ProtectionError, match="no such file"):
             t.size(1, "held-rank-00000/missing")
         t.close()
+    finally:
+        server.close()
+
+
+def test_keepers_listen_toward_the_rendezvous_host(monkeypatch) -> None:
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert default_listen_host() == "127.0.0.1"
+    monkeypatch.delenv("MASTER_ADDR")
+    assert default_listen_host() == socket.gethostname()
+
+
+def test_a_stranger_that_never_answers_the_challenge_is_dropped(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(node_server, "HANDSHAKE_TIMEOUT_S", 0.2)
+    server = NodeServer(str(tmp_path), TOKEN, "127.0.0.1", timeout_s=30)
+    try:
+        with socket.create_connection(split_address(server.address), timeout=5) as s:
+            s.recv(64)  # the challenge; no answer follows
+            t0 = time.monotonic()
+            assert s.recv(64) == b""  # closed by the keeper
+            assert time.monotonic() - t0 < 5
     finally:
         server.close()

@@ -17,6 +17,7 @@ stripe's lock holds its connection open until released.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -54,6 +55,21 @@ def make_transport(spec: TransportSpec, node: int | None) -> NodeTransport:
         return FileTransport(dict(spec.roots))
     local = {n: r for n, r in spec.roots if n == node}
     return SocketTransport(dict(spec.addresses), spec.token, spec.timeout_s, local=local)
+
+
+def default_listen_host() -> str:
+    """Where this host's keepers listen for the other nodes: the address of its interface
+    toward the job's rendezvous host (``MASTER_ADDR``, as torchrun sets it; nothing is
+    sent to find it), else the host's name."""
+    master = os.environ.get("MASTER_ADDR", "")
+    if master:
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.connect((master, 9))
+                return probe.getsockname()[0]
+        except OSError:
+            pass
+    return socket.gethostname()
 
 
 def split_address(address: str) -> tuple[str, int]:

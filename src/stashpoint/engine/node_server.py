@@ -36,6 +36,8 @@ from stashpoint.storage.files import open_regular
 
 #: how long the accept loop sleeps between checks that the server is still wanted
 _ACCEPT_POLL_S = 0.5
+#: how long a new connection has to prove the job's token
+HANDSHAKE_TIMEOUT_S = 10.0
 
 
 def _is_protection_dir(first: str) -> bool:
@@ -85,11 +87,12 @@ class NodeServer:
 
     def _serve(self, conn: socket.socket, where: str) -> None:
         with conn, contextlib.ExitStack() as held:
-            conn.settimeout(self.timeout_s)
+            conn.settimeout(min(HANDSHAKE_TIMEOUT_S, self.timeout_s))  # a stranger holds no thread long
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # answers are small frames
             try:
                 if not wire.challenge(conn, self.token, where):
                     return
+                conn.settimeout(self.timeout_s)
                 while not self._closed.is_set():
                     req = wire.recv_frame(conn, where)
                     if not self._answer(conn, req, held, where):

@@ -58,7 +58,8 @@ class MemoryPolicy:
     ranks share a node (default: torchrun's ``LOCAL_WORLD_SIZE``).  ``peer_transport``:
     how protection reaches other nodes: "files" (their memory roots are paths here: one
     machine, or a file system every node mounts), "sockets" (TCP between the nodes'
-    keepers, listening on ``listen_host``, default this host's name), or "auto" (files
+    keepers, listening on ``listen_host``, default the address of this host's interface
+    toward ``MASTER_ADDR``, else its name), or "auto" (files
     when every rank runs on one host, sockets otherwise).
     """
 

@@ -44,7 +44,7 @@ from stashpoint._dist import Coordinator
 from stashpoint.engine import memtier
 from stashpoint.engine.load import load_state
 from stashpoint.engine.messages import Release
-from stashpoint.engine.net_transport import TransportSpec, make_transport
+from stashpoint.engine.net_transport import TransportSpec, default_listen_host, make_transport
 from stashpoint.engine.node_view import close_node_view, open_node_view
 from stashpoint.engine.protect import ProtectSetup
 from stashpoint.engine.protect_store import REBUILT_DIR
@@ -134,7 +134,8 @@ def start_protection(
     spec = TransportSpec(kind=kind, roots=tuple(sorted(roots.items())), timeout_s=coord.timeout_s)
     placement = place(protection, nodes)
     if kind == "sockets":  # recovery reads other nodes' roots even when this world is unprotected
-        spec = _listen(spec, coord, keeper, peers.listen_host or host, token=gathered[0][3], nodes=nodes)
+        listen = peers.listen_host or default_listen_host()
+        spec = _listen(spec, coord, keeper, listen, token=gathered[0][3], nodes=nodes)
     per_node_roots = {(n, r) for n, r, _h, _t in gathered}
     shared = len(per_node_roots) > len(roots) or (kind == "files" and len(set(roots.values())) < len(roots))
     if placement.unprotected is None and shared:
