@@ -13,8 +13,11 @@ from one copied state, so their differences stay paired).
 
 Presets (``--preset``): ``small`` (8 blocks of width 32, one block a stage, CPU, one
 thread: the measured configuration of docs/LAYOUTS.md), ``quick`` (the test's) and ``gpu``
-(24 blocks of width 384, 6 heads, context 128, batch 32, 8 stages of 3 blocks, failure at
-step 1500 and 600 steps after, a larger corpus; fp32 weights, TF32 matrix products).
+(24 blocks of width 384, 6 heads, context 128, batch 32, 8 stages of 3 blocks, lr 1e-3
+after 100 warmup steps, failure at step 1200 and 500 steps after, a larger corpus of 512
+words from 26 letters; four recoveries; fp32 weights, TF32 matrix products).  On one H200
+a step of that model takes about 14 ms of GPU time but 25-30 ms of one CPU core launching
+kernels, so ``--jobs 3`` runs the three seeds in parallel processes (about 3.5 minutes).
 
 Training runs to ``fail_at``; there the state is copied once per recovery, stage
 ``lost``'s weights are overwritten with NaN (the stage is gone) and then:
@@ -36,19 +39,19 @@ margins), and the excess loss (recovery minus uninterrupted, summed over every s
 the failure).
 
     PYTHONPATH=src python benchmarks/checkfree_lm.py            # writes benchmarks/results/
-    PYTHONPATH=src python benchmarks/checkfree_lm.py --preset gpu --device cuda
+    PYTHONPATH=src python benchmarks/checkfree_lm.py --preset gpu --device cuda --jobs 3
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import math
+import multiprocessing
 import os
-import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +62,7 @@ from stashpoint.demo.model import Block, GPTConfig, TinyGPT, make_model
 from stashpoint.recovery import grad_norm, rebuild_stage
 
 import checkfree_lm_report as report
+from checkfree_lm_corpus import batch_starts, corpus
 
 RECOVERIES = ("checkfree", "checkfree_squared", "uniform", "copy_previous", "random", "identity")
 #: the essential ones, for the larger preset's time budget
@@ -110,8 +114,8 @@ GPU = Config(
     batch=32,
     lr=1e-3,
     warmup=100,
-    steps=2100,
-    fail_at=1500,
+    steps=1700,
+    fail_at=1200,
     corpus_chars=2_000_000,
     letters=26,
     words=512,
@@ -130,48 +134,6 @@ def check(cfg: Config) -> None:
         raise ValueError(f"stage {cfg.lost} of {cfg.stages} does not have two neighbours")
     if not cfg.warmup <= cfg.fail_at < cfg.steps:
         raise ValueError(f"need warmup <= fail_at < steps, got {cfg.warmup}, {cfg.fail_at}, {cfg.steps}")
-
-
-# --- the corpus ------------------------------------------------------------------------
-
-
-def corpus(cfg: Config) -> tuple[torch.Tensor, int]:
-    """Token ids of the synthetic text and the vocabulary size."""
-    g = torch.Generator().manual_seed(1000 + cfg.seed)
-    lengths = torch.randint(*cfg.word_len, (cfg.words,), generator=g)
-    words = [torch.randint(0, cfg.letters, (int(n),), generator=g).tolist() for n in lengths]
-    k = len(cfg.successor_probs)
-    successors = [torch.randperm(cfg.words, generator=g)[:k].tolist() for _ in range(cfg.words)]
-    if cfg.corpus_rng == "torch":
-        probs = torch.tensor(cfg.successor_probs)
-        uniform: Callable[[], float] = lambda: float(torch.rand((), generator=g))
-        pick: Callable[[], int] = lambda: int(torch.multinomial(probs, 1, generator=g))
-    else:
-        rng = random.Random(1000 + cfg.seed)
-        uniform = rng.random
-        pick = lambda: rng.choices(range(k), weights=cfg.successor_probs)[0]
-    space, stop = cfg.letters, cfg.letters + 1
-    out: list[int] = []
-    word, in_sentence = 0, 0
-    while len(out) < cfg.corpus_chars:
-        out.extend(words[word])
-        in_sentence += 1
-        if in_sentence >= 4 and uniform() < 0.3:
-            out.append(stop)
-            in_sentence = 0
-        out.append(space)
-        word = successors[word][pick()]
-    return torch.tensor(out[: cfg.corpus_chars]), cfg.letters + 2
-
-
-def batch_starts(n_chars: int, cfg: Config) -> torch.Tensor:
-    """The first character of every sequence of every step, (steps, batch), drawn on the
-    CPU from per-step generators (the same on every device)."""
-    rows = []
-    for step in range(cfg.steps):
-        g = torch.Generator().manual_seed(50_000 + step)
-        rows.append(torch.randint(0, n_chars - cfg.context - 1, (cfg.batch,), generator=g))
-    return torch.stack(rows)
 
 
 # --- the model -------------------------------------------------------------------------
@@ -355,40 +317,53 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:n]")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run at once, in processes")
     parser.add_argument("--fail-at", type=int, help="the step of the failure (default: the preset's)")
     parser.add_argument("--after", type=int, help="steps after the failure (default: the preset's)")
     parser.add_argument("--recoveries", nargs="+", choices=RECOVERIES, help="default: the preset's")
     parser.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE", help="override Config fields")
     parser.add_argument("--out", help="the results file (default: benchmarks/results/checkfree-lm-...json)")
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     if args.recoveries is not None and "random" not in args.recoveries:
         parser.error("--recoveries must include random (the excess loss is reported against it)")
     return args
+
+
+def run_seed(job: tuple[Config, tuple[str, ...]]) -> tuple[int, dict]:
+    """One seed's experiment (a worker process's task with ``--jobs``)."""
+    cfg, recoveries = job
+    if cfg.device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32 products, fp32 weights and state
+    t0 = time.perf_counter()
+    result = experiment(cfg, recoveries)
+    assert all(math.isfinite(v) for run in result["runs"].values() for v in run["losses"])
+    return cfg.seed, result | {"seconds": time.perf_counter() - t0}
 
 
 def main() -> None:
     args = parse()
     cfg = configure(args)
     recoveries = tuple(args.recoveries or PRESETS[args.preset][1])
-    if cfg.device.startswith("cuda"):
-        torch.set_float32_matmul_precision("high")  # TF32 products, fp32 weights and state
     tag = "" if args.preset == "small" else f"-{args.preset}"
     default = os.path.join(os.path.dirname(__file__), "results", f"checkfree-lm{tag}-fail{cfg.fail_at}")
     path = args.out or f"{default}-{time.strftime('%Y-%m-%d')}.json"
     device = torch.cuda.get_device_name(cfg.device) if cfg.device.startswith("cuda") else "cpu"
     doc = {"config": dataclasses.asdict(cfg), "recoveries": recoveries, "seeds": args.seeds}
-    doc |= {"preset": args.preset, "device": device, "torch": torch.__version__}
+    doc |= {"preset": args.preset, "device": device, "torch": torch.__version__, "jobs": args.jobs}
+    jobs = [(dataclasses.replace(cfg, seed=seed), recoveries) for seed in args.seeds]
     t0, per_seed = time.perf_counter(), {}
-    for seed in args.seeds:
-        s0 = time.perf_counter()
-        result = experiment(dataclasses.replace(cfg, seed=seed), recoveries)
-        assert all(math.isfinite(v) for run in result["runs"].values() for v in run["losses"])
-        per_seed[seed] = result | {"seconds": time.perf_counter() - s0}
-        aggregated = report.write(path, doc | {"seconds": time.perf_counter() - t0}, per_seed)
-        ms = result["ms_per_step_before_failure"]
-        print(
-            f"seed {seed}: {per_seed[seed]['seconds']:.1f} s ({ms:.1f} ms a step), wrote {path}", flush=True
-        )
+    # seeds in parallel processes: one process's step is bound by its CPU (kernel launches),
+    # so several keep one GPU busy
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Pool(min(args.jobs, len(jobs))) if args.jobs > 1 else contextlib.nullcontext() as pool:
+        done = map(run_seed, jobs) if pool is None else pool.imap_unordered(run_seed, jobs)
+        for seed, result in done:
+            per_seed = dict(sorted((per_seed | {seed: result}).items()))
+            aggregated = report.write(path, doc | {"seconds": time.perf_counter() - t0}, per_seed)
+            ms = result["ms_per_step_before_failure"]
+            print(f"seed {seed}: {result['seconds']:.1f} s ({ms:.1f} ms a step), wrote {path}", flush=True)
     print(report.table(aggregated))
     print(f"{time.perf_counter() - t0:.1f} s on {device}; steps back: one value per seed")
     print(report.cosines(per_seed))
