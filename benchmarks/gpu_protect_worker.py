@@ -32,7 +32,7 @@ from gpu_bench import drop_caches
 from gpu_protect_bench import node_dir
 from stashpoint import CheckpointManager, Parity, PerRank, Replicate
 from stashpoint.demo.model import GPTConfig, TinyGPT
-from stashpoint.engine import memtier
+from stashpoint.engine import keepers, memtier
 from stashpoint.engine.load import load_state
 from stashpoint.engine.rebuild import held_bytes
 from stashpoint.engine.snapshot import SnapshotHandle
@@ -206,7 +206,7 @@ def release(mgr: CheckpointManager, root: str, rank: int) -> None:
     mgr.close()
     dist.barrier()  # every keeper released: no one writes into this node's root any more
     deadline = time.monotonic() + 60
-    while memtier.keeper_alive(root, rank) and time.monotonic() < deadline:
+    while keepers.keeper_alive(root, rank) and time.monotonic() < deadline:
         time.sleep(0.05)
     shutil.rmtree(root, ignore_errors=True)
     dist.barrier()

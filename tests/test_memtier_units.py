@@ -8,7 +8,7 @@ import signal
 import pytest
 
 from stashpoint._dist import Coordinator
-from stashpoint.engine import memtier
+from stashpoint.engine import keepers, memtier
 from stashpoint.engine.persist import data_file_name
 from stashpoint.engine.publish import save_metadata
 from stashpoint.engine.records import Inline, Written
@@ -150,10 +150,10 @@ def test_memory_tiers_without_a_live_keeper_are_reclaimed(tmp_path):
     _place(root, _manifest(0, 1, 1))
     alive = str(tmp_path / memtier.ROOT_PREFIX) + "alive"
     _place(alive, _manifest(0, 1, 1))
-    fd = memtier.take_lock(alive, 0)
+    fd = keepers.take_lock(alive, 0)
     try:
-        assert memtier.reclaim_memory_roots(str(tmp_path)) == []  # could be a keeper starting
-        assert memtier.reclaim_memory_roots(str(tmp_path), grace_s=0) == [root]
+        assert keepers.reclaim_memory_roots(str(tmp_path)) == []  # could be a keeper starting
+        assert keepers.reclaim_memory_roots(str(tmp_path), grace_s=0) == [root]
         assert os.path.exists(alive) and not os.path.exists(root)
     finally:
         os.close(fd)

@@ -14,7 +14,7 @@ import socket
 import sys
 from multiprocessing.connection import Connection
 
-from stashpoint.engine import memtier
+from stashpoint.engine import keepers, memtier
 from stashpoint.engine.keeper import FIRST_CONNECT_S, Keeper, KeeperConfig
 from stashpoint.engine.writer import Writer
 
@@ -51,7 +51,7 @@ def _accept(sock: socket.socket, timeout_s: float) -> Connection | None:
 
 def serve(config: KeeperConfig, writer_cls: type) -> str:
     """Serve trainers until released or left alone; returns why it stopped."""
-    lock = memtier.take_lock(config.root, config.rank)
+    lock = keepers.take_lock(config.root, config.rank)
     if lock is None:
         return "another keeper holds this rank"
     keeper = Keeper(writer_cls, config)
@@ -86,7 +86,7 @@ def serve(config: KeeperConfig, writer_cls: type) -> str:
         if ending != "released":
             keeper.persist_breakpoint(ending)
         keeper.close()
-        memtier.remove_rank(config.root, config.rank)
+        keepers.remove_rank(config.root, config.rank)
         os.close(lock)
     return ending
 

@@ -35,12 +35,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -337,85 +335,3 @@ def open_view(root: str, snap: Snapshot, tag: str, sources: dict[int, str] | Non
 
 def close_view(view: str) -> None:
     shutil.rmtree(view, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------- keeper liveness
-
-
-def keeper_alive(root: str, rank: int) -> bool:
-    """Whether a keeper holds this rank's lock (a live process owns the rank's slots)."""
-    path = keeper_lock(root, rank)
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
-
-
-def take_lock(root: str, rank: int) -> int | None:
-    """The keeper's lock on its rank (an fd to keep open); None if another keeper holds it."""
-    os.makedirs(rank_dir(root, rank), mode=0o700, exist_ok=True)
-    fd = os.open(keeper_lock(root, rank), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def remove_rank(root: str, rank: int) -> None:
-    """Free this rank's memory; the last rank out removes the job's directory."""
-    shutil.rmtree(rank_dir(root, rank), ignore_errors=True)
-    try:
-        # what the node keeps for other nodes (protection) goes with its last rank
-        left = [n for n in os.listdir(root) if n.startswith("rank-")]
-        if not left:
-            shutil.rmtree(root, ignore_errors=True)
-    except OSError:
-        pass
-
-
-#: a memory tier changed this recently may have a keeper still starting: never reclaimed
-RECLAIM_GRACE_S = 300.0
-
-
-def _recently_changed(root: str, ranks: list[int], grace_s: float) -> bool:
-    now = time.time()
-    paths = [root, *(rank_dir(root, r) for r in ranks)]
-    try:
-        return any(now - os.stat(p).st_mtime < grace_s for p in paths)
-    except OSError:
-        return True  # changing under us: someone is there
-
-
-def reclaim_memory_roots(base: str | None = None, grace_s: float = RECLAIM_GRACE_S) -> list[str]:
-    """Remove memory tiers no keeper holds any more (their keepers were killed); never raises.
-
-    A tier whose keeper is still starting holds no lock yet, so a tier changed within
-    ``grace_s`` is kept whatever its locks say.
-    """
-    base = base or shm_dir()
-    out = []
-    try:
-        names = [n for n in os.listdir(base) if n.startswith(ROOT_PREFIX)]
-    except OSError:
-        return out
-    for name in names:
-        root = os.path.join(base, name)
-        try:
-            ranks = [int(n[5:]) for n in os.listdir(root) if n.startswith("rank-") and n[5:].isdigit()]
-        except OSError:
-            continue
-        if not any(keeper_alive(root, r) for r in ranks) and not _recently_changed(root, ranks, grace_s):
-            shutil.rmtree(root, ignore_errors=True)
-            out.append(root)
-    return out

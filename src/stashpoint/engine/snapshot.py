@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from stashpoint import errors
 from stashpoint._dist import Coordinator
-from stashpoint.engine import memtier
+from stashpoint.engine import keepers, memtier
 from stashpoint.engine.async_save import after_staging, optimizers_of
 from stashpoint.engine.copies import CopyPairs, engine_for, run_copies
 from stashpoint.engine.messages import Outcome, PersistSnapshot, Preempted, Release, Seal
@@ -95,7 +95,7 @@ def connect_keeper(
     """This rank's keeper: the live one (a restarted trainer reattaches), or a new one."""
     address = memtier.keeper_socket(root, rank)
     proc = None
-    if not memtier.keeper_alive(root, rank):
+    if not keepers.keeper_alive(root, rank):
         os.makedirs(memtier.rank_dir(root, rank), mode=0o700, exist_ok=True)
         cmd = [sys.executable, "-m", "stashpoint.engine.keeper_main", root, str(rank)]
         cmd += ["--reattach", str(reattach_s), "--timeout", str(timeout_s)]

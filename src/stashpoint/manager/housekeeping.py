@@ -25,7 +25,7 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 
-from stashpoint.engine.memtier import reclaim_memory_roots
+from stashpoint.engine.keepers import reclaim_memory_roots
 from stashpoint.engine.reader import CheckpointReader
 from stashpoint.engine.shm import reclaim_orphans, shm_dir
 from stashpoint.errors import StashpointError, StorageError

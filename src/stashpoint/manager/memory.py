@@ -23,7 +23,7 @@ import warnings
 from dataclasses import dataclass
 
 from stashpoint._dist import Coordinator
-from stashpoint.engine import memtier
+from stashpoint.engine import keepers, memtier
 from stashpoint.engine.load import load_state
 from stashpoint.engine.messages import Release
 from stashpoint.engine.snapshot import MemorySnapshots, SnapshotHandle, connect_keeper
@@ -220,7 +220,7 @@ class MemoryTier:
         except OSError:
             return
         for r in ranks:
-            if r >= self.coord.world_size and memtier.keeper_alive(self.root, r):
+            if r >= self.coord.world_size and keepers.keeper_alive(self.root, r):
                 try:
                     client = connect_keeper(self.root, r, durable=None, reattach_s=1.0, timeout_s=5.0)
                     client.send(Release())

@@ -41,7 +41,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from stashpoint._dist import Coordinator
-from stashpoint.engine import memtier
+from stashpoint.engine import keepers, memtier
 from stashpoint.engine.load import load_state
 from stashpoint.engine.messages import Release
 from stashpoint.engine.net_transport import TransportSpec, default_listen_host, make_transport
@@ -361,7 +361,7 @@ def _retire_foreign_keepers(root: str, mine: tuple[int, ...]) -> None:
     except OSError:
         return
     for r in ranks:
-        if r not in mine and memtier.keeper_alive(root, r):
+        if r not in mine and keepers.keeper_alive(root, r):
             try:
                 client = connect_keeper(root, r, durable=None, reattach_s=1.0, timeout_s=5.0)
                 client.send(Release())
