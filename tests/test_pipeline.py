@@ -40,11 +40,14 @@ def test_pipeline_training_resumes_at_other_splits_and_sizes(pools, tmp_path):
     resumed_pp1 = pp_cases.train_whole(range(3, 6), ckpt)
     # the same microbatches in the same order through the same layers: the same bits
     assert resumed_split == tail
-    assert resumed_pp2 == tail
     assert resumed_pp1 == tail
-    # and the check has teeth: without the optimizer's moments the losses differ
+    # at DP=2 each replica adds its own microbatches' gradients before the all-reduce adds
+    # the replicas ((g1 + g2) + (g3 + g4), not ((g1 + g2) + g3) + g4): the last bits may
+    # differ, on some processors, from the second step on
+    assert resumed_pp2[0] == tail[0] and resumed_pp2 == pytest.approx(tail, rel=1e-6, abs=0)
+    # and the check has teeth: without the optimizer's moments the losses differ, by far more
     fresh = _losses(pool.run(pp_cases.train, uneven, range(3, 6), {"load": ckpt, "model_only": True}))
-    assert fresh[0] == tail[0] and fresh[1:] != tail[1:]
+    assert fresh[0] == tail[0] and fresh[1:] != pytest.approx(tail[1:], rel=1e-4, abs=0)
 
 
 def test_strict_loads_fail_only_on_items_no_rank_has_a_place_for(pools, tmp_path):
