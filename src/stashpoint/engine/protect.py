@@ -82,7 +82,8 @@ class Protector:
             manifest=memtier.manifest_to_json(m),
             sealed_at=sealed_at,
         )
-        pacer = Pacer(self.setup.rate)
+        # unpaced, a transport may spread the bytes over the pool's threads
+        pacer = None if self.setup.rate is None else Pacer(self.setup.rate)
         if p.kind == "replicate":
             lag = max(self._replicate(node, m, member, data, pacer) for node in p.targets)
             sent = len(data) * len(p.targets)
@@ -91,7 +92,7 @@ class Protector:
             sent = len(data)
         return Protected(seconds=time.perf_counter() - t0, bytes_sent=sent, lag_s=lag)
 
-    def _replicate(self, node: int, m: memtier.Manifest, member: Member, data, pacer: Pacer) -> float:
+    def _replicate(self, node: int, m: memtier.Manifest, member: Member, data, pacer: Pacer | None) -> float:
         t, d, entry = self.transport, held_dir(m.rank), entry_name(m.step, m.save_id)
         _drop_stale(t, node, d, m)
         t.write(node, f"{d}/{entry}.safetensors", data, pacer)
@@ -110,7 +111,9 @@ class Protector:
         _prune(t, node, d, self.setup.keep)
         return record.lag_s
 
-    def _contribute(self, node: int, m: memtier.Manifest, member: Member, data, pacer: Pacer) -> float | None:
+    def _contribute(
+        self, node: int, m: memtier.Manifest, member: Member, data, pacer: Pacer | None
+    ) -> float | None:
         """XOR the slot into its stripe's parity, then record the contribution.
 
         The stripe's lock is held only to look and to record: the XOR itself runs while
