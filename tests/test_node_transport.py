@@ -124,6 +124,11 @@ def test_a_link_out_of_the_root_is_not_followed(served, tmp_path) -> None:
     with pytest.raises(UnsafePathError, match="resolves outside the memory root"):
         t.read(1, "held-rank-00003/secret")
     assert os.listdir(outside) == ["secret"]
+    os.makedirs(os.path.join(roots[1], "held-rank-00004"))
+    os.symlink(outside / "secret", os.path.join(roots[1], "held-rank-00004", "x.safetensors"))
+    for read in (t.read, t.size, lambda n, p: t.checksums(n, p, BLOCK)):
+        with pytest.raises(ProtectionError, match="a link, not a file of the memory root"):
+            read(1, "held-rank-00004/x.safetensors")
 
 
 def test_a_lost_node_is_a_named_error_in_time(tmp_path) -> None:

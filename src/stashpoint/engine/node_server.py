@@ -32,7 +32,6 @@ from stashpoint.engine.parity import PIECE_BYTES
 from stashpoint.engine.protect_store import HELD_PREFIX, PARITY_PREFIX, REBUILT_DIR
 from stashpoint.engine.transport import FileTransport, PartFile, XorFile, read_at
 from stashpoint.errors import ProtectionError, StashpointError, UnsafePathError
-from stashpoint.storage.files import open_regular
 
 #: how long the accept loop sleeps between checks that the server is still wanted
 _ACCEPT_POLL_S = 0.5
@@ -159,8 +158,8 @@ class NodeServer:
         wire.send_frame(conn, {"ok": True}, where)
 
     def _read(self, conn, req, held, where) -> None:
-        _, path = self._path(req, writable=False)
-        fd = open_regular(path)
+        rel, _ = self._path(req, writable=False)
+        fd = self.files.open_read(0, rel)
         try:
             size = os.fstat(fd).st_size
             offset = max(0, int(req.get("offset", 0)))
@@ -171,18 +170,14 @@ class NodeServer:
             for a in range(0, n, PIECE_BYTES):
                 piece = memoryview(buf)[: min(PIECE_BYTES, n - a)]
                 if read_at(fd, offset + a, piece) != len(piece):
-                    raise wire.WireError(f"{where}: {path} shrank while it was read")
+                    raise wire.WireError(f"{where}: {rel} shrank while it was read")
                 wire.send_payload(conn, piece, where)
         finally:
             os.close(fd)
 
     def _size(self, conn, req, held, where) -> None:
-        _, path = self._path(req, writable=False)
-        fd = open_regular(path)
-        try:
-            wire.send_frame(conn, {"ok": True, "size": os.fstat(fd).st_size}, where)
-        finally:
-            os.close(fd)
+        rel, _ = self._path(req, writable=False)
+        wire.send_frame(conn, {"ok": True, "size": self.files.size(0, rel)}, where)
 
     def _checksums(self, conn, req, held, where) -> None:
         rel, _ = self._path(req, writable=False)

@@ -19,6 +19,7 @@ file complete or not at all.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
@@ -222,6 +223,17 @@ class FileTransport(NodeTransport):
     def local_file(self, node: int, relpath: str) -> str:
         return self.writable_path(node, relpath)
 
+    def open_read(self, node: int, relpath: str) -> int:
+        """A file of the memory root opened to read: a regular file, never through a link
+        (nothing in a memory root is one; a planted link reads nothing outside it)."""
+        path = self.local_path(node, relpath)
+        try:
+            return open_regular(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise ProtectionError(f"{path}: a link, not a file of the memory root") from None
+
     def writable_path(self, node: int, relpath: str) -> str:
         """The file's path, its directory created; never recreates the root of a node that is gone."""
         path = self.local_path(node, relpath)
@@ -252,18 +264,18 @@ class FileTransport(NodeTransport):
         self.write(node, relpath, memoryview(text.encode()))
 
     def read(self, node: int, relpath: str) -> bytes:
-        with os.fdopen(open_regular(self.local_path(node, relpath)), "rb") as f:
+        with os.fdopen(self.open_read(node, relpath), "rb") as f:
             return f.read()
 
     def read_into(self, node: int, relpath: str, offset: int, out: memoryview) -> int:
-        fd = open_regular(self.local_path(node, relpath))
+        fd = self.open_read(node, relpath)
         try:
             return read_at(fd, offset, out)
         finally:
             os.close(fd)
 
     def size(self, node: int, relpath: str) -> int:
-        fd = open_regular(self.local_path(node, relpath))
+        fd = self.open_read(node, relpath)
         try:
             return os.fstat(fd).st_size
         finally:
@@ -278,7 +290,7 @@ class FileTransport(NodeTransport):
             f.close()
 
     def checksums(self, node: int, relpath: str, block: int) -> list[int]:
-        fd = open_regular(self.local_path(node, relpath))
+        fd = self.open_read(node, relpath)
         try:
             return file_crcs(fd, os.fstat(fd).st_size, block)
         finally:
