@@ -30,8 +30,9 @@ import threading
 from stashpoint.engine import wire
 from stashpoint.engine.parity import PIECE_BYTES
 from stashpoint.engine.protect_store import HELD_PREFIX, PARITY_PREFIX, REBUILT_DIR
-from stashpoint.engine.transport import FileTransport, PartFile, XorFile, read_at
+from stashpoint.engine.transport import FileTransport, PartFile, XorFile
 from stashpoint.errors import ProtectionError, StashpointError, UnsafePathError
+from stashpoint.storage.files import pread_into
 
 #: how long the accept loop sleeps between checks that the server is still wanted
 _ACCEPT_POLL_S = 0.5
@@ -169,7 +170,7 @@ class NodeServer:
             buf = bytearray(min(n, PIECE_BYTES))
             for a in range(0, n, PIECE_BYTES):
                 piece = memoryview(buf)[: min(PIECE_BYTES, n - a)]
-                if read_at(fd, offset + a, piece) != len(piece):
+                if pread_into(fd, offset + a, piece) != len(piece):
                     raise wire.WireError(f"{where}: {rel} shrank while it was read")
                 wire.send_payload(conn, piece, where)
         finally:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from stashpoint.engine.checksum import CRC_THREADS, PARALLEL_MIN_BYTES, block_crcs, spans, worker_pool
 from stashpoint.engine.parity import PIECE_BYTES, Pacer, xor_into
 from stashpoint.errors import ProtectionError
-from stashpoint.storage.files import open_regular
+from stashpoint.storage.files import open_regular, pread_into
 
 
 def file_crcs(fd: int, size: int, block: int) -> list[int]:
@@ -141,17 +141,6 @@ def in_pieces(size: int, fn: Callable[[int, int], None], parallel: bool) -> None
             fn(a, min(s[1], a + PIECE_BYTES))
 
     list(worker_pool().map(span, spans(size, PIECE_BYTES, CRC_THREADS)))
-
-
-def read_at(fd: int, offset: int, out: memoryview) -> int:
-    """Fill ``out`` from ``offset``; fewer bytes only at the end of the file."""
-    got = 0
-    while got < len(out):
-        n = os.preadv(fd, [out[got:]], offset + got)
-        if n == 0:
-            break
-        got += n
-    return got
 
 
 # --------------------------------------------------------------------------- the interface
@@ -270,7 +259,7 @@ class FileTransport(NodeTransport):
     def read_into(self, node: int, relpath: str, offset: int, out: memoryview) -> int:
         fd = self.open_read(node, relpath)
         try:
-            return read_at(fd, offset, out)
+            return pread_into(fd, offset, out)
         finally:
             os.close(fd)
 

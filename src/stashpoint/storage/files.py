@@ -82,17 +82,22 @@ def open_regular(path: str, flags: int = os.O_RDONLY) -> int:
     return fd
 
 
+def pread_into(fd: int, offset: int, out: memoryview) -> int:
+    """Fill ``out`` from ``offset`` of an open file; fewer bytes only at its end."""
+    view = memoryview(out).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
 def read_regular_into(path: str, offset: int, out: memoryview) -> int:
     """``Storage.read_into`` for a local path: positional reads of a regular file only."""
     fd = open_regular(path)
     try:
-        view = memoryview(out).cast("B")
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n == 0:
-                break
-            done += n
-        return done
+        return pread_into(fd, offset, out)
     finally:
         os.close(fd)
