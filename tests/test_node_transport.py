@@ -170,8 +170,11 @@ def test_a_piece_damaged_in_transit_is_refused() -> None:
         sender = threading.Thread(target=wire.send_payload, args=(a, memoryview(data), "test"))
         sender.start()
         got = bytearray(1000)
-        buf = memoryview(got)
-        wire.recv_pieces(b, 1000, "test", lambda off, p: buf.__setitem__(slice(off, off + len(p)), p))
+
+        def take(offset: int, piece: memoryview) -> None:
+            got[offset : offset + len(piece)] = piece
+
+        wire.recv_pieces(b, 1000, "test", take)
         sender.join()
         assert got == data
         a.sendall(b"z" * 10 + (123).to_bytes(4, "big"))  # a piece whose checksum does not match

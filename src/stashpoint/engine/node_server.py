@@ -135,7 +135,7 @@ class NodeServer:
 
     # ------------------------------------------------------------------ requests
 
-    def _write(self, conn, req, held, where) -> None:
+    def _write(self, conn: socket.socket, req: dict, held: contextlib.ExitStack, where: str) -> None:
         rel, _ = self._path(req, writable=True)
         size = int(req["size"])
         part = PartFile(self.files.writable_path(0, rel))
@@ -147,7 +147,7 @@ class NodeServer:
             part.abort()
         wire.send_frame(conn, {"ok": True}, where)
 
-    def _xor(self, conn, req, held, where) -> None:
+    def _xor(self, conn: socket.socket, req: dict, held: contextlib.ExitStack, where: str) -> None:
         rel, _ = self._path(req, writable=True)
         size = int(req["size"])
         f = XorFile(self.files.writable_path(0, rel), size)
@@ -158,7 +158,7 @@ class NodeServer:
             f.close()
         wire.send_frame(conn, {"ok": True}, where)
 
-    def _read(self, conn, req, held, where) -> None:
+    def _read(self, conn: socket.socket, req: dict, held: contextlib.ExitStack, where: str) -> None:
         rel, _ = self._path(req, writable=False)
         fd = self.files.open_read(0, rel)
         try:
@@ -176,30 +176,30 @@ class NodeServer:
         finally:
             os.close(fd)
 
-    def _size(self, conn, req, held, where) -> None:
+    def _size(self, conn: socket.socket, req: dict, held: contextlib.ExitStack, where: str) -> None:
         rel, _ = self._path(req, writable=False)
         wire.send_frame(conn, {"ok": True, "size": self.files.size(0, rel)}, where)
 
-    def _checksums(self, conn, req, held, where) -> None:
+    def _checksums(self, conn: socket.socket, req: dict, held: contextlib.ExitStack, where: str) -> None:
         rel, _ = self._path(req, writable=False)
         crcs = self.files.checksums(0, rel, int(req["block"]))
         wire.send_frame(conn, {"ok": True, "crcs": crcs}, where)
 
-    def _list(self, conn, req, held, where) -> None:
+    def _list(self, conn: socket.socket, req: dict, held: contextlib.ExitStack, where: str) -> None:
         rel, _ = self._path(req, writable=False)
         wire.send_frame(conn, {"ok": True, "names": self.files.listdir(0, rel)}, where)
 
-    def _remove(self, conn, req, held, where) -> None:
+    def _remove(self, conn: socket.socket, req: dict, held: contextlib.ExitStack, where: str) -> None:
         rel, _ = self._path(req, writable=True)
         self.files.remove(0, rel)
         wire.send_frame(conn, {"ok": True}, where)
 
-    def _write_text(self, conn, req, held, where) -> None:
+    def _write_text(self, conn: socket.socket, req: dict, held: contextlib.ExitStack, where: str) -> None:
         rel, _ = self._path(req, writable=True)
         self.files.write_text(0, rel, str(req["text"]))
         wire.send_frame(conn, {"ok": True}, where)
 
-    def _lock(self, conn, req, held, where) -> None:
+    def _lock(self, conn: socket.socket, req: dict, held: contextlib.ExitStack, where: str) -> None:
         rel, _ = self._path(req, writable=True)
         held.enter_context(self.files.lock(0, rel, float(req["timeout_s"])))
         wire.send_frame(conn, {"ok": True}, where)
