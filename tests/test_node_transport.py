@@ -292,3 +292,20 @@ def test_a_stranger_that_never_answers_the_challenge_is_dropped(tmp_path, monkey
             assert time.monotonic() - t0 < 5
     finally:
         server.close()
+
+
+def test_a_keeper_listens_on_ipv6_too(tmp_path) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    try:
+        server = NodeServer(str(tmp_path), TOKEN, "::1", timeout_s=5)
+    except ProtectionError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    try:
+        assert server.address.startswith("[::1]:")
+        t = SocketTransport({1: (server.address,)}, TOKEN, timeout_s=5)
+        t.write_text(1, "held-rank-00000/x.protect.json", "{}")
+        assert t.listdir(1, "held-rank-00000") == ["x.protect.json"]
+        t.close()
+    finally:
+        server.close()

@@ -51,7 +51,8 @@ class NodeServer:
         self.root, self.token, self.host, self.timeout_s = os.path.realpath(root), token, host, timeout_s
         self.files = FileTransport({0: self.root})
         try:
-            self.sock = socket.create_server((host, 0))
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            self.sock = socket.create_server((host, 0), family=family)
         except OSError as exc:
             raise ProtectionError(f"{root}: cannot listen for peer nodes on {host!r}: {exc}") from None
         self.sock.settimeout(_ACCEPT_POLL_S)
