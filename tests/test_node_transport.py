@@ -309,3 +309,4 @@ def test_a_keeper_listens_on_ipv6_too(tmp_path) -> None:
         t.close()
     finally:
         server.close()
+

@@ -112,7 +112,7 @@ class NodeServer:
             return True
         except wire.WireError:
             raise
-        except (StashpointError, OSError, KeyError, TypeError, ValueError) as exc:
+        except Exception as exc:  # the peer is told which request failed and why, by a named error
             wire.answer_error(conn, _named(exc, req), where)
             return req.get("op") not in _STREAMING  # a stream cut short leaves the connection out of step
 

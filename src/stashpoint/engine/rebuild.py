@@ -17,8 +17,8 @@ import os
 from dataclasses import dataclass
 
 from stashpoint.engine import memtier
-from stashpoint.engine.checksum import CRC_THREADS, PARALLEL_MIN_BYTES, block_crcs, spans, worker_pool
-from stashpoint.engine.parity import PIECE_BYTES, xor_into
+from stashpoint.engine.checksum import block_crcs
+from stashpoint.engine.parity import PIECE_BYTES, Pacer, xor_into
 from stashpoint.engine.protect_store import (
     HELD_PREFIX,
     PARITY_PREFIX,
@@ -30,7 +30,7 @@ from stashpoint.engine.protect_store import (
     entry_name,
     record_from_json,
 )
-from stashpoint.engine.transport import NodeTransport, PartFile
+from stashpoint.engine.transport import NodeTransport, PartFile, in_pieces
 from stashpoint.errors import ChecksumMismatchError, IndexCorruptError
 from stashpoint.planning.protection import Holding, Source
 from stashpoint.storage.files import open_regular
@@ -168,25 +168,17 @@ def _xor_inputs(
     """``lost``'s file = XOR of ``inputs``, piece by piece on the pool's threads, checked, into ``part``."""
     step = block * max(1, PIECE_BYTES // block)
 
-    def span(s: tuple[int, int]) -> None:
-        buf, tmp = bytearray(step), bytearray(step)
-        for a in range(s[0], s[1], step):
-            b = min(s[1], a + step)
-            whole = -(-(b - a) // block) * block  # inputs are checked by whole blocks
-            out = _checked(t, inputs[0], a, whole, block, buf)
-            for src in inputs[1:]:
-                other = _checked(t, src, a, whole, block, tmp)
-                xor_into(out[: len(other)], other)
-            result = out[: b - a]
-            check_blocks(block_crcs(result, block), lost.crc32c, where, block, first=a // block)
-            part.write_at(a, result)
+    def piece(a: int, b: int) -> None:
+        whole = -(-(b - a) // block) * block  # inputs are checked by whole blocks
+        out = _checked(t, inputs[0], a, whole, block, bytearray(whole))
+        for src in inputs[1:]:
+            other = _checked(t, src, a, whole, block, bytearray(whole))
+            xor_into(out[: len(other)], other, Pacer(None))  # on a pool thread: never spread again
+        result = out[: b - a]
+        check_blocks(block_crcs(result, block), lost.crc32c, where, block, first=a // block)
+        part.write_at(a, result)
 
-    parts = (
-        spans(lost.file_size, step, CRC_THREADS)
-        if lost.file_size >= PARALLEL_MIN_BYTES
-        else [(0, lost.file_size)]
-    )
-    list(worker_pool().map(span, parts))
+    in_pieces(lost.file_size, piece, parallel=True, step=step)
 
 
 def held_bytes(root: str) -> int:

@@ -127,20 +127,21 @@ class XorFile:
         os.close(self.fd)
 
 
-def in_pieces(size: int, fn: Callable[[int, int], None], parallel: bool) -> None:
-    """``fn(start, end)`` for every piece of ``size`` bytes on the grid of
-    :data:`~stashpoint.engine.parity.PIECE_BYTES`: on the pool's threads when ``parallel``
-    and the size is worth it, else in order on this thread."""
+def in_pieces(size: int, fn: Callable[[int, int], None], parallel: bool, step: int = PIECE_BYTES) -> None:
+    """``fn(start, end)`` for every piece of ``size`` bytes on the grid of ``step`` bytes
+    (:data:`~stashpoint.engine.parity.PIECE_BYTES` by default): on the pool's threads when
+    ``parallel`` and the size is worth it, else in order on this thread.  ``fn`` must not
+    itself wait on the pool."""
     if not parallel or size < PARALLEL_MIN_BYTES or CRC_THREADS <= 1:
-        for a in range(0, size, PIECE_BYTES):
-            fn(a, min(size, a + PIECE_BYTES))
+        for a in range(0, size, step):
+            fn(a, min(size, a + step))
         return
 
     def span(s: tuple[int, int]) -> None:
-        for a in range(s[0], s[1], PIECE_BYTES):
-            fn(a, min(s[1], a + PIECE_BYTES))
+        for a in range(s[0], s[1], step):
+            fn(a, min(s[1], a + step))
 
-    list(worker_pool().map(span, spans(size, PIECE_BYTES, CRC_THREADS)))
+    list(worker_pool().map(span, spans(size, step, CRC_THREADS)))
 
 
 # --------------------------------------------------------------------------- the interface
