@@ -11,7 +11,7 @@ for other nodes::
         s000000012-<id>.parity         XOR of the stripe's slot files of step 12
         s000000012-<id>.rank-00002.member.json   one per member, as each contributes
         s000000012-<id>.protect.json   present only once every member contributed
-        .lock                          taken (flock) while a member contributes
+        .lock                          taken (flock) while a member looks or records
       rebuilt/                       lost ranks' slot files rebuilt from parity (recovery)
 
 ``<id>`` is a hash of the snapshot's save id.  A protection record is sealed with the
